@@ -1,0 +1,137 @@
+"""The ``ehr-diffusers`` command line: demo-data, prepare and demo.
+
+Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
+stderr naming what is wrong, exit status 2, and no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+logger = logging.getLogger("ehr_diffusers")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--holdout-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/holdout split (default 0)")
+    parser.add_argument("--min-code-count", type=_positive_int, default=1,
+                        help="keep ICD-10 categories seen in at least K train patients (default 1)")
+    parser.add_argument("--exclude-no-admission", action="store_true", help="drop patients without an admission")
+    parser.add_argument("--race-grouping", choices=("coarse", "raw"), default="coarse",
+                        help="coarse race groups (default) or MIMIC-IV's own strings")
+    parser.add_argument("--gem-exact-only", action="store_true", help="drop approximate GEM entries")
+    parser.add_argument("--gem-combination", choices=("first_scenario", "all_scenarios", "skip"),
+                        default="first_scenario", help="how GEM combination entries are used (default first_scenario)")
+    parser.add_argument("--gem-alternatives", choices=("all", "first"), default="all",
+                        help="keep every alternative target of a GEM entry or the first (default all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+
+def _cohort_options(args: argparse.Namespace):
+    from .data.cohort import CohortOptions
+    from .data.icd import GemOptions
+
+    return CohortOptions(
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        min_code_count=args.min_code_count,
+        include_no_admission=not args.exclude_no_admission,
+        race_grouping=args.race_grouping,
+        gem=GemOptions(
+            include_approximate=not args.gem_exact_only,
+            combination=args.gem_combination,
+            alternatives=args.gem_alternatives,
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ehr-diffusers {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_data = commands.add_parser("demo-data", help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
+    demo_data.add_argument("--patients", type=_positive_int, default=5000, help="number of patients (default 5000)")
+    demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo_data.add_argument("--out", type=Path, required=True, help="folder to create (holds hosp/)")
+    demo_data.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    prepare = commands.add_parser("prepare", help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
+    prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
+    prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
+    _add_cohort_options(prepare)
+
+    demo = commands.add_parser("demo", help="the whole workflow on the synthetic demo cohort")
+    demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
+    demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the working folder if it exists")
+    return parser
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from .data.demo_ehr import write_demo_mimic
+
+    summary = write_demo_mimic(args.out, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite,
+                               show_progress=not args.quiet)
+    print(f"synthetic MIMIC-IV-shaped cohort written to {args.out} (synthetic data, not MIMIC-IV)")
+    for key, value in summary.items():
+        print(f"  {key:<28}{value:,}" if isinstance(value, int) else f"  {key:<28}{value}")
+
+
+def _prepare(args: argparse.Namespace, synthetic: bool = False) -> None:
+    from .data.cohort import format_summary, prepare
+
+    summary = prepare(args.mimic_dir, args.out, _cohort_options(args), overwrite=args.overwrite,
+                      show_progress=not args.quiet, synthetic=synthetic)
+    print(f"prepared dataset written to {args.out}")
+    print(format_summary(summary))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .io_utils import atomic_directory
+
+    # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
+    with atomic_directory(args.out, args.overwrite) as work:
+        mimic = argparse.Namespace(out=work / "mimic-iv-demo", patients=args.patients, seed=args.seed,
+                                   overwrite=False, quiet=args.quiet)
+        _demo_data(mimic)
+        prepared = build_parser().parse_args(
+            ["prepare", "--mimic-dir", str(mimic.out), "--out", str(work / "dataset"), "--seed", str(args.seed)]
+        )
+        prepared.quiet = args.quiet
+        _prepare(prepared, synthetic=True)
+    print(f"demo finished: synthetic tables in {args.out / 'mimic-iv-demo'}, dataset in {args.out / 'dataset'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .data.mimic import MimicFormatError
+    from .io_utils import OutputExistsError
+
+    handlers = {"demo-data": _demo_data, "prepare": _prepare, "demo": _demo}
+    try:
+        handlers[args.command](args)
+    except (MimicFormatError, OutputExistsError, ValueError, FileNotFoundError) as error:
+        print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

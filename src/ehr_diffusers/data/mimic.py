@@ -1,0 +1,198 @@
+"""Lazy, validated reader for MIMIC-IV ``hosp`` tables laid out as PhysioNet ships them.
+
+A MIMIC-IV release folder (``mimic-iv-3.1/``) holds ``hosp/patients.csv.gz`` and friends; converted copies as
+``.csv`` or ``.parquet`` are accepted too. Tables come back as ``polars.LazyFrame`` so that nothing is read before
+it is needed; column names, types and value vocabularies follow MIMIC-IV v2.x/v3.x. Every problem is raised as a
+``MimicFormatError`` whose message names the file and the column.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".csv.gz", ".csv", ".parquet")
+
+
+class MimicFormatError(ValueError):
+    """A MIMIC-IV file is missing, lacks a column, or holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Required columns of one MIMIC-IV table and the polars type each is read as."""
+
+    module: str
+    name: str
+    columns: dict[str, pl.DataType]
+
+
+_DATETIME = pl.Datetime("us")
+
+# Only the columns this project uses are required; other MIMIC columns are ignored if present.
+TABLES: dict[str, TableSpec] = {
+    "patients": TableSpec(
+        "hosp",
+        "patients",
+        {
+            "subject_id": pl.Int64(),
+            "gender": pl.String(),
+            "anchor_age": pl.Int64(),
+            "anchor_year": pl.Int64(),
+            "anchor_year_group": pl.String(),
+            "dod": pl.Date(),
+        },
+    ),
+    "admissions": TableSpec(
+        "hosp",
+        "admissions",
+        {
+            "subject_id": pl.Int64(),
+            "hadm_id": pl.Int64(),
+            "admittime": _DATETIME,
+            "dischtime": _DATETIME,
+            "deathtime": _DATETIME,
+            "admission_type": pl.String(),
+            "marital_status": pl.String(),
+            "race": pl.String(),
+            "hospital_expire_flag": pl.Int64(),
+        },
+    ),
+    "diagnoses_icd": TableSpec(
+        "hosp",
+        "diagnoses_icd",
+        {
+            "subject_id": pl.Int64(),
+            "hadm_id": pl.Int64(),
+            "seq_num": pl.Int64(),
+            "icd_code": pl.String(),
+            "icd_version": pl.Int64(),
+        },
+    ),
+    "d_icd_diagnoses": TableSpec(
+        "hosp",
+        "d_icd_diagnoses",
+        {"icd_code": pl.String(), "icd_version": pl.Int64(), "long_title": pl.String()},
+    ),
+}
+
+# Value vocabularies as in MIMIC-IV v2.x/v3.x; the reader checks the ones a wrong file would break.
+GENDERS = ("F", "M")
+ICD_VERSIONS = (9, 10)
+MARITAL_STATUSES = ("DIVORCED", "MARRIED", "SINGLE", "WIDOWED")
+ADMISSION_TYPES = (
+    "AMBULATORY OBSERVATION",
+    "DIRECT EMER.",
+    "DIRECT OBSERVATION",
+    "ELECTIVE",
+    "EU OBSERVATION",
+    "EW EMER.",
+    "OBSERVATION ADMIT",
+    "SURGICAL SAME DAY ADMISSION",
+    "URGENT",
+)
+# MIMIC-IV v1 called the race column "ethnicity"; it is read under its v2+ name.
+_ALIASES = {"admissions": {"ethnicity": "race"}}
+
+
+def _parse(column: str, dtype: pl.DataType) -> pl.Expr:
+    """Expression turning a CSV text column into ``dtype``, failing loudly on a bad value."""
+    text = pl.col(column).cast(pl.String)
+    if dtype == pl.Date():
+        # dod is a date in v2+, a timestamp at midnight in some exports: keep the date part.
+        return text.str.slice(0, 10).str.to_date("%Y-%m-%d", strict=True).alias(column)
+    if isinstance(dtype, pl.Datetime):
+        return text.str.to_datetime(time_unit="us", strict=True).alias(column)
+    return text.cast(dtype, strict=True).alias(column)
+
+
+class MimicIVReader:
+    """Finds, scans and validates MIMIC-IV tables under a release folder.
+
+    Args:
+        root: the release folder (the one holding ``hosp/``), or the ``hosp`` folder itself.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise MimicFormatError(f"{self.root}: MIMIC-IV folder not found")
+
+    def path(self, table: str) -> Path:
+        """The file holding ``table``: ``<root>/hosp/<table>.csv.gz``, ``.csv`` or ``.parquet``."""
+        spec = TABLES[table]
+        for folder in (self.root / spec.module, self.root):
+            for suffix in SUFFIXES:
+                candidate = folder / f"{spec.name}{suffix}"
+                if candidate.is_file():
+                    return candidate
+        expected = self.root / spec.module / f"{spec.name}.csv.gz"
+        raise MimicFormatError(f"{expected}: required MIMIC-IV table '{table}' not found (.csv.gz, .csv or .parquet)")
+
+    def has(self, table: str) -> bool:
+        try:
+            self.path(table)
+        except MimicFormatError:
+            return False
+        return True
+
+    def scan(self, table: str) -> pl.LazyFrame:
+        """A lazy frame with the required columns of ``table`` in their MIMIC-IV types (header checked now)."""
+        spec = TABLES[table]
+        path = self.path(table)
+        try:
+            if path.suffix == ".parquet":
+                frame = pl.scan_parquet(path)
+            else:
+                frame = pl.scan_csv(path, infer_schema=False)
+            present = frame.collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as error:
+            raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
+        renames = {old: new for old, new in _ALIASES.get(table, {}).items() if old in present and new not in present}
+        names = [renames.get(name, name) for name in present.names()]
+        missing = [column for column in spec.columns if column not in names]
+        if missing:
+            raise MimicFormatError(f"{path}: missing required column(s) {', '.join(missing)}")
+        if renames:
+            logger.warning("%s: reading MIMIC-IV v1 column(s) %s under their v2+ names", path, renames)
+            frame = frame.rename(renames)
+        return frame.select([_parse(column, dtype) for column, dtype in spec.columns.items()])
+
+    def collect(self, table: str, frame: pl.LazyFrame | None = None) -> pl.DataFrame:
+        """Collects ``frame`` (default: the whole table), turning type errors into messages naming the file."""
+        path = self.path(table)
+        try:
+            return (self.scan(table) if frame is None else frame).collect()
+        except pl.exceptions.PolarsError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise MimicFormatError(f"{path}: a value has the wrong type ({first_line})") from error
+
+    def read(self, table: str) -> pl.DataFrame:
+        """Reads and validates one table, including its value vocabularies."""
+        data = self.collect(table)
+        validate_values(table, data, self.path(table))
+        return data
+
+
+def validate_values(table: str, data: pl.DataFrame, path: Path | str) -> None:
+    """Checks the columns whose vocabulary the cohort build depends on."""
+    checks: dict[str, tuple] = {}
+    if table == "patients":
+        checks["gender"] = GENDERS
+    elif table in ("diagnoses_icd", "d_icd_diagnoses"):
+        checks["icd_version"] = ICD_VERSIONS
+    for column, allowed in checks.items():
+        bad = data.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(list(allowed)))[column].unique()
+        if len(bad):
+            shown = ", ".join(repr(value) for value in bad.head(5).to_list())
+            raise MimicFormatError(
+                f"{path}: column {column} has unknown value(s) {shown}; expected one of {', '.join(map(str, allowed))}"
+            )
+    keys = {"patients": ("subject_id",), "admissions": ("subject_id", "hadm_id"), "diagnoses_icd": ("subject_id", "icd_code", "icd_version")}
+    for column in keys.get(table, ()):
+        if data[column].null_count():
+            raise MimicFormatError(f"{path}: column {column} has empty values")

@@ -1,0 +1,165 @@
+import gzip
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from datasets import load_from_disk
+
+from conftest import ADMISSIONS, DIAGNOSES, PATIENTS, write_tiny_mimic
+from ehr_diffusers.data.cohort import CohortOptions, build_cohort, prepare
+from ehr_diffusers.data.mimic import MimicFormatError, MimicIVReader
+from ehr_diffusers.data.schema import EHRSchema
+from ehr_diffusers.io_utils import OutputExistsError
+
+
+def _rows(cohort) -> dict[int, dict]:
+    rows = {}
+    for split in cohort.dataset.values():
+        rows.update({row["subject_id"]: row for row in split})
+    return rows
+
+
+def test_records_follow_mimic_tables(tiny_mimic):
+    cohort = build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3), show_progress=False)
+    rows = _rows(cohort)
+    first = rows[10000001]
+    assert first["sex"] == "F" and first["death"] is True and first["num_admissions"] == 2
+    assert first["age"] == 62  # 60 + (2152 - 2150)
+    assert first["marital_status"] == "WIDOWED"  # the latest value
+    assert first["race"] == "WHITE"  # UNKNOWN on the latest admission does not hide an earlier answer
+    assert first["icd10_categories"] == ["E11", "I10", "I50", "N17"]  # 36570 (no map) yields nothing
+    assert rows[10000003]["age"] == 91  # top-coded
+    assert rows[10000004]["race"] == "MISSING" and rows[10000004]["marital_status"] == "MISSING"
+    assert rows[10000004]["icd10_categories"] == [] and rows[10000004]["num_admissions"] == 0
+    assert rows[10000006]["race"] == "UNKNOWN"
+    summary = cohort.summary
+    assert summary["patients"] == 10 and summary["admissions"] == 9 and summary["diagnosis_rows"] == 16
+    assert summary["icd9_unmapped_rows"] == 1 and summary["icd9_unmapped_by_reason"] == {"no_map": {"codes": 1, "rows": 1}}
+    schema = cohort.schema
+    for row in rows.values():
+        assert [schema.codes[i] for i in row["code_indices"]] == [c for c in row["icd10_categories"] if c in schema.codes]
+
+
+def test_split_is_disjoint_by_subject_and_reproducible(tiny_mimic):
+    a = build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3, seed=1), show_progress=False)
+    b = build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3, seed=1), show_progress=False)
+    train, holdout = set(a.dataset["train"]["subject_id"]), set(a.dataset["holdout"]["subject_id"])
+    assert not train & holdout and len(train | holdout) == 10 and len(holdout) == 3
+    assert holdout == set(b.dataset["holdout"]["subject_id"])
+    other = {frozenset(build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3, seed=s), show_progress=False)
+                       .dataset["holdout"]["subject_id"]) for s in range(2, 8)}
+    assert len(other) > 1, "the seed changes the split"
+
+
+def test_split_ignores_row_order(tmp_path):
+    lines = PATIENTS.strip().splitlines()
+    shuffled = "\n".join([lines[0]] + lines[1:][::-1]) + "\n"
+    a = build_cohort(write_tiny_mimic(tmp_path / "a"), show_progress=False)
+    b = build_cohort(write_tiny_mimic(tmp_path / "b", patients=shuffled), show_progress=False)
+    assert a.dataset["holdout"]["subject_id"] == b.dataset["holdout"]["subject_id"]
+    assert a.schema.to_dict() == b.schema.to_dict()
+
+
+def test_vocabulary_from_train_and_options(tiny_mimic):
+    cohort = build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3, min_code_count=2), show_progress=False)
+    train_codes = [c for row in cohort.dataset["train"]["icd10_categories"] for c in row]
+    assert cohort.schema.codes == sorted(c for c in set(train_codes) if train_codes.count(c) >= 2)
+    without = build_cohort(tiny_mimic, CohortOptions(include_no_admission=False), show_progress=False)
+    assert without.summary["patients"] == 8 and without.summary["patients_without_admission"] == 0
+
+
+def test_prepare_writes_dataset_schema_and_card(tiny_mimic, tmp_path):
+    out = tmp_path / "prepared"
+    summary = prepare(tiny_mimic, out, CohortOptions(holdout_fraction=0.3), show_progress=False)
+    dataset = load_from_disk(str(out))
+    assert set(dataset) == {"train", "holdout"}
+    assert dataset["train"].features["code_indices"].feature.dtype == "int32"
+    schema = EHRSchema.load(out)
+    vectors = schema.encode(dataset["train"][:])
+    assert vectors.shape == (summary["splits"]["train"], schema.dim)
+    card = (out / "README.md").read_text()
+    assert "holdout fraction 0.3" in card and "vocabulary" in card and "first_scenario" in card
+    assert json.loads((out / "cohort_summary.json").read_text())["patients"] == 10
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        prepare(tiny_mimic, out, show_progress=False)
+    prepare(tiny_mimic, out, overwrite=True, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic-iv", "prepared"], "no temporary folders left"
+
+
+def test_reader_accepts_gzip_and_parquet(tmp_path, tiny_mimic):
+    hosp = tiny_mimic / "hosp"
+    for name in ("patients", "admissions"):
+        text = (hosp / f"{name}.csv").read_bytes()
+        (hosp / f"{name}.csv").unlink()
+        with gzip.open(hosp / f"{name}.csv.gz", "wb") as handle:
+            handle.write(text)
+    pl.read_csv(hosp / "diagnoses_icd.csv", schema_overrides={"icd_code": pl.String}).write_parquet(hosp / "diagnoses_icd.parquet")
+    (hosp / "diagnoses_icd.csv").unlink()
+    reader = MimicIVReader(tiny_mimic)
+    assert reader.path("patients").name == "patients.csv.gz"
+    assert reader.read("diagnoses_icd")["icd_code"].to_list()[:2] == ["25000", "4019"]
+    cohort = build_cohort(tiny_mimic, show_progress=False)
+    assert cohort.summary["patients"] == 10
+
+
+# ---------------------------------------------------------------- bad input: one clear error, no partial output
+def _fails(tmp_path, match, **tables):
+    root = write_tiny_mimic(tmp_path / "bad", **tables)
+    out = tmp_path / "out"
+    with pytest.raises((MimicFormatError, ValueError), match=match):
+        prepare(root, out, show_progress=False)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad"]
+
+
+def test_missing_file(tmp_path):
+    root = write_tiny_mimic(tmp_path / "bad")
+    (root / "hosp" / "diagnoses_icd.csv").unlink()
+    with pytest.raises(MimicFormatError, match=r"diagnoses_icd\.csv\.gz: required MIMIC-IV table"):
+        prepare(root, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column(tmp_path):
+    _fails(tmp_path, r"admissions\.csv: missing required column\(s\) race",
+           admissions=ADMISSIONS.replace(",race,", ",skin,"))
+
+
+def test_wrong_type(tmp_path):
+    _fails(tmp_path, r"patients\.csv: a value has the wrong type.*anchor_age",
+           patients=PATIENTS.replace("10000002,M,45", "10000002,M,forty-five"))
+
+
+def test_unknown_icd_version(tmp_path):
+    _fails(tmp_path, r"diagnoses_icd\.csv: column icd_version has unknown value\(s\) 11",
+           diagnoses_icd=DIAGNOSES.replace("I10,10\n", "I10,11\n", 1))
+
+
+def test_unknown_gender(tmp_path):
+    _fails(tmp_path, r"patients\.csv: column gender has unknown value", patients=PATIENTS.replace(",M,45,", ",X,45,"))
+
+
+def test_empty_cohort(tmp_path):
+    _fails(tmp_path, "empty cohort", patients=PATIENTS.splitlines()[0] + "\n",
+           admissions=ADMISSIONS.splitlines()[0] + "\n", diagnoses_icd=DIAGNOSES.splitlines()[0] + "\n")
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="--holdout-fraction"):
+        CohortOptions(holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="--min-code-count"):
+        CohortOptions(min_code_count=0)
+
+
+def test_mimic_v1_ethnicity_column_is_read_as_race(tmp_path):
+    root = write_tiny_mimic(tmp_path / "v1", admissions=ADMISSIONS.replace(",race,", ",ethnicity,"))
+    assert _rows(build_cohort(root, show_progress=False))[10000002]["race"] == "BLACK"
+
+
+def test_encode_matches_dataset_density(tiny_mimic):
+    cohort = build_cohort(tiny_mimic, show_progress=False)
+    vectors = cohort.schema.encode(cohort.dataset["train"][:])
+    codes = vectors[:, cohort.schema.slices["icd10_categories"]]
+    assert codes.sum() == sum(len(r) for r in cohort.dataset["train"]["code_indices"])
+    assert np.isin(codes, [0.0, 1.0]).all()
