@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import importlib.util
+import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -176,8 +177,9 @@ class GemMapper:
 
 @lru_cache(maxsize=1)
 def _tabular():
-    import simple_icd_10_cm
-
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # it parses its XML with importlib.resources' legacy API
+        import simple_icd_10_cm
     return simple_icd_10_cm
 
 
