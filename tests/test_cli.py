@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -40,3 +41,38 @@ def test_console_script_is_installed():
     script = shutil.which("ehr-diffusers") or str((__import__("pathlib").Path(sys.executable).parent / "ehr-diffusers"))
     finished = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert finished.stdout.startswith("ehr-diffusers ")
+
+
+def test_readme_opens_with_the_demo_and_test_commands():
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    blocks = readme.split("```bash\n")[1:3]
+    demo, tests = (block.split("```")[0].strip() for block in blocks)
+    assert readme.index("```bash") < readme.index("\n## "), "the two commands come first"
+    assert demo.endswith("ehr-diffusers demo --out ehr-diffusers-demo --overwrite")
+    assert tests.endswith("python -m pytest")
+    assert demo.startswith("pip install torch==2.13.0") and tests.startswith("pip install torch==2.13.0")
+
+
+def test_demo_builds_synthetic_tables_and_dataset(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--patients", "300", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic" in printed and "train 240 / holdout 60" in printed
+    assert (out / "mimic-iv-demo" / "hosp" / "diagnoses_icd.csv.gz").is_file()
+    card = (out / "dataset" / "README.md").read_text()
+    assert "Synthetic data" in card and "not MIMIC-IV" in card
+    assert load_from_disk(str(out / "dataset"))["train"].num_rows == 240
+    assert main(["-q", "demo", "--out", str(out), "--patients", "300"]) == 2, "an existing folder needs --overwrite"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_prepare_on_demo_data_is_marked_synthetic_and_counts_unmapped_codes(tmp_path, capsys):
+    mimic, out = tmp_path / "mimic", tmp_path / "prepared"
+    assert main(["-q", "demo-data", "--patients", "1500", "--seed", "3", "--out", str(mimic)]) == 0
+    assert main(["-q", "prepare", "--mimic-dir", str(mimic), "--out", str(out), "--min-code-count", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "(from the synthetic demo cohort)" in printed
+    summary = json.loads((out / "cohort_summary.json").read_text())
+    assert summary["synthetic"] is True and "Synthetic data" in (out / "README.md").read_text()
+    assert summary["icd9_unmapped_by_reason"]["no_map"]["rows"] > 0
+    assert summary["vocabulary_size"] < summary["icd10_categories_in_cohort"]

@@ -83,44 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_demo_summary(summary: dict, out: Path) -> None:
+    print(f"synthetic MIMIC-IV-shaped cohort written to {out} (synthetic data, not MIMIC-IV)")
+    for key, value in summary.items():
+        print(f"  {key:<28}{value:,}")
+
+
 def _demo_data(args: argparse.Namespace) -> None:
     from .data.demo_ehr import write_demo_mimic
 
     summary = write_demo_mimic(args.out, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite,
                                show_progress=not args.quiet)
-    print(f"synthetic MIMIC-IV-shaped cohort written to {args.out} (synthetic data, not MIMIC-IV)")
-    for key, value in summary.items():
-        print(f"  {key:<28}{value:,}" if isinstance(value, int) else f"  {key:<28}{value}")
+    _print_demo_summary(summary, args.out)
 
 
-def _prepare(args: argparse.Namespace, synthetic: bool = False) -> None:
+def _prepare(args: argparse.Namespace) -> None:
     from .data.cohort import format_summary, prepare
+    from .data.demo_ehr import is_demo_cohort
 
+    synthetic = is_demo_cohort(args.mimic_dir)
     summary = prepare(args.mimic_dir, args.out, _cohort_options(args), overwrite=args.overwrite,
                       show_progress=not args.quiet, synthetic=synthetic)
-    print(f"prepared dataset written to {args.out}")
+    print(f"prepared dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_summary(summary))
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from .data.cohort import CohortOptions, format_summary, prepare
+    from .data.demo_ehr import write_demo_mimic
     from .io_utils import atomic_directory
 
     # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
     with atomic_directory(args.out, args.overwrite) as work:
-        mimic = argparse.Namespace(out=work / "mimic-iv-demo", patients=args.patients, seed=args.seed,
-                                   overwrite=False, quiet=args.quiet)
-        _demo_data(mimic)
-        prepared = build_parser().parse_args(
-            ["prepare", "--mimic-dir", str(mimic.out), "--out", str(work / "dataset"), "--seed", str(args.seed)]
-        )
-        prepared.quiet = args.quiet
-        _prepare(prepared, synthetic=True)
-    print(f"demo finished: synthetic tables in {args.out / 'mimic-iv-demo'}, dataset in {args.out / 'dataset'}")
+        generated = write_demo_mimic(work / "mimic-iv-demo", n_patients=args.patients, seed=args.seed,
+                                     show_progress=not args.quiet)
+        prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
+                           show_progress=not args.quiet, synthetic=True)
+    _print_demo_summary(generated, args.out / "mimic-iv-demo")
+    print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
+    print(format_summary(prepared))
+    print(f"demo finished: load it with datasets.load_from_disk({str(args.out / 'dataset')!r})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
