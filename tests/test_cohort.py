@@ -163,3 +163,69 @@ def test_encode_matches_dataset_density(tiny_mimic):
     codes = vectors[:, cohort.schema.slices["icd10_categories"]]
     assert codes.sum() == sum(len(r) for r in cohort.dataset["train"]["code_indices"])
     assert np.isin(codes, [0.0, 1.0]).all()
+
+
+def test_overwrite_never_replaces_the_input_or_foreign_folders(tiny_mimic, tmp_path):
+    with pytest.raises(OutputExistsError, match="would replace the input"):
+        prepare(tiny_mimic, tiny_mimic, overwrite=True, show_progress=False)
+    with pytest.raises(OutputExistsError, match="would replace the input"):
+        prepare(tiny_mimic, tiny_mimic.parent, overwrite=True, show_progress=False)
+    assert (tiny_mimic / "hosp" / "patients.csv").is_file()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="not written by ehr-diffusers"):
+        prepare(tiny_mimic, foreign, overwrite=True, show_progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_a_failure_while_writing_keeps_the_earlier_output(tiny_mimic, tmp_path, monkeypatch):
+    import ehr_diffusers.hub
+
+    out = tmp_path / "prepared"
+    prepare(tiny_mimic, out, show_progress=False)
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ehr_diffusers.hub, "render_dataset_card", broken)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tiny_mimic, out, overwrite=True, show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic-iv", "prepared"]
+
+
+def test_duplicate_subject_ids(tmp_path):
+    _fails(tmp_path, r"patients\.csv: column subject_id must be unique, repeated value\(s\) \[10000002\]",
+           patients=PATIENTS + "10000002,M,45,2160,2017 - 2019,\n")
+
+
+def test_empty_required_value(tmp_path):
+    _fails(tmp_path, r"patients\.csv: column anchor_age has 1 empty value", patients=PATIENTS.replace(",M,45,", ",M,,"))
+
+
+def test_wrong_type_in_a_column_the_records_do_not_use(tmp_path):
+    _fails(tmp_path, r"admissions\.csv: a value has the wrong type.*dischtime",
+           admissions=ADMISSIONS.replace("2161-05-06 10:00:00", "tomorrow"))
+
+
+def test_unknown_admission_vocabulary(tmp_path):
+    _fails(tmp_path, r"admissions\.csv: column marital_status has unknown value\(s\) 'ENGAGED'",
+           admissions=ADMISSIONS.replace("MARRIED,WHITE", "ENGAGED,WHITE", 1))
+
+
+def test_empty_vocabulary_is_an_error_naming_the_option(tiny_mimic, tmp_path):
+    with pytest.raises(ValueError, match="--min-code-count 100"):
+        prepare(tiny_mimic, tmp_path / "out", CohortOptions(min_code_count=100), show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_race_categories_come_from_train_only(tiny_mimic):
+    cohort = build_cohort(tiny_mimic, CohortOptions(holdout_fraction=0.3, race_grouping="raw"), show_progress=False)
+    train_races = set(cohort.dataset["train"]["race"])
+    categories = cohort.schema["race"].categories
+    assert set(categories) == train_races | {"OTHER", "MISSING"}
+    assert set(cohort.dataset["holdout"]["race"]) <= set(categories)
+    assert cohort.summary["holdout_race_unseen_in_train"] == 3  # ASIAN - CHINESE, PUERTO RICAN, RUSSIAN: holdout only
+    cohort.schema.encode(cohort.dataset["holdout"][:])

@@ -236,6 +236,12 @@ def test_existing_output_is_left_untouched(tmp_path):
     with pytest.raises(OutputExistsError):
         write_demo_mimic(out, n_patients=300, show_progress=False)
     assert [path.name for path in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="not written by ehr-diffusers"):
+        write_demo_mimic(out, n_patients=300, overwrite=True, show_progress=False)
+    assert (out / "keep.txt").read_text() == "mine", "--overwrite never replaces a folder that is not ours"
+    (out / "keep.txt").unlink()
+    write_demo_mimic(out, n_patients=300, show_progress=False, overwrite=True)
+    (out / "keep.txt").write_text("added later")
     summary = write_demo_mimic(out, n_patients=300, overwrite=True, show_progress=False)
     assert not (out / "keep.txt").exists() and summary["patients"] == 300
 

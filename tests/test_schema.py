@@ -106,3 +106,33 @@ def test_save_load_and_bad_input(tmp_path):
         schema.decode(np.zeros((2, 3)))
     with pytest.raises(FileNotFoundError, match="schema.json"):
         EHRSchema.load(tmp_path / "nowhere")
+
+
+def test_encode_accepts_decoded_records_batches_and_empty_codes():
+    schema = _schema()
+    vectors = schema.encode(_records())
+    np.testing.assert_array_equal(schema.encode(schema.decode(vectors)), vectors)
+    no_codes = _records().with_columns(pl.Series("icd10_categories", [[], [], [], []], dtype=pl.List(pl.String)))
+    assert schema.encode(no_codes)[:, schema.slices["icd10_categories"]].sum() == 0
+    assert schema.encode([{**row, "icd10_categories": []} for row in _records().to_dicts()]).shape == (4, schema.dim)
+    as_numpy = {name: np.array(values, dtype=object) if name == "icd10_categories" else np.array(values)
+                for name, values in _records().to_dict(as_series=False).items()}
+    np.testing.assert_array_equal(schema.encode(as_numpy), vectors)
+    as_ints = _records().with_columns(pl.col("death").cast(pl.Int64))
+    np.testing.assert_array_equal(schema.encode(as_ints), vectors)
+
+
+def test_decode_refuses_non_finite_values():
+    schema = _schema()
+    vectors = schema.encode(_records())
+    vectors[0, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        schema.decode(vectors)
+
+
+def test_decode_takes_torch_tensors():
+    torch = pytest.importorskip("torch")
+    schema = _schema()
+    vectors = schema.encode(_records())
+    tensor = torch.from_numpy(vectors).to(torch.bfloat16).requires_grad_()
+    assert schema.decode(tensor) == schema.decode(vectors)

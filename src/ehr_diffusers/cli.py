@@ -62,20 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ehr-diffusers {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    # -q also after the command name; SUPPRESS keeps a -q given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo_data = commands.add_parser("demo-data", help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
+    demo_data = commands.add_parser("demo-data", parents=[common], help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
     demo_data.add_argument("--patients", type=_positive_int, default=5000, help="number of patients (default 5000)")
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     demo_data.add_argument("--out", type=Path, required=True, help="folder to create (holds hosp/)")
     demo_data.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
-    prepare = commands.add_parser("prepare", help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
+    prepare = commands.add_parser("prepare", parents=[common], help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
     prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     _add_cohort_options(prepare)
 
-    demo = commands.add_parser("demo", help="the whole workflow on the synthetic demo cohort")
+    demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
     demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
@@ -118,7 +121,7 @@ def _demo(args: argparse.Namespace) -> None:
         generated = write_demo_mimic(work / "mimic-iv-demo", n_patients=args.patients, seed=args.seed,
                                      show_progress=not args.quiet)
         prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
-                           show_progress=not args.quiet, synthetic=True)
+                           show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
     _print_demo_summary(generated, args.out / "mimic-iv-demo")
     print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
     print(format_summary(prepared))
@@ -138,9 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"demo-data": _demo_data, "prepare": _prepare, "demo": _demo}
     try:
         handlers[args.command](args)
-    except (MimicFormatError, OutputExistsError, ValueError, FileNotFoundError) as error:
+    except (MimicFormatError, OutputExistsError, ValueError, OSError) as error:
         print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ehr-diffusers {args.command}: interrupted, no output written", file=sys.stderr)
+        return 130
     return 0
 
 

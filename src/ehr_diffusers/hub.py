@@ -18,6 +18,7 @@ _MIMIC_LICENCE = (
     "Derived from MIMIC-IV, which is credentialed data under the PhysioNet Credentialed Health Data License 1.5.0: "
     "share it only with credentialed users (for example in a gated private repository), never publicly."
 )
+_MIMIC_LICENSE_LINES = "license: other\nlicense_name: physionet-credentialed-health-data-license-1.5.0"
 _SYNTHETIC_LICENCE = "Synthetic demo data: free to share. It is not suitable for clinical conclusions."
 
 
@@ -38,6 +39,11 @@ def render_dataset_card(summary: dict, source: str, synthetic: bool = False) -> 
     )
     return template.substitute(
         source_kind="synthetic demo" if synthetic else "MIMIC-IV",
+        license_lines="license: cc0-1.0" if synthetic else _MIMIC_LICENSE_LINES,
+        source_tag="synthetic" if synthetic else "mimic-iv",
+        source_description=(
+            "synthetic MIMIC-IV-shaped tables (`ehr-diffusers demo-data`)" if synthetic else "MIMIC-IV `hosp` tables"
+        ),
         size_category=_size_category(summary["patients"]),
         synthetic_banner=_SYNTHETIC_BANNER if synthetic else "",
         version=__version__,

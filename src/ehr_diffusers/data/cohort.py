@@ -8,7 +8,8 @@ One row per patient (``subject_id``):
 * ``num_admissions``: rows in ``admissions``.
 * ``marital_status`` / ``race``: the latest informative value over the patient's admissions (``UNKNOWN``-like race
   values only when nothing else was recorded); ``MISSING`` when there is none or no admission. Race is grouped
-  into coarse categories by default (``race_grouping="coarse"``) or kept as MIMIC's strings (``"raw"``).
+  into coarse categories by default (``race_grouping="coarse"``) or kept as MIMIC's strings (``"raw"``: the strings
+  seen in train; a holdout value never seen in train becomes ``OTHER`` and is counted).
 * ``icd10_categories``: the sorted 3-character ICD-10-CM categories over all admissions; ICD-9 codes are mapped
   through the GEMs (``icd.GemMapper``). ``code_indices``: their positions in the vocabulary (int32).
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..io_utils import atomic_directory, check_output_dir
 from .icd import GemMapper, GemOptions, category_title, normalize_codes
-from .mimic import MimicFormatError, MimicIVReader, validate_values
+from .mimic import MimicIVReader
 from .schema import MISSING, EHRSchema
 
 logger = logging.getLogger(__name__)
@@ -127,13 +128,9 @@ def _features():
 
 
 def _demographics(reader: MimicIVReader, options: CohortOptions) -> tuple[pl.DataFrame, int]:
-    """One row per patient with the demographic fields; also the number of admissions read."""
+    """One row per patient with the demographic fields; also the number of admissions of those patients."""
     patients = reader.read("patients")
-    admissions = reader.collect(
-        "admissions",
-        reader.scan("admissions").select("subject_id", "hadm_id", "admittime", "marital_status", "race"),
-    )
-    validate_values("admissions", admissions, reader.path("admissions"))
+    admissions = reader.read("admissions").filter(pl.col("subject_id").is_in(patients["subject_id"].implode()))
     informative_race = pl.col("race").filter(pl.col("race").is_not_null() & ~pl.col("race").is_in(UNINFORMATIVE_RACE))
     per_subject = (
         admissions.sort("subject_id", "admittime", "hadm_id")
@@ -169,23 +166,15 @@ def _demographics(reader: MimicIVReader, options: CohortOptions) -> tuple[pl.Dat
         )
         .sort("subject_id")
     )
-    unknown_marital = sorted(set(frame["marital_status"].unique().to_list()) - set(MARITAL_CATEGORIES))
-    if unknown_marital:
-        raise MimicFormatError(
-            f"{reader.path('admissions')}: column marital_status has unknown value(s) {unknown_marital[:5]}; "
-            f"expected one of {', '.join(MARITAL_CATEGORIES[:-1])} or empty"
-        )
     return frame, admissions.height
 
 
 def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series) -> tuple[pl.DataFrame, dict]:
     """(subject_id, category) pairs, one per patient and category, and the mapping statistics."""
     path = reader.path("diagnoses_icd")
-    diagnoses = reader.collect(
-        "diagnoses_icd",
-        reader.scan("diagnoses_icd").select("subject_id", normalize_codes("icd_code").alias("code"), "icd_version"),
+    diagnoses = reader.read("diagnoses_icd").select(
+        "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
     )
-    validate_values("diagnoses_icd", diagnoses.rename({"code": "icd_code"}), path)
     unknown_subject = diagnoses.filter(~pl.col("subject_id").is_in(subjects.implode()))
     if unknown_subject.height:
         logger.warning("%s: %d rows for subject_ids absent from patients were dropped", path, unknown_subject.height)
@@ -256,7 +245,8 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
         people = people.filter(pl.col("num_admissions") > 0)
         pairs = pairs.filter(pl.col("subject_id").is_in(people["subject_id"].implode()))
     if people.height == 0:
-        raise ValueError(f"{reader.path('patients')}: empty cohort, no patients left after the filters")
+        why = " after --exclude-no-admission" if not options.include_no_admission else ""
+        raise ValueError(f"{reader.path('patients')}: empty cohort, no patients left{why}")
     bar.update()
     bar.set_postfix_str(steps[2])
 
@@ -265,7 +255,14 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     pairs = pairs.join(people.select("subject_id", "holdout"), on="subject_id", how="inner")
     train_counts = pairs.filter(~pl.col("holdout")).group_by("category").len()
     vocabulary = sorted(train_counts.filter(pl.col("len") >= options.min_code_count)["category"].to_list())
-    index = pl.DataFrame({"category": vocabulary, "index": np.arange(len(vocabulary), dtype=np.int32)})
+    if not vocabulary:
+        raise ValueError(
+            f"{reader.path('diagnoses_icd')}: no ICD-10 category is held by --min-code-count "
+            f"{options.min_code_count} train patient(s); the code vocabulary would be empty"
+        )
+    index = pl.DataFrame(
+        {"category": pl.Series(vocabulary, dtype=pl.String), "index": np.arange(len(vocabulary), dtype=np.int32)}
+    )
     pairs = pairs.join(index, on="category", how="left")
     per_patient = pairs.sort("subject_id", "category").group_by("subject_id").agg(
         pl.col("index").drop_nulls().alias("code_indices"), pl.col("category").alias("icd10_categories")
@@ -277,11 +274,14 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     train = records.filter(~pl.col("holdout")).drop("holdout")
     holdout = records.filter(pl.col("holdout")).drop("holdout")
 
-    race_categories = (
-        COARSE_RACE_CATEGORIES
-        if options.race_grouping == "coarse"
-        else sorted(set(records["race"].unique().to_list()) - {MISSING}) + [MISSING]
-    )
+    if options.race_grouping == "coarse":
+        race_categories = COARSE_RACE_CATEGORIES
+        holdout_unseen_race = 0
+    else:  # MIMIC's own strings, as seen in train; a holdout value never seen in train becomes OTHER
+        race_categories = sorted(set(train["race"].unique().to_list()) - {MISSING} | {"OTHER"}) + [MISSING]
+        unseen = ~pl.col("race").is_in(race_categories)
+        holdout_unseen_race = holdout.filter(unseen).height
+        holdout = holdout.with_columns(pl.when(unseen).then(pl.lit("OTHER")).otherwise(pl.col("race")).alias("race"))
     titles = [category_title(code) for code in vocabulary]
     schema = EHRSchema.fit(
         train,
@@ -301,7 +301,7 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     bar.update()
     bar.close()
 
-    codes_per_patient = records["icd10_categories"].list.len()
+    codes_per_patient = records["code_indices"].list.len()
     n_oov = pairs.filter(pl.col("holdout") & pl.col("index").is_null()).height
     summary = {
         "patients": records.height,
@@ -315,6 +315,7 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
         "deaths": int(records["death"].sum()),
         "splits": {"train": train.height, "holdout": holdout.height},
         "holdout_codes_outside_vocabulary": n_oov,
+        "holdout_race_unseen_in_train": holdout_unseen_race,
         "schema_dim": schema.dim,
         "gem_source": mapper.source,
         "options": options.to_dict(),
@@ -329,21 +330,23 @@ def prepare(
     overwrite: bool = False,
     show_progress: bool = True,
     synthetic: bool = False,
+    source: str | None = None,
 ) -> dict:
     """Builds the cohort and saves it (``save_to_disk`` + ``schema.json`` + card) atomically into ``out``.
 
-    ``synthetic`` marks the card as describing the embedded demo data rather than MIMIC-IV.
+    ``synthetic`` marks the card as describing the embedded demo data rather than MIMIC-IV; ``source`` is how the
+    card names the input (default: ``mimic_dir``).
     """
     from ..hub import render_dataset_card
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[mimic_dir])
     cohort = build_cohort(mimic_dir, options, show_progress=show_progress)
     cohort.summary["synthetic"] = synthetic
-    with atomic_directory(out, overwrite) as staging:
+    with atomic_directory(out, overwrite, inputs=[mimic_dir]) as staging:
         cohort.dataset.save_to_disk(str(staging))
         cohort.schema.save(staging)
         (staging / SUMMARY_NAME).write_text(json.dumps(cohort.summary, indent=2) + "\n")
-        (staging / "README.md").write_text(render_dataset_card(cohort.summary, source=str(mimic_dir), synthetic=synthetic))
+        (staging / "README.md").write_text(render_dataset_card(cohort.summary, source=source or str(mimic_dir), synthetic=synthetic))
     return cohort.summary
 
 

@@ -178,21 +178,37 @@ class MimicIVReader:
         return data
 
 
+# What ``validate_values`` checks, per table: closed vocabularies, columns that may not be empty, unique keys.
+VOCABULARIES: dict[str, dict[str, tuple]] = {
+    "patients": {"gender": GENDERS},
+    "admissions": {"admission_type": ADMISSION_TYPES, "marital_status": MARITAL_STATUSES},
+    "diagnoses_icd": {"icd_version": ICD_VERSIONS},
+    "d_icd_diagnoses": {"icd_version": ICD_VERSIONS},
+}
+NOT_NULL: dict[str, tuple[str, ...]] = {
+    "patients": ("subject_id", "gender", "anchor_age", "anchor_year"),
+    "admissions": ("subject_id", "hadm_id", "admittime"),
+    "diagnoses_icd": ("subject_id", "hadm_id", "icd_code", "icd_version"),
+    "d_icd_diagnoses": ("icd_code", "icd_version"),
+}
+UNIQUE: dict[str, tuple[str, ...]] = {"patients": ("subject_id",), "admissions": ("hadm_id",)}
+
+
 def validate_values(table: str, data: pl.DataFrame, path: Path | str) -> None:
-    """Checks the columns whose vocabulary the cohort build depends on."""
-    checks: dict[str, tuple] = {}
-    if table == "patients":
-        checks["gender"] = GENDERS
-    elif table in ("diagnoses_icd", "d_icd_diagnoses"):
-        checks["icd_version"] = ICD_VERSIONS
-    for column, allowed in checks.items():
+    """Checks vocabularies, empty values and unique keys of the columns present in ``data``."""
+    for column, allowed in VOCABULARIES.get(table, {}).items():
+        if column not in data.columns:
+            continue
         bad = data.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(list(allowed)))[column].unique()
         if len(bad):
-            shown = ", ".join(repr(value) for value in bad.head(5).to_list())
+            shown = ", ".join(repr(value) for value in bad.sort().head(5).to_list())
             raise MimicFormatError(
                 f"{path}: column {column} has unknown value(s) {shown}; expected one of {', '.join(map(str, allowed))}"
             )
-    keys = {"patients": ("subject_id",), "admissions": ("subject_id", "hadm_id"), "diagnoses_icd": ("subject_id", "icd_code", "icd_version")}
-    for column in keys.get(table, ()):
-        if data[column].null_count():
-            raise MimicFormatError(f"{path}: column {column} has empty values")
+    for column in NOT_NULL.get(table, ()):
+        if column in data.columns and data[column].null_count():
+            raise MimicFormatError(f"{path}: column {column} has {data[column].null_count()} empty value(s)")
+    for column in UNIQUE.get(table, ()):
+        if column in data.columns and data[column].n_unique() != data.height:
+            repeated = data.filter(pl.col(column).is_duplicated())[column].unique().sort().head(3).to_list()
+            raise MimicFormatError(f"{path}: column {column} must be unique, repeated value(s) {repeated}")

@@ -73,6 +73,23 @@ class ColumnGroup:
         )
 
 
+def _plain(values: Any) -> Any:
+    """numpy arrays and torch tensors (also inside lists, as ragged columns come) -> python lists."""
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    if isinstance(values, (list, tuple)):
+        return [_plain(value) for value in values]
+    return values
+
+
+def _as_frame(records: Any) -> pl.DataFrame:
+    if isinstance(records, pl.DataFrame):
+        return records
+    if isinstance(records, Mapping):
+        return pl.DataFrame({name: _plain(values) for name, values in records.items()})
+    return pl.DataFrame(list(records))
+
+
 class EHRSchema:
     """Encodes patient records (columns) into float32 vectors and decodes vectors or logits back into records."""
 
@@ -139,13 +156,15 @@ class EHRSchema:
         return cls(groups, metadata)
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, records: pl.DataFrame | Mapping[str, Sequence]) -> np.ndarray:
-        """Records (a polars frame or a mapping of columns, e.g. a datasets batch) -> float32 array (n, dim).
+    def encode(self, records: pl.DataFrame | Mapping[str, Sequence] | Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Records -> float32 array (n, dim).
 
-        The multi-hot group is read from ``code_indices`` (vocabulary indices) when present, else from the
-        ``icd10_categories`` strings (codes outside the vocabulary are ignored).
+        ``records`` is a polars frame, a mapping of columns (a ``datasets`` batch in python, numpy or torch format)
+        or a list of record dicts (what ``decode`` returns). The multi-hot group is read from ``code_indices``
+        (vocabulary indices) when present, else from the ``icd10_categories`` strings (codes outside the
+        vocabulary are ignored).
         """
-        frame = records if isinstance(records, pl.DataFrame) else pl.DataFrame(dict(records))
+        frame = _as_frame(records)
         n = frame.height
         out = np.zeros((n, self.dim), dtype=np.float32)
         for group in self.groups:
@@ -156,6 +175,8 @@ class EHRSchema:
                 continue
             values = self._column(frame, group.name)
             if group.kind == "binary":
+                if isinstance(group.categories[1], bool) and values.dtype.is_integer():
+                    values = values.cast(pl.Boolean)  # 0/1 for False/True
                 unknown = ~values.is_in(group.categories) | values.is_null()
                 if unknown.any():
                     raise ValueError(f"column {group.name} has value(s) outside {group.categories}: "
@@ -190,8 +211,10 @@ class EHRSchema:
             if len(cols) and (cols.min() < 0 or cols.max() >= group.width):
                 raise ValueError(f"column code_indices has indices outside [0, {group.width})")
             return exploded["row"].to_numpy(), cols
-        column = self._column(frame, group.name)
-        lookup = pl.DataFrame({"code": group.categories, "col": np.arange(group.width, dtype=np.int64)})
+        column = self._column(frame, group.name).cast(pl.List(pl.String))
+        lookup = pl.DataFrame(
+            {"code": pl.Series(group.categories, dtype=pl.String), "col": np.arange(group.width, dtype=np.int64)}
+        )
         exploded = (
             pl.DataFrame({"row": np.arange(frame.height), "code": column})
             .explode("code")
@@ -210,10 +233,14 @@ class EHRSchema:
 
         One-hot groups take the argmax; binary fields and codes are thresholded on probabilities (``code_threshold``
         may be one number or one per code); counts are rounded and non-negative; age is clipped to the data range.
+        With ``from_logits`` a sigmoid is applied to the binary and multi-hot groups only: continuous and count
+        fields are regression outputs on the encoded scale either way.
         """
         array = np.asarray(vectors.detach().cpu().float() if hasattr(vectors, "detach") else vectors, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("vectors hold NaN or infinite values")
         columns: dict[str, list] = {}
         for group in self.groups:
             block = array[:, self.slices[group.name]]
