@@ -133,13 +133,6 @@ class MimicIVReader:
         expected = self.root / spec.module / f"{spec.name}.csv.gz"
         raise MimicFormatError(f"{expected}: required MIMIC-IV table '{table}' not found (.csv.gz, .csv or .parquet)")
 
-    def has(self, table: str) -> bool:
-        try:
-            self.path(table)
-        except MimicFormatError:
-            return False
-        return True
-
     def scan(self, table: str) -> pl.LazyFrame:
         """A lazy frame with the required columns of ``table`` in their MIMIC-IV types (header checked now)."""
         spec = TABLES[table]
