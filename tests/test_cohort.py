@@ -229,3 +229,17 @@ def test_raw_race_categories_come_from_train_only(tiny_mimic):
     assert set(cohort.dataset["holdout"]["race"]) <= set(categories)
     assert cohort.summary["holdout_race_unseen_in_train"] == 3  # ASIAN - CHINESE, PUERTO RICAN, RUSSIAN: holdout only
     cohort.schema.encode(cohort.dataset["holdout"][:])
+
+
+def test_typed_parquet_tables_read_like_csv(tiny_mimic, tmp_path):
+    csv_cohort = build_cohort(tiny_mimic, show_progress=False)
+    hosp = tiny_mimic / "hosp"
+    admissions = pl.read_csv(hosp / "admissions.csv", try_parse_dates=True)
+    assert admissions.schema["admittime"] == pl.Datetime("us")  # a typed table, as a parquet export holds it
+    admissions.write_parquet(hosp / "admissions.parquet")
+    pl.read_csv(hosp / "patients.csv", try_parse_dates=True).write_parquet(hosp / "patients.parquet")
+    (hosp / "admissions.csv").unlink()
+    (hosp / "patients.csv").unlink()
+    parquet_cohort = build_cohort(tiny_mimic, show_progress=False)
+    for split in ("train", "holdout"):
+        assert parquet_cohort.dataset[split].to_dict() == csv_cohort.dataset[split].to_dict()
