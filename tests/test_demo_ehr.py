@@ -278,3 +278,11 @@ def test_invalid_arguments_are_named(tmp_path, arguments, name):
     with pytest.raises(ValueError, match=name):
         write_demo_mimic(tmp_path / "demo", **{"n_patients": 10, **arguments}, show_progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_icd9_codes_map_to_one_category_or_are_counted_as_unmapped(large):
+    mapper = GemMapper()
+    codes = large["diagnoses_icd"].filter(pl.col("icd_version") == 9)["icd_code"].unique().to_list()
+    statuses = {code: mapper.status(code) for code in codes}
+    assert set(statuses.values()) == {"mapped", "no_map"}
+    assert all(len(mapper.categories(code)) == 1 for code, status in statuses.items() if status == "mapped")

@@ -34,11 +34,12 @@ diagnosis rows) take about 15 seconds and 1.2 GB of memory on two CPU cores.
    failure 21%, AKI 16.5%, ... aspiration pneumonitis 7.3%). Sex- and age-specific concepts are only drawn where
    they belong: pregnancy and delivery codes in women aged 18-45, prostate codes in men (more with age), female
    genital codes in women, dementia and hip fracture in older patients; there are no perinatal codes.
-4. **The long tail.** 1,500 further ICD-9-CM codes are drawn (seeded) from the official list among codes that the
-   GEM maps, excluding V/E codes, pregnancy, perinatal and genital chapters, sex-specific titles and the
-   categories of the curated concepts; each is paired with its GEM target in the 2024 ICD-10-CM list. A patient
-   draws a Poisson number of them (more when older, sicker or admitted more often) from a Zipf-Mandelbrot law, so
-   code prevalence is heavy-tailed.
+4. **The long tail.** 1,000 further ICD-9-CM codes are drawn (seeded) from the official list among codes that the
+   GEM maps to a single category, one code per category, excluding V/E codes, pregnancy, perinatal and genital
+   chapters, sex-specific titles and the categories of the curated concepts; each is paired with its GEM target
+   in the 2024 ICD-10-CM list. A patient draws a Poisson number of them (more when older, sicker or admitted more
+   often) from a Zipf-Mandelbrot law, so that below the curated concepts (38% down to about 1.5%) the tail falls
+   from about 3% to 0.3%: code prevalence is heavy-tailed overall.
 5. **Codes per admission.** Each of a patient's concepts and tail codes starts at one admission (acute codes of
    one cluster at the same admission, chronic ones usually at the first) and is coded again at later admissions
    with probability 0.75 if chronic or 0.12 if acute. ``seq_num`` tends to put the acute concepts first (the
@@ -83,9 +84,10 @@ ACUTE_ADMISSION_EFFECT = 0.6  # log-odds of an acute concept per log(number of a
 CHRONIC_RECUR = 0.75
 ACUTE_RECUR = 0.12
 CHRONIC_FROM_FIRST = 0.6
-TAIL_SIZE = 1500
-TAIL_ZIPF_EXPONENT = 1.2
-TAIL_ZIPF_OFFSET = 80
+TAIL_SIZE = 1000
+TAIL_CODES_PER_CATEGORY = 1  # else categories with many codes (M26, K08, ...) pile up tail draws
+TAIL_ZIPF_EXPONENT = 1.0
+TAIL_ZIPF_OFFSET = 150
 TAIL_CHRONIC_SHARE = 0.4
 TAIL_CODES_PER_PATIENT = 9.4
 DEATH_SHARE = 0.15
@@ -268,7 +270,7 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept("iron deficiency anemia", "2809", "D509", 0.04, C, {}, male=-0.4),
     Concept("protein-calorie malnutrition", "2639", "E46", 0.03, A, {SEPSIS: 0.6, CANCER: 0.5}, age=0.5, death=0.5),
     Concept("altered mental status", "78097", "R4182", 0.04, A, {SEPSIS: 0.4}, age=0.8),
-    Concept("diarrhea", "78791", "R197", 0.03, A, {SEPSIS: 0.3}),
+    Concept("constipation", "56400", "K5900", 0.03, A, {}, age=0.5),
     Concept("do not resuscitate status", "V4986", "Z66", 0.05, A, {CANCER: 0.5}, age=1.5, death=1.5),
     # other chronic conditions
     Concept("esophageal reflux", "53081", "K219", 0.113, C, {}, age=0.3),
@@ -310,8 +312,8 @@ def checked_concepts() -> tuple[Concept, ...]:
     for concept in CONCEPTS:
         if concept.icd9 not in titles9 or concept.icd10 not in titles10:
             raise AssertionError(f"{concept.name}: {concept.icd9}/{concept.icd10} not in the official ICD code lists")
-        if concept.icd10[:3] not in mapper.categories(concept.icd9):
-            raise AssertionError(f"{concept.name}: the GEM does not map {concept.icd9} to {concept.icd10[:3]}")
+        if mapper.categories(concept.icd9) != (concept.icd10[:3],):
+            raise AssertionError(f"{concept.name}: the GEM does not map {concept.icd9} to {concept.icd10[:3]} alone")
         if set(concept.clusters) - set(CLUSTERS):
             raise AssertionError(f"{concept.name}: unknown cluster in {dict(concept.clusters)}")
     for version in ("icd9", "icd10"):
@@ -364,10 +366,12 @@ _CHAPTER_WEIGHTS = (
 def _tail_pool() -> pl.DataFrame:
     """Candidate (icd9, icd10) pairs for the random tail, sorted by icd9; the seeded draw happens later.
 
-    The ICD-9 code must be mapped by the GEM; its ICD-10 code is the first GEM target in the 2024 ICD-10-CM list
-    whose category is one of the mapped categories. Codes in the excluded chapters, with sex-specific titles or
+    The ICD-9 code must be mapped by the GEM to exactly one category (so that both eras code the same category and
+    no ICD-9 code fans out into unrelated ones); its ICD-10 code is the first GEM target of that category in the
+    2024 ICD-10-CM list. Codes in the excluded chapters, with sex-specific titles or
     in the categories of a curated concept are left out, and each ICD-10 code is used once, so that no admission
-    ever holds the same code twice. ``weight`` (``_CHAPTER_WEIGHTS``, x1.5 for "unspecified" titles) biases which
+    ever holds the same code twice. At most ``TAIL_CODES_PER_CATEGORY`` code of one ICD-10 category enters the
+    pool, so that a category's prevalence comes from its rank, not from how many codes it happens to have. ``weight`` (``_CHAPTER_WEIGHTS``, x1.5 for "unspecified" titles) biases which
     codes are drawn and how high they rank.
     """
     titles9, titles10, mapper = icd9_code_titles(), icd10_code_titles(), GemMapper()
@@ -378,9 +382,10 @@ def _tail_pool() -> pl.DataFrame:
     titles = pl.DataFrame({"icd9": list(titles9), "title9": list(titles9.values())})
     titles10_frame = pl.DataFrame({"icd10": list(titles10), "title10": list(titles10.values())})
     gem = read_gem().filter(~pl.col("no_map") & (~pl.col("combination") | (pl.col("scenario") == 1)))
+    one_category = mapper.table.filter(pl.len().over("icd9") == 1)  # no fan-out: both eras code one category
     pool = (
         gem.with_columns(pl.col("icd10").str.slice(0, 3).alias("category"))
-        .join(mapper.table, on=["icd9", "category"], how="semi")
+        .join(one_category, on=["icd9", "category"], how="semi")
         .join(titles, on="icd9", how="inner")
         .join(titles10_frame, on="icd10", how="inner")
         .join(blocked9, on="icd9", how="anti")
@@ -393,6 +398,7 @@ def _tail_pool() -> pl.DataFrame:
         .unique("icd9", keep="first", maintain_order=True)
         .sort("icd9")
         .unique("icd10", keep="first", maintain_order=True)
+        .filter(pl.int_range(pl.len()).over("category") < TAIL_CODES_PER_CATEGORY)
     )
     starts, weights = zip(*_CHAPTER_WEIGHTS)
     chapter = np.searchsorted(starts, pool["icd9"].str.slice(0, 3).cast(pl.Int32).to_numpy(), side="right") - 1
@@ -714,9 +720,15 @@ def _admissions_frame(
 
 @lru_cache(maxsize=1)
 def _no_map_codes() -> tuple[str, ...]:
-    """Official ICD-9-CM codes that the GEM flags "no map" (they have no ICD-10-CM equivalent)."""
-    gem, titles = read_gem(), icd9_code_titles()
-    return tuple(sorted(code for code in set(gem.filter(pl.col("no_map"))["icd9"].to_list()) if code in titles))
+    """Official ICD-9-CM codes that the GEM flags "no map" (mostly E codes, as in MIMIC-IV), outside the sex-,
+    pregnancy- and perinatal-specific chapters and titles."""
+    titles = icd9_code_titles()
+    codes = pl.DataFrame({"icd9": list(titles), "title": list(titles.values())}).join(
+        read_gem().filter(pl.col("no_map")).select("icd9").unique(), on="icd9", how="semi"
+    )
+    supplementary = pl.col("icd9").str.slice(0, 1).is_in(["V", "E"])
+    kept = codes.filter((supplementary | ~_excluded_icd9(pl.col("icd9"))) & ~pl.col("title").str.contains(_SPECIFIC_TITLE))
+    return tuple(sorted(kept["icd9"].to_list()))
 
 
 def _diagnoses_frames(
