@@ -243,3 +243,15 @@ def test_typed_parquet_tables_read_like_csv(tiny_mimic, tmp_path):
     parquet_cohort = build_cohort(tiny_mimic, show_progress=False)
     for split in ("train", "holdout"):
         assert parquet_cohort.dataset[split].to_dict() == csv_cohort.dataset[split].to_dict()
+
+
+@pytest.mark.parametrize("format_type", ["python", "numpy", "torch", "arrow"])
+def test_schema_encodes_every_datasets_format(tiny_mimic, format_type):
+    cohort = build_cohort(tiny_mimic, show_progress=False)
+    train = cohort.dataset["train"]
+    expected = cohort.schema.encode(train[:])
+    assert expected[:, cohort.schema.slices["icd10_categories"]].sum() > 0
+    batch = train.with_format(None if format_type == "python" else format_type)[:]
+    np.testing.assert_array_equal(cohort.schema.encode(batch), expected)
+    strings_only = train.remove_columns("code_indices").with_format(None if format_type == "python" else format_type)[:]
+    np.testing.assert_array_equal(cohort.schema.encode(strings_only), expected)

@@ -311,7 +311,7 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
         "icd10_categories_in_cohort": pairs["category"].n_unique(),
         "vocabulary_size": len(vocabulary),
         "codes_per_patient_mean": float(codes_per_patient.mean()),
-        "density": float(codes_per_patient.mean() / max(len(vocabulary), 1)),
+        "density": float(codes_per_patient.mean() / len(vocabulary)),
         "deaths": int(records["death"].sum()),
         "splits": {"train": train.height, "holdout": holdout.height},
         "holdout_codes_outside_vocabulary": n_oov,

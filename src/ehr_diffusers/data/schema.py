@@ -27,6 +27,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 SCHEMA_NAME = "schema.json"
 SCHEMA_VERSION = 1
@@ -74,10 +75,11 @@ class ColumnGroup:
 
 
 def _plain(values: Any) -> Any:
-    """numpy arrays and torch tensors (also inside lists, as ragged columns come) -> python lists."""
-    if hasattr(values, "tolist"):
+    """numpy arrays and torch tensors -> python lists, also when nested the way datasets returns ragged columns
+    (an object array or a list of arrays)."""
+    if hasattr(values, "tolist") and getattr(values, "dtype", None) != object:
         return values.tolist()
-    if isinstance(values, (list, tuple)):
+    if isinstance(values, (list, tuple, np.ndarray)):
         return [_plain(value) for value in values]
     return values
 
@@ -85,6 +87,8 @@ def _plain(values: Any) -> Any:
 def _as_frame(records: Any) -> pl.DataFrame:
     if isinstance(records, pl.DataFrame):
         return records
+    if isinstance(records, pa.Table):
+        return pl.from_arrow(records)
     if isinstance(records, Mapping):
         return pl.DataFrame({name: _plain(values) for name, values in records.items()})
     return pl.DataFrame(list(records))
@@ -159,8 +163,8 @@ class EHRSchema:
     def encode(self, records: pl.DataFrame | Mapping[str, Sequence] | Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Records -> float32 array (n, dim).
 
-        ``records`` is a polars frame, a mapping of columns (a ``datasets`` batch in python, numpy or torch format)
-        or a list of record dicts (what ``decode`` returns). The multi-hot group is read from ``code_indices``
+        ``records`` is a polars frame, an Arrow table, a mapping of columns (a ``datasets`` batch in python, numpy
+        or torch format) or a list of record dicts (what ``decode`` returns). The multi-hot group is read from ``code_indices``
         (vocabulary indices) when present, else from the ``icd10_categories`` strings (codes outside the
         vocabulary are ignored).
         """
