@@ -1,0 +1,1 @@
+"""Patient text: fact descriptions, summaries, judge screening and sentence embeddings."""
