@@ -190,6 +190,13 @@ def category_title(code: str) -> str | None:
     return tabular.get_description(code) if tabular.is_valid_item(code) and tabular.is_category(code) else None
 
 
+@lru_cache(maxsize=1)
+def all_categories() -> dict[str, str]:
+    """Every 3-character category of the ICD-10-CM tabular list, with its title."""
+    tabular = _tabular()
+    return {code: tabular.get_description(code) for code in tabular.get_all_codes(False) if tabular.is_category(code)}
+
+
 def is_category(code: str) -> bool:
     return category_title(code) is not None
 

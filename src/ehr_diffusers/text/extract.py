@@ -1,0 +1,255 @@
+"""What a sentence states about a patient: sex, age, death, admissions, marital status, race and diagnoses.
+
+The rules judge checks summaries with it, and the evaluation checks prompts against generated records with it, so
+both read text the same way. It matches whole words, never substrings (the seed system counted "female" as "male"),
+and it knows what it does not understand: a sentence that states nothing yields empty sets, not guesses.
+
+Diagnoses are found by phrase lookup over word n-grams (longest first), against every ICD-10-CM category title, the
+short name ``describe.short_name`` makes of it, ``describe.PREFERRED_NAMES`` and ``SYNONYMS``: the names and abbreviations clinicians use for
+common conditions, each mapped to the category ranges it covers ("diabetes" covers E08-E13). Words are lower-cased
+and a plural "s" is dropped on both sides. A mention preceded within three words of the same clause by a negation
+("no", "without", "denies", ...) is kept but marked negated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable, Mapping
+
+from ..data.icd import all_categories
+from .describe import PREFERRED_NAMES, RACE_WORDS, short_name
+
+# name -> category ranges (inclusive, 3-character ICD-10-CM categories); the ranges follow the chapter and block
+# structure of the ICD-10-CM tabular list.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "hypertension": ("I10-I16",), "htn": ("I10-I16",), "high blood pressure": ("I10-I16",),
+    "heart failure": ("I50", "I11", "I13"), "chf": ("I50",), "congestive heart failure": ("I50",), "hfref": ("I50",),
+    "chronic kidney disease": ("N18",), "ckd": ("N18",), "end-stage renal disease": ("N18",), "esrd": ("N18",),
+    "renal failure": ("N17-N19",), "kidney failure": ("N17-N19",),
+    "acute kidney injury": ("N17",), "aki": ("N17",),
+    "diabetes": ("E08-E13",), "diabetes mellitus": ("E08-E13",), "diabetic": ("E08-E13",),
+    "type 2 diabetes": ("E11",), "t2dm": ("E11",), "type 1 diabetes": ("E10",), "t1dm": ("E10",),
+    "atrial fibrillation": ("I48",), "afib": ("I48",), "af": ("I48",), "atrial flutter": ("I48",),
+    "coronary artery disease": ("I20-I25",), "cad": ("I20-I25",), "ischemic heart disease": ("I20-I25",),
+    "myocardial infarction": ("I21-I22", "I25"), "mi": ("I21-I22",), "heart attack": ("I21-I22",),
+    "stemi": ("I21",), "nstemi": ("I21",),
+    "stroke": ("I60-I64",), "cva": ("I60-I64",), "ischemic stroke": ("I63",),
+    "copd": ("J44",), "chronic obstructive pulmonary disease": ("J44",), "emphysema": ("J43",),
+    "asthma": ("J45",), "pneumonia": ("J12-J18", "J69"), "aspiration pneumonia": ("J69",),
+    "respiratory failure": ("J96",), "pleural effusion": ("J90-J91",),
+    "sepsis": ("A40-A41", "R65"), "septic shock": ("R65",), "severe sepsis": ("R65",),
+    "urinary tract infection": ("N39",), "uti": ("N39",),
+    "hyperlipidemia": ("E78",), "dyslipidemia": ("E78",), "hypercholesterolemia": ("E78",),
+    "obesity": ("E66",), "hypothyroidism": ("E03",), "hyperthyroidism": ("E05",),
+    "hyponatremia": ("E87",), "hyperkalemia": ("E87",), "hypokalemia": ("E87",), "acidosis": ("E87",),
+    "electrolyte imbalance": ("E87",), "fluid overload": ("E87",),
+    "anemia": ("D50-D64",), "iron deficiency anemia": ("D50",), "thrombocytopenia": ("D69",),
+    "coagulopathy": ("D65-D68",), "malnutrition": ("E40-E46",),
+    "depression": ("F32-F33",), "major depressive disorder": ("F32-F33",), "anxiety": ("F40-F41",),
+    "alcohol use disorder": ("F10",), "alcohol abuse": ("F10",), "alcohol dependence": ("F10",),
+    "nicotine dependence": ("F17",), "tobacco use": ("F17", "Z72", "Z87"), "smoker": ("F17",),
+    "dementia": ("F01-F03", "G30"), "alzheimer's disease": ("G30",), "delirium": ("F05",),
+    "gerd": ("K21",), "reflux": ("K21",), "gastroesophageal reflux": ("K21",),
+    "cirrhosis": ("K70", "K74"), "liver cirrhosis": ("K70", "K74"),
+    "obstructive sleep apnea": ("G47",), "sleep apnea": ("G47",), "osa": ("G47",),
+    "osteoporosis": ("M80-M81",), "hiv": ("B20",),
+    "cancer": ("C00-C96",), "malignancy": ("C00-C96",), "malignant neoplasm": ("C00-C96",),
+    "metastatic cancer": ("C77-C80",), "lung cancer": ("C34",), "breast cancer": ("C50",),
+    "prostate cancer": ("C61",), "colon cancer": ("C18",), "lymphoma": ("C81-C88",), "leukemia": ("C91-C95",),
+    "chest pain": ("R07",), "abdominal pain": ("R10",), "back pain": ("M54",),
+    "pulmonary embolism": ("I26",), "deep vein thrombosis": ("I80-I82",), "dvt": ("I80-I82",),
+    "do not resuscitate": ("Z66",), "dnr": ("Z66",),
+    "pregnancy": ("O00-O9A",), "pregnant": ("O00-O9A",), "delivery": ("O60-O77", "O80-O82"),
+    "benign prostatic hyperplasia": ("N40",), "bph": ("N40",),
+}
+NEGATIONS = {"no", "not", "without", "denies", "denied", "negative", "absent", "free"}
+# Words that some category titles are made of but that prose uses for other things.
+_NOT_DIAGNOSES = {("death",), ("admission",), ("patient",), ("other",)}
+
+_WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
+_TOKEN = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*|[,;:.()]")
+_FEMALE = re.compile(r"\b(female|woman|women|lady|girl|she|her|hers|mrs|ms)\b")
+_MALE = re.compile(r"\b(male|man|men|gentleman|boy|he|his|him|mr)\b")
+_AGES = (
+    re.compile(r"\b(\d{1,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b"),
+    re.compile(r"\baged?\s+(\d{1,3})\b"),
+    re.compile(r"\b(\d{1,3})\s*(?:yo|y/o|y\.o\.)"),
+    re.compile(r"\b(\d{1,3})\s+years?\s+of\s+age\b"),
+)
+_DECADE = re.compile(r"\bin\s+(?:his|her|their)\s+(?:early\s+|mid\s+|late\s+)?(\d)0s\b")
+_SURVIVAL = re.compile(
+    r"\b(?:no|without)\s+(?:recorded\s+|documented\s+|known\s+|in-hospital\s+)?(?:death|mortality)\b"
+    r"|\bdid\s+not\s+die\b|\bsurvived\b|\balive\b|\bliving\b"
+)
+_DEATH = re.compile(r"\b(?:died|dies|deceased|expired|passed\s+away|dead|death|mortality)\b")
+_NUMBER_WORDS = {"no": 0, "a": 1, "one": 1, "once": 1, "single": 1, "two": 2, "twice": 2, "three": 3, "four": 4,
+                 "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+_ADMISSIONS = re.compile(
+    r"\b(\d+|no|a|one|two|three|four|five|six|seven|eight|nine|ten)\s+(?:single\s+)?(?:prior\s+|previous\s+|hospital\s+)*"
+    r"(?:admissions?|hospitali[sz]ations?)\b|\badmitted\s+(once|twice|(\d+|two|three|four|five|six|seven|eight|nine|ten)"
+    r"\s+times)\b"
+)
+_MARITAL = re.compile(r"\b(married|widowed|widow|widower|divorced|separated|single)\b(?!\s+(?:hospital|admission))")
+_MARITAL_VALUES = {"married": "MARRIED", "widowed": "WIDOWED", "widow": "WIDOWED", "widower": "WIDOWED",
+                   "divorced": "DIVORCED", "separated": "DIVORCED", "single": "SINGLE"}
+_RACE = re.compile(
+    r"\b(white|caucasian|black|african[\s-]american|asian|hispanic|latino|latina|american\s+indian|alaska\s+native|"
+    r"native\s+hawaiian|pacific\s+islander)\b"
+)
+_RACE_VALUES = {"white": "WHITE", "caucasian": "WHITE", "black": "BLACK", "african american": "BLACK",
+                "african-american": "BLACK", "asian": "ASIAN", "hispanic": "HISPANIC/LATINO",
+                "latino": "HISPANIC/LATINO", "latina": "HISPANIC/LATINO", "american indian": "AMERICAN INDIAN/ALASKA NATIVE",
+                "alaska native": "AMERICAN INDIAN/ALASKA NATIVE", "native hawaiian": "NATIVE HAWAIIAN/PACIFIC ISLANDER",
+                "pacific islander": "NATIVE HAWAIIAN/PACIFIC ISLANDER"}
+
+
+def coarse_race_group(race: str | None) -> str | None:
+    """A MIMIC-IV race string (coarse or raw) -> the coarse group a sentence can state; None when uninformative."""
+    if race is None:
+        return None
+    for group in RACE_WORDS:
+        if race == group or race.startswith(group.split("/")[0]):
+            return group
+    if race.startswith("HISPANIC") or race == "SOUTH AMERICAN":
+        return "HISPANIC/LATINO"
+    return None
+
+
+def _normal(word: str) -> str:
+    return word[:-1] if len(word) > 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")) else word
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased word tokens with a plural "s" dropped, the normal form phrases are stored and looked up in."""
+    return [_normal(word) for word in _WORD.findall(text.lower())]
+
+
+def _tokens(text: str) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """Word tokens as ``_words``; for each, the number of its clause (split at , ; : . and brackets), which bounds
+    the reach of a negation, and its character span."""
+    words, clauses, spans = [], [], []
+    clause = 0
+    for match in _TOKEN.finditer(text.lower()):
+        if match.group() in ",;:.()":
+            clause += 1
+        else:
+            words.append(_normal(match.group()))
+            clauses.append(clause)
+            spans.append(match.span())
+    return words, clauses, spans
+
+
+def _blank(pattern: re.Pattern, text: str) -> str:
+    """``text`` with the matches of ``pattern`` replaced by spaces, so that character offsets stay valid."""
+    return pattern.sub(lambda match: " " * len(match.group()), text)
+
+
+def _in_range(code: str, span: str) -> bool:
+    low, _, high = span.partition("-")
+    return low <= code <= (high or low) if len(code) == 3 else False
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A diagnosis named in a sentence: the words, the category ranges they cover, and whether they were negated."""
+
+    phrase: str
+    ranges: tuple[str, ...]
+    negated: bool = False
+    span: tuple[int, int] = (0, 0)
+
+    def covers(self, code: str) -> bool:
+        return any(_in_range(code, span) for span in self.ranges)
+
+    def supported_by(self, codes: Iterable[str]) -> bool:
+        return any(self.covers(code) for code in codes)
+
+
+@dataclass
+class StatedFacts:
+    """Everything a sentence was found to state; several values for one field mean the sentence contradicts itself."""
+
+    sexes: set[str] = field(default_factory=set)
+    ages: list[tuple[int, int]] = field(default_factory=list)
+    deaths: set[bool] = field(default_factory=set)
+    admissions: set[int] = field(default_factory=set)
+    marital_statuses: set[str] = field(default_factory=set)
+    races: set[str] = field(default_factory=set)
+    diagnoses: list[Mention] = field(default_factory=list)
+
+
+class DiagnosisLexicon:
+    """Phrase -> category ranges, over ICD-10-CM titles, their short names and ``SYNONYMS``."""
+
+    def __init__(self, titles: Mapping[str, str | None] | None = None, synonyms: Mapping[str, tuple[str, ...]] = SYNONYMS):
+        phrases: dict[tuple[str, ...], set[str]] = {}
+        for code, title in {**all_categories(), **(titles or {})}.items():
+            if not title:
+                continue
+            for name in (title, short_name(title)):
+                key = tuple(_words(name))
+                if key and key not in _NOT_DIAGNOSES:
+                    phrases.setdefault(key, set()).add(code)
+        for code, name in PREFERRED_NAMES.items():
+            phrases.setdefault(tuple(_words(name)), set()).add(code)
+        for name, ranges in synonyms.items():
+            phrases.setdefault(tuple(_words(name)), set()).update(ranges)
+        self.phrases = {key: tuple(sorted(spans)) for key, spans in phrases.items()}
+        self.longest = max(len(key) for key in self.phrases)
+
+    def find(self, text: str) -> list[Mention]:
+        """Non-overlapping mentions, longest phrase first at each position, in reading order."""
+        words, clauses, spans = _tokens(text)
+        mentions = []
+        i = 0
+        while i < len(words):
+            for n in range(min(self.longest, len(words) - i), 0, -1):
+                key = tuple(words[i:i + n])
+                if key in self.phrases:
+                    negated = any(words[j] in NEGATIONS and clauses[j] == clauses[i] for j in range(max(0, i - 3), i))
+                    span = (spans[i][0], spans[i + n - 1][1])
+                    mentions.append(Mention(" ".join(key), self.phrases[key], negated, span))
+                    i += n
+                    break
+            else:
+                i += 1
+        return mentions
+
+
+@lru_cache(maxsize=1)
+def default_lexicon() -> DiagnosisLexicon:
+    return DiagnosisLexicon()
+
+
+def extract_facts(text: str, lexicon: DiagnosisLexicon | None = None) -> StatedFacts:
+    """Reads the facts a sentence states (see the module docstring for what is understood)."""
+    lexicon = lexicon or default_lexicon()
+    lower = text.lower()
+    stated = StatedFacts()
+    # "no recorded death" and "3 hospital admissions" are not diagnoses, and the words inside diagnosis names
+    # ("disorders of white blood cells", "gender identity disorders") are not demographics: each is read once.
+    if _SURVIVAL.search(lower):
+        stated.deaths.add(False)
+    for match in _ADMISSIONS.finditer(lower):
+        count = match.group(1) or match.group(3) or match.group(2)
+        stated.admissions.add(int(count) if count.isdigit() else _NUMBER_WORDS[count])
+    stated.diagnoses = lexicon.find(_blank(_ADMISSIONS, _blank(_SURVIVAL, lower)))
+    rest = list(_blank(_SURVIVAL, lower))
+    for mention in stated.diagnoses:
+        rest[mention.span[0]:mention.span[1]] = " " * (mention.span[1] - mention.span[0])
+    rest = "".join(rest)
+    if _FEMALE.search(rest):
+        stated.sexes.add("F")
+    if _MALE.search(rest):
+        stated.sexes.add("M")
+    for pattern in _AGES:
+        stated.ages.extend((int(m.group(1)), int(m.group(1))) for m in pattern.finditer(rest))
+    stated.ages.extend((int(m.group(1)) * 10, int(m.group(1)) * 10 + 9) for m in _DECADE.finditer(rest))
+    stated.ages = sorted(set(stated.ages))
+    if _DEATH.search(rest):
+        stated.deaths.add(True)
+    stated.marital_statuses = {_MARITAL_VALUES[m.group(1)] for m in _MARITAL.finditer(rest)}
+    stated.races = {_RACE_VALUES[re.sub(r"\s+", " ", m.group(1))] for m in _RACE.finditer(rest)}
+    return stated
