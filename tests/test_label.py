@@ -75,7 +75,7 @@ def test_label_adds_the_columns_to_every_split_with_metadata(dataset_copy, embed
     assert embedder.encode([train[7]["summary"]])[0].numpy() == pytest.approx(np.asarray(train[7]["embedding"]), abs=1e-5)
     metadata = json.loads((dataset_copy / LABELS_NAME).read_text())
     assert metadata == result.metadata
-    assert metadata["embedder"]["source"] == "minilm" or "minilm" in metadata["embedder"]["source"].lower()
+    assert "all-MiniLM-L6-v2" in metadata["embedder"]["source"] and metadata["embedder"]["dtype"] == "float32"
     assert metadata["embedding_dim"] == 384
     assert metadata["splits"]["train"]["rows"] == len(train)
     assert metadata["splits"]["holdout"]["judge_unscored"] == 0
@@ -145,6 +145,7 @@ def test_bad_datasets_are_named(dataset_copy, tmp_path, embedder):
 def test_cli_label_and_its_errors(dataset_copy, capsys):
     assert main(["-q", "label", "--dataset", str(dataset_copy)]) == 0
     out = capsys.readouterr().out
+    assert json.loads((dataset_copy / LABELS_NAME).read_text())["embedder"]["spec"] == "minilm"
     assert "labelled" in out and "mean judge scores: factual_agreement 5.00" in out and "under threshold 0" in out
     assert main(["label", "-q", "--dataset", str(dataset_copy), "--embedder", "org/no-such-embedder"]) == 2
     err = capsys.readouterr().err.strip()

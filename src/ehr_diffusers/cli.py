@@ -168,7 +168,7 @@ def _label(args: argparse.Namespace) -> None:
 
     summarizer, judge, embedder = _label_models(args)
     result = label_dataset(args.dataset, summarizer, judge, embedder, batch_size=args.batch_size,
-                           threshold=args.threshold, show_progress=not args.quiet)
+                           threshold=args.threshold, show_progress=not args.quiet, embedder_spec=args.embedder)
     print(f"labelled {args.dataset} (summarizer {summarizer.name}, judge {judge.name if judge else 'none'}, "
           f"embedder {embedder.config.source}, {embedder.dim}-d)")
     print(result.format())
@@ -190,7 +190,7 @@ def _demo(args: argparse.Namespace) -> None:
         prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
                            show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
         labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
-                                 show_progress=not args.quiet)
+                                 show_progress=not args.quiet, embedder_spec="minilm")
     _print_demo_summary(generated, args.out / "mimic-iv-demo")
     print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
     print(format_summary(prepared))

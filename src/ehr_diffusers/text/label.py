@@ -91,9 +91,10 @@ def _label_features(dim: int):
     )
 
 
-def _embedder_record(embedder: SentenceEmbedder) -> dict:
+def _embedder_record(embedder: SentenceEmbedder, spec: str | None = None) -> dict:
+    """What identifies the embedder; ``spec`` is what ``embed.load_embedder`` takes to load it again in training."""
     config = embedder.config
-    return {"source": config.source, "dim": embedder.dim, "dtype": str(embedder.dtype).removeprefix("torch."),
+    return {"spec": spec, "source": config.source, "dim": embedder.dim, "dtype": str(embedder.dtype).removeprefix("torch."),
             "pooling": config.pooling, "prompt": config.prompt, "max_length": config.max_length}
 
 
@@ -202,8 +203,12 @@ def label_dataset(
     chunk_size: int = 1024,
     threshold: float = DEFAULT_SCREENING_THRESHOLD,
     show_progress: bool = True,
+    embedder_spec: str | None = None,
 ) -> LabelResult:
-    """Adds the label columns to every split of the dataset in ``dataset_dir``, in place and atomically."""
+    """Adds the label columns to every split of the dataset in ``dataset_dir``, in place and atomically.
+
+    ``embedder_spec`` (e.g. "minilm", a Hub id or a folder) is recorded so that training loads the same embedder.
+    """
     from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
     folder = Path(dataset_dir)
@@ -253,7 +258,7 @@ def label_dataset(
         "columns": list(LABEL_COLUMNS),
         "summarizer": summarizer.describe(),
         "judge": judge.describe() if judge is not None else None,
-        "embedder": _embedder_record(embedder),
+        "embedder": _embedder_record(embedder, embedder_spec),
         "embedding_column": "embedding",
         "embedding_dim": dim,
         "screening_threshold": threshold,
