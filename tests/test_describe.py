@@ -58,7 +58,8 @@ def test_facts_and_text_agree_with_every_demo_record(demo_records):
         assert text.startswith("Female patient" if record["sex"] == "F" else "Male patient")
         demographics = text.split("Diagnoses (")[0]  # titles may name a sex ("... of male genital organs")
         assert not re.search(wrong, demographics, re.IGNORECASE)
-        assert f"aged {record['age']} " in text
+        assert re.search(rf"aged {record['age']}\b", text)
+        assert ("at the last admission" in text) == (record["num_admissions"] > 0)
         assert ("Died" in text) == record["death"]
         assert all(f"({code})" in text for code in record["icd10_categories"])
         assert not any(f"({i})" in text for i in record["code_indices"] if str(i) not in record["icd10_categories"])
@@ -100,7 +101,8 @@ def test_rules_judge_catches_injected_errors(judge, edit, category, finding):
     found = judge.check(facts, wrong)
     listed = found.contradictions if category == "factual_agreement" else found.unsupported
     assert any(finding in item for item in listed), (wrong, found)
-    assert judge.score([facts], [wrong])[0][category] <= 3
+    assert judge.score([facts], [wrong])[0][category] <= 2
+    assert not passes_screening(judge.score([facts], [wrong])[0], 3)  # one wrong fact is enough to screen it out
 
 
 def test_rules_judge_scores_omissions_incoherence_and_length(judge):
@@ -126,6 +128,52 @@ def test_extract_reads_whole_words_and_common_clinical_names():
     blood = extract_facts("Man with disorders of white blood cells and ill-defined and unknown cause of mortality.")
     assert blood.races == set() and blood.deaths == set()  # words inside diagnosis names are not demographics
     assert extract_facts("She has no pneumonia, but pregnancy.").diagnoses[1].negated is False
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "expected"),
+    [
+        ("A 45-year-old with MS.", "sexes", set()),  # multiple sclerosis, not "Ms"
+        ("HE and cirrhosis in a 60-year-old", "sexes", set()),  # hepatic encephalopathy, not "he"
+        ("Mrs. Smith, 70 yo", "sexes", {"F"}),
+        ("He was admitted twice.", "sexes", {"M"}),
+        ("death not recorded", "deaths", {False}),
+        ("not deceased", "deaths", {False}),
+        ("woman whose husband died", "deaths", set()),
+        ("high mortality risk", "deaths", set()),
+        ("assisted living", "deaths", set()),
+        ("white blood cell count high; black tarry stools", "races", set()),
+        ("single-vessel CAD and a single kidney", "marital_statuses", set()),
+        ("died during a hospitalization", "admissions", set()),
+        ("a single admission", "admissions", {1}),
+        ("MI at age 45", "ages", []),
+    ],
+)
+def test_extract_ignores_look_alikes(text, field, expected):
+    assert getattr(extract_facts(text), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "negated"),
+    [
+        ("Man who denies diabetes.", {"diabete": True}),
+        ("No prior history of diabetes or hypertension.", {"diabete": True, "hypertension": True}),
+        ("without a known history of stroke", {"stroke": True}),
+        ("no sepsis but pneumonia", {"sepsis": True, "pneumonia": False}),
+        ("no sepsis, with pneumonia", {"sepsis": True, "pneumonia": False}),
+    ],
+)
+def test_negation_reaches_its_clause(text, negated):
+    assert {m.phrase: m.negated for m in extract_facts(text).diagnoses} == negated
+
+
+def test_raw_race_strings_are_stated_as_their_group():
+    from ehr_diffusers.text.describe import coarse_race_group, race_word
+
+    assert coarse_race_group("WHITE - RUSSIAN") == "WHITE" and coarse_race_group("PORTUGUESE") == "WHITE"
+    assert race_word("ASIAN - ASIAN INDIAN") == "Asian" and race_word("UNKNOWN") is None
+    facts = woman(race="WHITE - EASTERN EUROPEAN")
+    assert "White woman" in template_summary(facts) and "Race: White (white - eastern european)" in fact_text(facts)
 
 
 def test_short_names_and_order():

@@ -183,11 +183,25 @@ class FactDescriber:
         return [self.facts({name: batch[name][i] for name in RECORD_FIELDS}) for i in range(n)]
 
 
-def race_word(race: str | None) -> str | None:
-    """Coarse groups by their usual names; MIMIC-IV's own strings (``race_grouping="raw"``) in title case."""
+def coarse_race_group(race: str | None) -> str | None:
+    """A MIMIC-IV race string, coarse or raw ("WHITE - RUSSIAN"), -> its coarse group (the rules of
+    ``data.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""
     if race is None or race in UNINFORMATIVE_RACE:
         return None
-    return RACE_WORDS.get(race) or race.title()
+    if race == "PORTUGUESE":
+        return "WHITE"
+    if race == "SOUTH AMERICAN":
+        return "HISPANIC/LATINO"
+    for group in RACE_WORDS:
+        if race == group or race.startswith(group.split("/")[0]):
+            return group
+    return None
+
+
+def race_word(race: str | None) -> str | None:
+    """The coarse group's usual name ("White" for "WHITE - RUSSIAN"); None when the record states no race group."""
+    group = coarse_race_group(race)
+    return RACE_WORDS[group] if group else None
 
 
 def _join(names: Sequence[str]) -> str:
@@ -198,14 +212,25 @@ def _admissions(n: int, noun: str = "hospital admission") -> str:
     return f"no {noun}" if n == 0 else f"{n} {noun}{'s' if n != 1 else ''}"
 
 
+def _race_fact(race: str | None) -> str:
+    """Race as the fact text states it: the group's name, with MIMIC-IV's own string when it says more."""
+    if race is None:
+        return "not recorded"
+    word = race_word(race)
+    if word is None:
+        return race.lower()
+    return word if word.upper() == race else f"{word} ({race.lower()})"
+
+
 def fact_text(facts: PatientFacts) -> str:
     """Every fact, in fixed clinical prose; the input the LLM summariser and judge see."""
     marital = MARITAL_WORDS.get(facts.marital_status or "", (facts.marital_status or "").lower()) or "not recorded"
-    race = "not recorded" if facts.race is None else race_word(facts.race) or "unknown"
+    race = _race_fact(facts.race)
     death = "Died (a date of death is recorded)." if facts.death else "No death recorded."
+    sex = SEX_ADJECTIVES[facts.sex].capitalize()
     parts = [
-        f"{SEX_ADJECTIVES[facts.sex].capitalize()} patient aged {facts.age} at the last admission, with "
-        f"{_admissions(facts.num_admissions)}.",
+        f"{sex} patient aged {facts.age} at the last admission, with {_admissions(facts.num_admissions)}."
+        if facts.num_admissions else f"{sex} patient aged {facts.age}, with no hospital admission recorded.",
         death,
         f"Marital status: {marital}. Race: {race}.",
     ]

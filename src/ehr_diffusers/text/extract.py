@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping
 
 from ..data.icd import all_categories
-from .describe import PREFERRED_NAMES, RACE_WORDS, short_name
+from .describe import PREFERRED_NAMES, short_name
 
 # name -> category ranges (inclusive, 3-character ICD-10-CM categories); the ranges follow the chapter and block
 # structure of the ICD-10-CM tabular list.
@@ -64,39 +64,57 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "pregnancy": ("O00-O9A",), "pregnant": ("O00-O9A",), "delivery": ("O60-O77", "O80-O82"),
     "benign prostatic hyperplasia": ("N40",), "bph": ("N40",),
 }
-NEGATIONS = {"no", "not", "without", "denies", "denied", "negative", "absent", "free"}
+NEGATIONS = {"no", "not", "without", "denies", "denied", "negative", "absent", "free", "never"}
+# A negation reaches back to the start of its clause ("no prior history of diabetes or hypertension" negates both)
+# but not past a word that starts a new statement ("no sepsis but pneumonia").
+_NEGATION_STOPS = {"but", "with", "and", "has", "had", "have", "presenting", "presented", "admitted", "diagnosed"}
 # Words that some category titles are made of but that prose uses for other things.
 _NOT_DIAGNOSES = {("death",), ("admission",), ("patient",), ("other",)}
 
 _WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
 _TOKEN = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*|[,;:.()]")
-_FEMALE = re.compile(r"\b(female|woman|women|lady|girl|she|her|hers|mrs|ms)\b")
-_MALE = re.compile(r"\b(male|man|men|gentleman|boy|he|his|him|mr)\b")
+# Sex words, matched in lower case; titles (Mr, Mrs, Ms) and "he" are matched in the original case, so that "MS"
+# (multiple sclerosis) and "HE" (hepatic encephalopathy) are not read as sex.
+_FEMALE = re.compile(r"\b(female|woman|women|lady|girl|she|her|hers)\b")
+_MALE = re.compile(r"\b(male|man|men|gentleman|boy|his|him)\b")
+_FEMALE_CASED = re.compile(r"\b(?:Mrs|Ms)\.?\s+[A-Z]")
+_MALE_CASED = re.compile(r"\b(?:he|He)\b|\bMr\.?\s+[A-Z]")
 _AGES = (
     re.compile(r"\b(\d{1,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b"),
-    re.compile(r"\baged?\s+(\d{1,3})\b"),
+    re.compile(r"\baged\s+(\d{1,3})\b"),  # not "age 45": "MI at age 45" dates an event
     re.compile(r"\b(\d{1,3})\s*(?:yo|y/o|y\.o\.)"),
     re.compile(r"\b(\d{1,3})\s+years?\s+of\s+age\b"),
 )
 _DECADE = re.compile(r"\bin\s+(?:his|her|their)\s+(?:early\s+|mid\s+|late\s+)?(\d)0s\b")
 _SURVIVAL = re.compile(
-    r"\b(?:no|without)\s+(?:recorded\s+|documented\s+|known\s+|in-hospital\s+)?(?:death|mortality)\b"
-    r"|\bdid\s+not\s+die\b|\bsurvived\b|\balive\b|\bliving\b"
+    r"\b(?:no|without)\s+(?:recorded\s+|documented\s+|known\s+|reported\s+|in-hospital\s+)?(?:death|mortality)\b"
+    r"|\b(?:death|mortality)\s+(?:was\s+|is\s+|has\s+been\s+)?(?:not|never)\s+(?:recorded|documented|reported)\b"
+    r"|\b(?:did\s+not|didn't|never)\s+die\b|\bnot\s+(?:deceased|dead)\b|\bsurvived\b|\balive\b"
 )
-_DEATH = re.compile(r"\b(?:died|dies|deceased|expired|passed\s+away|dead|death|mortality)\b")
-_NUMBER_WORDS = {"no": 0, "a": 1, "one": 1, "once": 1, "single": 1, "two": 2, "twice": 2, "three": 3, "four": 4,
+# Deaths that are not the patient's, and death as a risk rather than an event.
+_OTHER_DEATHS = re.compile(
+    r"\b(?:husband|wife|spouse|partner|mother|father|parent|son|daughter|brother|sister|child|children)s?\b"
+    r"[^.;,]{0,20}?\b(?:died|dies|deceased|passed\s+away|dead|death)\b"
+    r"|\b(?:risk|fear|threat)\s+of\s+death\b|\bdeath\s+risk\b"
+)
+_DEATH = re.compile(r"\b(?:died|dies|deceased|expired|passed\s+away|dead|death|in-hospital\s+mortality)\b")
+_NUMBER_WORDS = {"no": 0, "a single": 1, "one": 1, "once": 1, "single": 1, "two": 2, "twice": 2, "three": 3, "four": 4,
                  "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 _ADMISSIONS = re.compile(
-    r"\b(\d+|no|a|one|two|three|four|five|six|seven|eight|nine|ten)\s+(?:single\s+)?(?:prior\s+|previous\s+|hospital\s+)*"
+    r"\b(\d+|no|a\s+single|one|two|three|four|five|six|seven|eight|nine|ten)\s+(?:prior\s+|previous\s+|hospital\s+)*"
     r"(?:admissions?|hospitali[sz]ations?)\b|\badmitted\s+(once|twice|(\d+|two|three|four|five|six|seven|eight|nine|ten)"
     r"\s+times)\b"
 )
-_MARITAL = re.compile(r"\b(married|widowed|widow|widower|divorced|separated|single)\b(?!\s+(?:hospital|admission))")
+_MARITAL = re.compile(
+    r"\b(married|widowed|widow|widower|divorced|separated|single)\b(?![\s-]+(?:hospital|admission|vessel|kidney|"
+    r"episode|dose|lesion|organ|lung|event|agent|ventricle|fracture|stage|session|visit|nodule|site|center|unit))"
+)
 _MARITAL_VALUES = {"married": "MARRIED", "widowed": "WIDOWED", "widow": "WIDOWED", "widower": "WIDOWED",
                    "divorced": "DIVORCED", "separated": "DIVORCED", "single": "SINGLE"}
 _RACE = re.compile(
     r"\b(white|caucasian|black|african[\s-]american|asian|hispanic|latino|latina|american\s+indian|alaska\s+native|"
     r"native\s+hawaiian|pacific\s+islander)\b"
+    r"(?![\s-]+(?:blood|cells?|count|matter|coat|stools?|tarry|lung|out|spots?|patch(?:es)?|plaques?|lesions?))"
 )
 _RACE_VALUES = {"white": "WHITE", "caucasian": "WHITE", "black": "BLACK", "african american": "BLACK",
                 "african-american": "BLACK", "asian": "ASIAN", "hispanic": "HISPANIC/LATINO",
@@ -105,20 +123,12 @@ _RACE_VALUES = {"white": "WHITE", "caucasian": "WHITE", "black": "BLACK", "afric
                 "pacific islander": "NATIVE HAWAIIAN/PACIFIC ISLANDER"}
 
 
-def coarse_race_group(race: str | None) -> str | None:
-    """A MIMIC-IV race string (coarse or raw) -> the coarse group a sentence can state; None when uninformative."""
-    if race is None:
-        return None
-    for group in RACE_WORDS:
-        if race == group or race.startswith(group.split("/")[0]):
-            return group
-    if race.startswith("HISPANIC") or race == "SOUTH AMERICAN":
-        return "HISPANIC/LATINO"
-    return None
-
-
 def _normal(word: str) -> str:
     return word[:-1] if len(word) > 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")) else word
+
+
+_NEGATIONS = frozenset(_normal(word) for word in NEGATIONS)  # "denies" is stored as "denie"
+_STOPS = frozenset(_normal(word) for word in _NEGATION_STOPS)
 
 
 def _words(text: str) -> list[str]:
@@ -139,6 +149,16 @@ def _tokens(text: str) -> tuple[list[str], list[int], list[tuple[int, int]]]:
             clauses.append(clause)
             spans.append(match.span())
     return words, clauses, spans
+
+
+def _negated(words: list[str], clauses: list[int], i: int) -> bool:
+    """Whether a negation earlier in the clause of word ``i`` reaches it (see ``NEGATIONS``)."""
+    for j in range(i - 1, -1, -1):
+        if clauses[j] != clauses[i] or words[j] in _STOPS:
+            return False
+        if words[j] in _NEGATIONS:
+            return True
+    return False
 
 
 def _blank(pattern: re.Pattern, text: str) -> str:
@@ -208,7 +228,7 @@ class DiagnosisLexicon:
             for n in range(min(self.longest, len(words) - i), 0, -1):
                 key = tuple(words[i:i + n])
                 if key in self.phrases:
-                    negated = any(words[j] in NEGATIONS and clauses[j] == clauses[i] for j in range(max(0, i - 3), i))
+                    negated = _negated(words, clauses, i)
                     span = (spans[i][0], spans[i + n - 1][1])
                     mentions.append(Mention(" ".join(key), self.phrases[key], negated, span))
                     i += n
@@ -233,16 +253,21 @@ def extract_facts(text: str, lexicon: DiagnosisLexicon | None = None) -> StatedF
     if _SURVIVAL.search(lower):
         stated.deaths.add(False)
     for match in _ADMISSIONS.finditer(lower):
-        count = match.group(1) or match.group(3) or match.group(2)
+        count = re.sub(r"\s+", " ", match.group(1) or match.group(3) or match.group(2))
         stated.admissions.add(int(count) if count.isdigit() else _NUMBER_WORDS[count])
     stated.diagnoses = lexicon.find(_blank(_ADMISSIONS, _blank(_SURVIVAL, lower)))
-    rest = list(_blank(_SURVIVAL, lower))
+    hidden = [False] * len(lower)
+    for pattern in (_SURVIVAL, _OTHER_DEATHS):
+        for match in pattern.finditer(lower):
+            hidden[match.start():match.end()] = [True] * (match.end() - match.start())
     for mention in stated.diagnoses:
-        rest[mention.span[0]:mention.span[1]] = " " * (mention.span[1] - mention.span[0])
-    rest = "".join(rest)
-    if _FEMALE.search(rest):
+        hidden[mention.span[0]:mention.span[1]] = [True] * (mention.span[1] - mention.span[0])
+    rest = "".join(" " if gone else char for char, gone in zip(lower, hidden))
+    # the original case, for titles and "he"; only when lower-casing kept every offset (it does for ASCII text)
+    cased = "".join(" " if gone else char for char, gone in zip(text, hidden)) if len(text) == len(lower) else ""
+    if _FEMALE.search(rest) or _FEMALE_CASED.search(cased):
         stated.sexes.add("F")
-    if _MALE.search(rest):
+    if _MALE.search(rest) or _MALE_CASED.search(cased):
         stated.sexes.add("M")
     for pattern in _AGES:
         stated.ages.extend((int(m.group(1)), int(m.group(1))) for m in pattern.finditer(rest))

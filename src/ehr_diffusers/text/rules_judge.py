@@ -6,15 +6,15 @@ be read and tested one by one (``RulesJudge.check``):
 ==================  ===========================================================================================
 category            how it is scored
 ==================  ===========================================================================================
-factual_agreement   5 - 2 per contradiction: a stated sex, age (more than a year off), death, admission count,
+factual_agreement   5 - 3 per contradiction: a stated sex, age (more than a year off), death, admission count,
                     marital status or race group that differs from the record; a present diagnosis stated absent
 completeness        1 + 4 x the share of the key facts stated: sex, age, death and the principal diagnoses (the first
                     ``max_diagnoses`` in ``describe.DiagnosisOrder``)
-clinical_coherence  5 - 2 per incoherence: two sexes, ages, outcomes or admission counts in one sentence; pregnancy or
+clinical_coherence  5 - 3 per incoherence: two sexes, ages, outcomes or admission counts in one sentence; pregnancy or
                     female genital diagnoses for a man, prostate or male genital diagnoses for a woman; 1 for no words
 conciseness         5 up to ``max_words`` words in one sentence, one less at 1.5x, 2x and 3x that length and for
                     each extra sentence
-unsupported_claims  5 - 2 per diagnosis named (not negated) that the record does not hold, or a marital status or
+unsupported_claims  5 - 3 per diagnosis named (not negated) that the record does not hold, or a marital status or
                     race stated where the record has none
 ==================  ===========================================================================================
 
@@ -29,8 +29,8 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .describe import DEFAULT_SUMMARY_DIAGNOSES, PatientFacts
-from .extract import DiagnosisLexicon, coarse_race_group, default_lexicon, extract_facts
+from .describe import DEFAULT_SUMMARY_DIAGNOSES, PatientFacts, coarse_race_group
+from .extract import DiagnosisLexicon, default_lexicon, extract_facts
 from .judge import JUDGE_CATEGORIES
 
 # ICD-10-CM ranges that belong to one sex; the sex edits of the CMS Medicare Code Editor list these chapters' codes
@@ -38,6 +38,9 @@ from .judge import JUDGE_CATEGORIES
 FEMALE_ONLY = ("O00-O9A", "N70-N98", "C51-C58")
 MALE_ONLY = ("N40-N53", "C60-C63")
 DEFAULT_MAX_WORDS = 40
+# Points one contradiction, incoherence or unsupported claim costs: one is enough to fall under the default
+# screening threshold of 3, since a summary that gets one fact wrong teaches the model a wrong condition.
+PENALTY = 3
 _SENTENCE_END = re.compile(r"[.!?](?:\s+|$)")
 
 
@@ -139,11 +142,11 @@ class RulesJudge:
         concise = 5 - sum(length > limit for limit in (1.0, 1.5, 2.0, 3.0)) - extra_sentences if found.words else 1
         covered = found.key_facts - len(found.omissions)
         values = {
-            "factual_agreement": 5 - 2 * len(found.contradictions),
+            "factual_agreement": 5 - PENALTY * len(found.contradictions),
             "completeness": 1 + 4 * covered / found.key_facts,
-            "clinical_coherence": 5 - 2 * len(found.incoherences) if found.words else 1,
+            "clinical_coherence": 5 - PENALTY * len(found.incoherences) if found.words else 1,
             "conciseness": concise,
-            "unsupported_claims": 5 - 2 * len(found.unsupported),
+            "unsupported_claims": 5 - PENALTY * len(found.unsupported),
         }
         return {category: _clip(values[category]) for category in JUDGE_CATEGORIES}
 
