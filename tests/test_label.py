@@ -152,3 +152,24 @@ def test_cli_label_and_its_errors(dataset_copy, capsys):
     assert len(err.splitlines()) == 1 and "cannot be found locally" in err
     assert main(["label", "-q", "--dataset", str(dataset_copy), "--summarizer", "./no/such/model"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_cli_checks_the_dataset_and_device_before_loading_models(tmp_path, capsys, monkeypatch):
+    import ehr_diffusers.cli as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("models were loaded before the dataset was checked")
+
+    monkeypatch.setattr(cli, "_label_models", never)
+    assert main(["label", "-q", "--dataset", str(tmp_path / "missing")]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_device_it_cannot_use(dataset_copy, capsys):
+    assert main(["label", "-q", "--dataset", str(dataset_copy), "--device", "nonsense"]) == 2
+    assert "--device nonsense: not a torch device" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["label", "-q", "--dataset", str(dataset_copy), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

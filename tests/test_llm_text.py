@@ -221,6 +221,12 @@ def test_template_summarizer(patients):
         ("40-year-old woman with asthma, no recorded death", "40-year-old woman with asthma, no recorded death"),
         ("  \n ", ""),
         ("Summary:", ""),
+        ("A 67-year-old woman with heart failure\nwho died.", "A 67-year-old woman with heart failure who died."),
+        ("Sure, here is a one-sentence summary.\n\nA 70-year-old man with COPD.", "A 70-year-old man with COPD."),
+        ("Sure! A 70-year-old man with COPD. He died.", "A 70-year-old man with COPD."),
+        ("1. A 67-year-old woman with CHF.\n2. She died.", "A 67-year-old woman with CHF."),
+        ("1.", ""),
+        ("...", ""),
     ],
 )
 def test_clean_summary(answer, summary):

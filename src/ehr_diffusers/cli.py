@@ -141,31 +141,38 @@ def _label_models(args: argparse.Namespace):
     from .text.judge import load_judge
     from .text.summarize import load_summarizer
 
+    import torch
+
+    from .text.generation import default_device
+
+    try:
+        device = torch.device(args.device or default_device())
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device}: not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     options = {"batch_size": args.batch_size, "seed": args.seed}
     generator = None
     if args.summarizer != "template" and args.summarizer == args.judge:
-        generator = CausalLMGenerator(args.summarizer, device=args.device, trust_remote_code=args.trust_remote_code)
+        generator = CausalLMGenerator(args.summarizer, device=device, trust_remote_code=args.trust_remote_code)
 
     def llm(spec: str):
         if generator is not None and spec == args.summarizer:
             return generator
-        return CausalLMGenerator(spec, device=args.device, trust_remote_code=args.trust_remote_code)
+        return CausalLMGenerator(spec, device=device, trust_remote_code=args.trust_remote_code)
 
     summarizer = load_summarizer("template") if args.summarizer == "template" else \
         load_summarizer(llm(args.summarizer), **options)
     judge = load_judge(args.judge) if args.judge in ("rules", "none") else load_judge(llm(args.judge), **options)
-    import torch
-
     embedder = load_embedder(args.embedder, torch_dtype=getattr(torch, args.embedder_dtype),
                              trust_remote_code=args.trust_remote_code)
-    if args.device:
-        embedder.to(args.device)
-    return summarizer, judge, embedder
+    return summarizer, judge, embedder.to(device)
 
 
 def _label(args: argparse.Namespace) -> None:
-    from .text.label import label_dataset
+    from .text.label import check_dataset, label_dataset
 
+    check_dataset(args.dataset)  # before loading models that may take minutes
     summarizer, judge, embedder = _label_models(args)
     result = label_dataset(args.dataset, summarizer, judge, embedder, batch_size=args.batch_size,
                            threshold=args.threshold, show_progress=not args.quiet, embedder_spec=args.embedder)

@@ -98,7 +98,18 @@ def _embedder_record(embedder: SentenceEmbedder, spec: str | None = None) -> dic
             "pooling": config.pooling, "prompt": config.prompt, "max_length": config.max_length}
 
 
-def _check_columns(dataset: Any, folder: Path) -> None:
+def check_dataset(dataset_dir: str | Path) -> Any:
+    """Loads the prepared dataset to label, or fails naming what is wrong; cheap, so callers run it before loading
+    models that take minutes."""
+    from datasets import load_from_disk
+
+    folder = Path(dataset_dir)
+    if not (folder / "dataset_dict.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a prepared dataset (no dataset_dict.json); run `ehr-diffusers prepare`")
+    if not (folder / MARKER_NAME).is_file():
+        raise ValueError(f"{folder}: labelling rewrites the folder in place, which is only done for folders written by "
+                         "`ehr-diffusers prepare`; prepare the dataset again or copy it into one")
+    dataset = load_from_disk(str(folder))
     for split, table in dataset.items():
         missing = [name for name in RECORD_FIELDS if name not in table.column_names]
         if missing:
@@ -106,6 +117,7 @@ def _check_columns(dataset: Any, folder: Path) -> None:
                 f"{folder}: split {split!r} lacks column(s) {missing}; labelling needs {list(RECORD_FIELDS)} "
                 "(a dataset written by `ehr-diffusers prepare`)"
             )
+    return dataset
 
 
 def _chunk_table(
@@ -133,7 +145,20 @@ def _chunk_table(
     return table.replace_schema_metadata({"summary_fallbacks": str(fallbacks)})
 
 
+def _with_labels(table: Any, labels: pa.Table, features: Any) -> Any:
+    """The split with the label columns appended (replacing earlier ones), as one Arrow table."""
+    from datasets import Dataset, Features
+
+    base = table.remove_columns([name for name in LABEL_COLUMNS if name in table.column_names]).flatten_indices()
+    merged = base.data.table
+    labels = labels.cast(features.arrow_schema)
+    for name in LABEL_COLUMNS:
+        merged = merged.append_column(name, labels.column(name))
+    return Dataset(merged).cast(Features({**base.features, **features}))
+
+
 def _cache_key(summarizer: Summarizer, judge: Judge | None, embedder: SentenceEmbedder, order: DiagnosisOrder) -> str:
+    """Everything that changes the labels; LABELS_VERSION is raised whenever the code that writes them changes."""
     identity = {
         "version": LABELS_VERSION,
         "summarizer": summarizer.describe(),
@@ -145,8 +170,12 @@ def _cache_key(summarizer: Summarizer, judge: Judge | None, embedder: SentenceEm
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
+    """Writes a cache chunk so that it exists whole or not at all, also after a power cut (fsync before rename)."""
     partial = path.with_suffix(".partial")
-    pq.write_table(table, partial)
+    with open(partial, "wb") as handle:
+        pq.write_table(table, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(partial, path)
 
 
@@ -172,8 +201,8 @@ def _card_section(metadata: dict) -> str:
         "- `facts_text`: every fact of the record in fixed prose (`ehr_diffusers.text.describe.fact_text`).",
         f"- `summary`: one sentence by `{metadata['summarizer']['name']}`.",
         f"- `judge_scores`: 1-5 on {', '.join(JUDGE_CATEGORIES)} by "
-        + (f"`{judge['name']}`" if judge else "no judge (all null)")
-        + f"; rows with any score under {metadata['screening_threshold']} are screened out in training.",
+        + (f"`{judge['name']}`; rows with any score under {metadata['screening_threshold']} are screened out in "
+           "training." if judge else "no judge: all null, so screening keeps rows only with `keep_unscored=True`."),
         f"- `embedding`: {metadata['embedder']['dim']}-d L2-normalised embedding of `summary` by "
         f"`{metadata['embedder']['source']}`.",
         "",
@@ -209,18 +238,12 @@ def label_dataset(
 
     ``embedder_spec`` (e.g. "minilm", a Hub id or a folder) is recorded so that training loads the same embedder.
     """
-    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
-    folder = Path(dataset_dir)
-    if not (folder / "dataset_dict.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a prepared dataset (no dataset_dict.json); run `ehr-diffusers prepare`")
-    if not (folder / MARKER_NAME).is_file():
-        raise ValueError(f"{folder}: labelling rewrites the folder in place, which is only done for folders written by "
-                         "`ehr-diffusers prepare`; prepare the dataset again or copy it into one")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"--batch-size and the chunk size must be positive, got {batch_size} and {chunk_size}")
-    dataset = load_from_disk(str(folder))
-    _check_columns(dataset, folder)
+    folder = Path(dataset_dir)
+    dataset = check_dataset(folder)
     titles = {}
     if (folder / SCHEMA_NAME).is_file():
         group = EHRSchema.load(folder)["icd10_categories"]
@@ -249,9 +272,7 @@ def label_dataset(
         labels = pa.concat_tables([chunk.replace_schema_metadata(None) for chunk in chunks]) if chunks else \
             _label_features(dim).arrow_schema.empty_table()
         figures[split] = _split_figures(labels, fallbacks, threshold)
-        base = table.remove_columns([name for name in LABEL_COLUMNS if name in table.column_names])
-        labels_dataset = Dataset(labels.cast(_label_features(dim).arrow_schema)).cast(_label_features(dim))
-        labelled[split] = concatenate_datasets([base, labels_dataset], axis=1)
+        labelled[split] = _with_labels(table, labels, _label_features(dim))
 
     metadata = {
         "labels_version": LABELS_VERSION,
@@ -268,6 +289,10 @@ def label_dataset(
     }
     with atomic_directory(folder, overwrite=True) as staging:
         DatasetDict(labelled).save_to_disk(str(staging))
+        written = load_from_disk(str(staging))  # check what will replace the dataset before it does
+        for split, table in labelled.items():
+            if len(written[split]) != len(table) or not set(LABEL_COLUMNS) <= set(written[split].column_names):
+                raise RuntimeError(f"{folder}: split {split!r} was not written completely; the dataset is unchanged")
         dataset_files = {"dataset_dict.json", CACHE_NAME, MARKER_NAME, LABELS_NAME, *dataset.keys()}
         for item in folder.iterdir():
             if item.name not in dataset_files and not item.name.startswith("."):

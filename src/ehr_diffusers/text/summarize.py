@@ -60,16 +60,27 @@ def first_sentence(text: str) -> str:
     return text
 
 
+_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here\s+is|here's)\b.*[:.!]$", re.IGNORECASE)
+_LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
+
+
 def clean_summary(text: str) -> str:
-    """An LLM answer -> the summary sentence: drops a preamble line ("Here is a summary:"), a leading label
-    ("Summary:"), quotes and markdown emphasis, keeps the first sentence and collapses whitespace."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    while len(lines) > 1 and lines[0].endswith(":"):
-        lines.pop(0)
-    sentence = (lines[0] if lines else "").strip(_WRAPPERS)
-    sentence = _LABEL.sub("", sentence, count=1).strip(_WRAPPERS)
-    sentence = first_sentence(sentence)
-    return " ".join(sentence.split()).strip(_WRAPPERS)
+    """An LLM answer -> the summary sentence: drops a preamble ("Sure, here is a summary:"), a leading label
+    ("Summary:") or list marker, quotes and markdown emphasis; joins a sentence wrapped over lines; keeps the first
+    sentence and collapses whitespace. An answer without a letter gives "" (and so the template fallback)."""
+    paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
+                  for block in re.split(r"\n\s*\n", text.strip())]
+    paragraphs = [paragraph for paragraph in paragraphs if paragraph]
+    while len(paragraphs) > 1 and (paragraphs[0].endswith(":") or _PREAMBLE.match(paragraphs[0])):
+        paragraphs.pop(0)
+    body = _LIST_MARKER.sub("", paragraphs[0] if paragraphs else "").strip(_WRAPPERS)
+    body = _LABEL.sub("", body, count=1).strip(_WRAPPERS)
+    sentence = first_sentence(body)
+    rest = body[len(sentence):].strip()
+    if rest and _PREAMBLE.match(sentence.strip()):  # "Sure! A 70-year-old man ..."
+        sentence = first_sentence(_LIST_MARKER.sub("", rest).strip(_WRAPPERS))
+    sentence = " ".join(sentence.split()).strip(_WRAPPERS)
+    return sentence if re.search(r"[A-Za-z]", sentence) else ""
 
 
 class TemplateSummarizer:
