@@ -173,6 +173,10 @@ def _label(args: argparse.Namespace) -> None:
     from .text.label import check_dataset, label_dataset
 
     check_dataset(args.dataset)  # before loading models that may take minutes
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     summarizer, judge, embedder = _label_models(args)
     result = label_dataset(args.dataset, summarizer, judge, embedder, batch_size=args.batch_size,
                            threshold=args.threshold, show_progress=not args.quiet, embedder_spec=args.embedder)
