@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 
+import polars as pl
+
+from ..data.cohort import coarse_race
 from ..data.icd import category_title
 from ..data.schema import MISSING
 
@@ -31,8 +35,6 @@ RACE_WORDS = {
     "AMERICAN INDIAN/ALASKA NATIVE": "American Indian/Alaska Native",
     "NATIVE HAWAIIAN/PACIFIC ISLANDER": "Native Hawaiian/Pacific Islander",
 }
-# Race values that say nothing about the patient; they are stated as unknown in the fact text, left out of summaries.
-UNINFORMATIVE_RACE = {MISSING, "OTHER", "UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER"}
 # The names clinicians use for common categories (the most prevalent in MIMIC), in place of the official titles:
 # "hypertension", not "Essential (primary) hypertension". Summaries are shorter and read like the prompts users type.
 # A category is listed only where its name fits the codes it mostly holds; the others keep ``short_name`` of the title.
@@ -183,19 +185,14 @@ class FactDescriber:
         return [self.facts({name: batch[name][i] for name in RECORD_FIELDS}) for i in range(n)]
 
 
+@lru_cache(maxsize=None)
 def coarse_race_group(race: str | None) -> str | None:
-    """A MIMIC-IV race string, coarse or raw ("WHITE - RUSSIAN"), -> its coarse group (the rules of
-    ``data.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""
-    if race is None or race in UNINFORMATIVE_RACE:
+    """A MIMIC-IV race string, coarse or raw ("WHITE - RUSSIAN"), -> its coarse group by the cohort's own rules
+    (``data.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""
+    if race is None or race == MISSING:
         return None
-    if race == "PORTUGUESE":
-        return "WHITE"
-    if race == "SOUTH AMERICAN":
-        return "HISPANIC/LATINO"
-    for group in RACE_WORDS:
-        if race == group or race.startswith(group.split("/")[0]):
-            return group
-    return None
+    group = pl.select(coarse_race(pl.lit(race, dtype=pl.String))).item()
+    return None if group in ("OTHER", "UNKNOWN") else group
 
 
 def race_word(race: str | None) -> str | None:

@@ -71,7 +71,6 @@ _NEGATION_STOPS = {"but", "with", "and", "has", "had", "have", "presenting", "pr
 # Words that some category titles are made of but that prose uses for other things.
 _NOT_DIAGNOSES = {("death",), ("admission",), ("patient",), ("other",)}
 
-_WORD = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*")
 _TOKEN = re.compile(r"[a-z0-9]+(?:['/-][a-z0-9]+)*|[,;:.()]")
 # Sex words, matched in lower case; titles (Mr, Mrs, Ms) and "he" are matched in the original case, so that "MS"
 # (multiple sclerosis) and "HE" (hepatic encephalopathy) are not read as sex.
@@ -132,13 +131,13 @@ _STOPS = frozenset(_normal(word) for word in _NEGATION_STOPS)
 
 
 def _words(text: str) -> list[str]:
-    """Lower-cased word tokens with a plural "s" dropped, the normal form phrases are stored and looked up in."""
-    return [_normal(word) for word in _WORD.findall(text.lower())]
+    """The word tokens of ``_tokens``: the normal form phrases are stored and looked up in."""
+    return _tokens(text)[0]
 
 
 def _tokens(text: str) -> tuple[list[str], list[int], list[tuple[int, int]]]:
-    """Word tokens as ``_words``; for each, the number of its clause (split at , ; : . and brackets), which bounds
-    the reach of a negation, and its character span."""
+    """Lower-cased word tokens with a plural "s" dropped (``_normal``); for each, the number of its clause (split at
+    , ; : . and brackets), which bounds the reach of a negation, and its character span."""
     words, clauses, spans = [], [], []
     clause = 0
     for match in _TOKEN.finditer(text.lower()):
