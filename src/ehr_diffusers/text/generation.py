@@ -13,15 +13,17 @@ model in the tests run the same code. Choices, and why:
   is used as is, whatever its ``padding_side``; a tokenizer without a pad token pads with its end-of-sequence token
   (the attention mask hides it either way).
 - Only the new tokens are decoded, without special tokens, so an answer never repeats its prompt.
-- Every batch is seeded with ``seed + batch index``: a sampled answer depends only on the seed and the rows of its
-  batch, not on what ran before it, so a labelling run that resumes half-way gives the rows it had not done the same
-  answers a run from the start would have.
+- Every batch is seeded from ``seed`` and the text of its prompts (``batch_seed``): a sampled answer depends only on
+  the seed and the rows of its batch, not on what ran before it or on where a labelling chunk starts, so a run that
+  resumes half-way gives the rows it had not done the same answers a run from the start would have, and no two
+  batches of different patients share a random stream.
 - Generation settings that are not given (end-of-sequence ids, repetition penalty) come from the model's own
   ``generation_config``, as its authors set them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Sequence
 
@@ -33,6 +35,12 @@ from ..hub import explain_missing_model
 logger = logging.getLogger(__name__)
 
 Prompt = tuple[str, str]
+
+
+def batch_seed(seed: int, prompts: Sequence[Prompt]) -> int:
+    """The seed of one batch: ``seed`` mixed with a hash of the batch's prompts (see the module docstring)."""
+    digest = hashlib.sha256(repr((seed, list(prompts))).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def default_device() -> str:
@@ -147,9 +155,9 @@ class CausalLMGenerator:
             settings["temperature"] = temperature
         answers: list[str] = []
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not show_progress)
-        for index, start in enumerate(range(0, len(prompts), batch_size)):
+        for start in range(0, len(prompts), batch_size):
             batch = self.encode(prompts[start : start + batch_size])
-            set_seed(seed + index)
+            set_seed(batch_seed(seed, prompts[start : start + batch_size]))
             output = self.model.generate(**batch, pad_token_id=self.pad_token_id, **settings)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
