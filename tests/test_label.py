@@ -12,7 +12,7 @@ from ehr_diffusers.cli import main
 from ehr_diffusers.io_utils import MARKER_NAME
 from ehr_diffusers.text.describe import DiagnosisOrder, FactDescriber, fact_text
 from ehr_diffusers.text.judge import JUDGE_CATEGORIES, screen
-from ehr_diffusers.text.label import CACHE_NAME, LABEL_COLUMNS, LABELS_NAME, label_dataset
+from ehr_diffusers.text.label import CACHE_NAME, LABEL_COLUMNS, LABELS_NAME, label_dataset, load_label_metadata
 from ehr_diffusers.text.rules_judge import RulesJudge
 from ehr_diffusers.text.summarize import TemplateSummarizer
 
@@ -73,8 +73,8 @@ def test_label_adds_the_columns_to_every_split_with_metadata(dataset_copy, embed
     describer = FactDescriber(DiagnosisOrder.from_code_lists(train["icd10_categories"]))
     assert train[7]["facts_text"] == fact_text(describer.facts(train[7]))
     assert embedder.encode([train[7]["summary"]])[0].numpy() == pytest.approx(np.asarray(train[7]["embedding"]), abs=1e-5)
-    metadata = json.loads((dataset_copy / LABELS_NAME).read_text())
-    assert metadata == result.metadata
+    metadata = load_label_metadata(dataset_copy)
+    assert metadata == result.metadata == json.loads((dataset_copy / LABELS_NAME).read_text())
     assert "all-MiniLM-L6-v2" in metadata["embedder"]["source"] and metadata["embedder"]["dtype"] == "float32"
     assert metadata["embedding_dim"] == 384
     assert metadata["splits"]["train"]["rows"] == len(train)
@@ -135,6 +135,8 @@ def test_bad_datasets_are_named(dataset_copy, tmp_path, embedder):
 
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         label_dataset(tmp_path, TemplateSummarizer(), None, embedder, show_progress=False)
+    with pytest.raises(FileNotFoundError, match="label the dataset first"):
+        load_label_metadata(tmp_path)
     broken = tmp_path / "broken"
     load_from_disk(str(dataset_copy)).remove_columns(["sex", "race"]).save_to_disk(str(broken))
     (broken / MARKER_NAME).write_text("")

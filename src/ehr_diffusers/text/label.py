@@ -269,8 +269,7 @@ def label_dataset(
             bar.update(end - start)
         bar.close()
         fallbacks = sum(int((chunk.schema.metadata or {}).get(b"summary_fallbacks", b"0")) for chunk in chunks)
-        labels = pa.concat_tables([chunk.replace_schema_metadata(None) for chunk in chunks]) if chunks else \
-            _label_features(dim).arrow_schema.empty_table()
+        labels = pa.concat_tables([chunk.replace_schema_metadata(None) for chunk in chunks])
         figures[split] = _split_figures(labels, fallbacks, threshold)
         labelled[split] = _with_labels(table, labels, _label_features(dim))
 
