@@ -1,0 +1,186 @@
+"""The EHR denoiser: a transformer over latent tokens whose every block is conditioned on the noise level and the text.
+
+The seed system's denoiser attended over one token (so its attention did nothing) and saw the noise level only at the
+input. Here:
+
+* the latent (e.g. 1024 values) is cut into ``num_tokens`` tokens, so self-attention relates parts of the latent;
+* the noise level enters as a Fourier embedding of logSNR (the scheduler's lambda), and together with the pooled
+  condition (and optional structured conditions: sex, age, ...) it modulates every block (adaLN-Zero, Peebles & Xie
+  2023: shift, scale and a gate per sub-layer, initialised so that each block starts as the identity);
+* a condition given as a token sequence (batch, tokens, dim) is also read by cross-attention in every block;
+* the "no condition" input used for classifier-free guidance is a learned embedding (``null_condition``) that the
+  training dropout substitutes, so the pipeline's unconditional pass uses exactly what the model learned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class EHRDenoiserOutput(BaseOutput):
+    """``sample``: the model's prediction (epsilon, v or x, as the scheduler was trained), shaped like the latent."""
+
+    sample: torch.Tensor
+
+
+def fourier_logsnr_embedding(logsnr: torch.Tensor, dim: int, logsnr_scale: float = 20.0) -> torch.Tensor:
+    """sin/cos features of logSNR / logsnr_scale at ``dim / 2`` log-spaced frequencies from 1 to 1000."""
+    half = dim // 2
+    frequencies = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=logsnr.device))
+    angles = (logsnr.float() / logsnr_scale)[:, None] * frequencies[None, :] * math.pi
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class _Block(nn.Module):
+    """Self-attention, optional cross-attention and an MLP, each modulated by the conditioning vector."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, cross_attention_dim: int | None,
+                 dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attention = None
+        if cross_attention_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_dim, eps=1e-6)
+            self.cross_attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True,
+                                                         kdim=cross_attention_dim, vdim=cross_attention_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        inner = int(hidden_dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, inner), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(inner, hidden_dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
+        nn.init.zeros_(self.modulation[1].weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor, context: torch.Tensor | None,
+                context_mask: torch.Tensor | None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(conditioning).chunk(6, dim=1)
+        h = _modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1[:, None, :] * self.attention(h, h, h, need_weights=False)[0]
+        if self.cross_attention is not None and context is not None:
+            padding = None if context_mask is None else ~context_mask.bool()
+            x = x + self.cross_attention(self.norm_cross(x), context, context, key_padding_mask=padding,
+                                         need_weights=False)[0]
+        return x + gate2[:, None, :] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+
+
+class EHRDenoiserModel(ModelMixin, ConfigMixin):
+    """Transformer denoiser over latent tokens with adaLN conditioning and cross-attention (see the module docstring).
+
+    Args:
+        latent_dim: size of the latent (a multiple of ``num_tokens``).
+        num_tokens: tokens the latent is cut into.
+        hidden_dim: transformer width.
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP width / hidden_dim.
+        condition_dim: size of the condition embedding (the text embedder's dimension).
+        structured_dim: size of optional structured conditions (0: none).
+        fourier_dim: Fourier features of logSNR.
+        logsnr_scale: logSNR is divided by this before the Fourier features (the schedule's largest |lambda|).
+        dropout: dropout in attention and MLPs.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_dim: int = 1024,
+        num_tokens: int = 16,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        condition_dim: int = 384,
+        structured_dim: int = 0,
+        fourier_dim: int = 256,
+        logsnr_scale: float = 20.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if latent_dim % num_tokens:
+            raise ValueError(f"latent_dim ({latent_dim}) must be a multiple of num_tokens ({num_tokens})")
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be a multiple of num_heads ({num_heads})")
+        token_dim = latent_dim // num_tokens
+        self.input_projection = nn.Linear(token_dim, hidden_dim)
+        self.position_embedding = nn.Parameter(torch.randn(1, num_tokens, hidden_dim) * 0.02)
+        self.time_embedding = nn.Sequential(nn.Linear(fourier_dim, hidden_dim), nn.SiLU(),
+                                            nn.Linear(hidden_dim, hidden_dim))
+        self.condition_embedding = nn.Sequential(nn.Linear(condition_dim, hidden_dim), nn.SiLU(),
+                                                 nn.Linear(hidden_dim, hidden_dim))
+        self.structured_embedding = nn.Linear(structured_dim, hidden_dim) if structured_dim else None
+        self.null_condition = nn.Parameter(torch.zeros(condition_dim))
+        self.blocks = nn.ModuleList(
+            [_Block(hidden_dim, num_heads, mlp_ratio, condition_dim, dropout) for _ in range(num_layers)]
+        )
+        self.final_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
+        self.output_projection = nn.Linear(hidden_dim, token_dim)
+        for layer in (self.final_modulation[1], self.output_projection):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def seed_reference_config(cls) -> dict[str, Any]:
+        """The width, depth and heads of the seed system's denoiser (hidden 4096, 8 layers, 8 heads; about 1.96B
+        parameters there), for comparisons only. With adaLN and cross-attention in every block it has 2.8B here."""
+        return {"latent_dim": 1024, "num_tokens": 1, "hidden_dim": 4096, "num_layers": 8, "num_heads": 8,
+                "mlp_ratio": 4.0, "condition_dim": 768}
+
+    def null_condition_embeds(self, batch_size: int, num_tokens: int | None = None) -> torch.Tensor:
+        """The learned "no condition" input, as a pooled (batch, dim) or token (batch, tokens, dim) condition."""
+        null = self.null_condition.expand(batch_size, -1)
+        return null if num_tokens is None else null[:, None, :].expand(-1, num_tokens, -1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        logsnr: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        structured_conditions: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> EHRDenoiserOutput | tuple:
+        """``sample`` (batch, latent_dim) at noise level ``logsnr`` (batch,) or (); ``encoder_hidden_states`` is a
+        pooled condition (batch, condition_dim) or a token sequence (batch, tokens, condition_dim)."""
+        batch = sample.shape[0]
+        if sample.ndim != 2 or sample.shape[1] != self.config.latent_dim:
+            raise ValueError(f"sample must be (batch, {self.config.latent_dim}), got {tuple(sample.shape)}")
+        if encoder_hidden_states.shape[-1] != self.config.condition_dim:
+            raise ValueError(f"encoder_hidden_states has dimension {encoder_hidden_states.shape[-1]}, the model "
+                             f"expects condition_dim {self.config.condition_dim}")
+        logsnr = torch.as_tensor(logsnr, device=sample.device).reshape(-1).expand(batch)
+        context = encoder_hidden_states if encoder_hidden_states.ndim == 3 else encoder_hidden_states[:, None, :]
+        context = context.to(sample.dtype)
+        if encoder_attention_mask is None:
+            pooled = context.mean(dim=1)
+        else:
+            weights = encoder_attention_mask.to(sample.dtype)[:, :, None]
+            pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        conditioning = self.time_embedding(
+            fourier_logsnr_embedding(logsnr, self.config.fourier_dim, self.config.logsnr_scale).to(sample.dtype)
+        ) + self.condition_embedding(pooled)
+        if self.structured_embedding is not None and structured_conditions is not None:
+            conditioning = conditioning + self.structured_embedding(structured_conditions.to(sample.dtype))
+        tokens = sample.reshape(batch, self.config.num_tokens, -1)
+        x = self.input_projection(tokens) + self.position_embedding
+        for block in self.blocks:
+            x = block(x, conditioning, context, encoder_attention_mask)
+        shift, scale = self.final_modulation(conditioning).chunk(2, dim=1)
+        out = self.output_projection(_modulate(self.final_norm(x), shift, scale)).reshape(batch, -1)
+        if not return_dict:
+            return (out,)
+        return EHRDenoiserOutput(sample=out)
