@@ -160,14 +160,22 @@ def _negated(words: list[str], clauses: list[int], i: int) -> bool:
     return False
 
 
-def _blank(pattern: re.Pattern, text: str) -> str:
-    """``text`` with the matches of ``pattern`` replaced by spaces, so that character offsets stay valid."""
-    return pattern.sub(lambda match: " " * len(match.group()), text)
+def _matches(pattern: re.Pattern, text: str) -> list[tuple[int, int]]:
+    return [match.span() for match in pattern.finditer(text)]
 
 
-def _in_range(code: str, span: str) -> bool:
+def _blank(text: str, spans: Iterable[tuple[int, int]]) -> str:
+    """``text`` with the character ``spans`` replaced by spaces, so that character offsets stay valid."""
+    chars = list(text)
+    for start, end in spans:
+        chars[start:end] = " " * (end - start)
+    return "".join(chars)
+
+
+def _bounds(span: str) -> tuple[str, str]:
+    """"I10-I16" -> ("I10", "I16"); "N18" -> ("N18", "N18")."""
     low, _, high = span.partition("-")
-    return low <= code <= (high or low) if len(code) == 3 else False
+    return low, high or low
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,13 @@ class Mention:
     span: tuple[int, int] = (0, 0)
 
     def covers(self, code: str) -> bool:
-        return any(_in_range(code, span) for span in self.ranges)
+        return len(code) == 3 and any(low <= code <= high for low, high in map(_bounds, self.ranges))
+
+    def overlaps(self, ranges: Iterable[str]) -> bool:
+        """Whether any category this mention covers lies in one of ``ranges``."""
+        others = [_bounds(span) for span in ranges]
+        return any(low <= other_high and other_low <= high
+                   for low, high in map(_bounds, self.ranges) for other_low, other_high in others)
 
     def supported_by(self, codes: Iterable[str]) -> bool:
         return any(self.covers(code) for code in codes)
@@ -254,16 +268,12 @@ def extract_facts(text: str, lexicon: DiagnosisLexicon | None = None) -> StatedF
     for match in _ADMISSIONS.finditer(lower):
         count = re.sub(r"\s+", " ", match.group(1) or match.group(3) or match.group(2))
         stated.admissions.add(int(count) if count.isdigit() else _NUMBER_WORDS[count])
-    stated.diagnoses = lexicon.find(_blank(_ADMISSIONS, _blank(_SURVIVAL, lower)))
-    hidden = [False] * len(lower)
-    for pattern in (_SURVIVAL, _OTHER_DEATHS):
-        for match in pattern.finditer(lower):
-            hidden[match.start():match.end()] = [True] * (match.end() - match.start())
-    for mention in stated.diagnoses:
-        hidden[mention.span[0]:mention.span[1]] = [True] * (mention.span[1] - mention.span[0])
-    rest = "".join(" " if gone else char for char, gone in zip(lower, hidden))
+    without_survival = _blank(lower, _matches(_SURVIVAL, lower))
+    stated.diagnoses = lexicon.find(_blank(without_survival, _matches(_ADMISSIONS, without_survival)))
+    hidden = _matches(_SURVIVAL, lower) + _matches(_OTHER_DEATHS, lower) + [m.span for m in stated.diagnoses]
+    rest = _blank(lower, hidden)
     # the original case, for titles and "he"; only when lower-casing kept every offset (it does for ASCII text)
-    cased = "".join(" " if gone else char for char, gone in zip(text, hidden)) if len(text) == len(lower) else ""
+    cased = _blank(text, hidden) if len(text) == len(lower) else ""
     if _FEMALE.search(rest) or _FEMALE_CASED.search(cased):
         stated.sexes.add("F")
     if _MALE.search(rest) or _MALE_CASED.search(cased):

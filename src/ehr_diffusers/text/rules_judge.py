@@ -132,7 +132,7 @@ class RulesJudge:
         sex = next(iter(stated.sexes)) if len(stated.sexes) == 1 else facts.sex
         wrong_for_sex = MALE_ONLY if sex == "F" else FEMALE_ONLY
         for mention in named:
-            if any(_overlaps(span, wrong_for_sex) for span in mention.ranges):
+            if mention.overlaps(wrong_for_sex):
                 found.incoherences.append(f"{mention.phrase} in a {'woman' if sex == 'F' else 'man'}")
         return found
 
@@ -158,14 +158,4 @@ class RulesJudge:
             raise ValueError(f"got {len(facts)} records but {len(summaries)} summaries")
         pairs = tqdm(zip(facts, summaries), total=len(facts), desc="rules judge", disable=not show_progress)
         return [self.scores(self.check(patient, summary)) for patient, summary in pairs]
-
-
-def _overlaps(span: str, ranges: Sequence[str]) -> bool:
-    low, _, high = span.partition("-")
-    high = high or low
-    for other in ranges:
-        other_low, _, other_high = other.partition("-")
-        if low <= (other_high or other_low) and other_low <= high:
-            return True
-    return False
 
