@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     judge.score(facts, summaries)
     timings.append(("rules judge", time.perf_counter() - start))
-    tokens = sum(len(ids) for ids in load_embedder("minilm").tokenizer(summaries)["input_ids"]) / n
-    for dtype in args.embedder_dtypes:
-        embedder = load_embedder("minilm", torch_dtype=getattr(torch, dtype))
+    embedders = {dtype: load_embedder("minilm", torch_dtype=getattr(torch, dtype)) for dtype in args.embedder_dtypes}
+    tokens = sum(len(ids) for ids in next(iter(embedders.values())).tokenizer(summaries)["input_ids"]) / n
+    for dtype, embedder in embedders.items():
         embedder.encode(summaries[:8])
         for batch_size in args.batch_sizes:
             start = time.perf_counter()
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     del texts
 
     end_to_end = []
-    for dtype in args.embedder_dtypes:
-        embedder = load_embedder("minilm", torch_dtype=getattr(torch, dtype))
+    for dtype, embedder in embedders.items():
         start = time.perf_counter()
         label_dataset(work / "dataset", TemplateSummarizer(), RulesJudge(), embedder, batch_size=args.batch_sizes[0],
                       show_progress=False)

@@ -152,14 +152,12 @@ def _label_models(args: argparse.Namespace):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     options = {"batch_size": args.batch_size, "seed": args.seed}
-    generator = None
-    if args.summarizer != "template" and args.summarizer == args.judge:
-        generator = CausalLMGenerator(args.summarizer, device=device, trust_remote_code=args.trust_remote_code)
+    generators: dict[str, CausalLMGenerator] = {}
 
-    def llm(spec: str):
-        if generator is not None and spec == args.summarizer:
-            return generator
-        return CausalLMGenerator(spec, device=device, trust_remote_code=args.trust_remote_code)
+    def llm(spec: str) -> CausalLMGenerator:
+        if spec not in generators:
+            generators[spec] = CausalLMGenerator(spec, device=device, trust_remote_code=args.trust_remote_code)
+        return generators[spec]
 
     summarizer = load_summarizer("template") if args.summarizer == "template" else \
         load_summarizer(llm(args.summarizer), **options)

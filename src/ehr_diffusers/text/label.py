@@ -262,10 +262,12 @@ def label_dataset(
         for index, start in enumerate(range(0, len(table), chunk_size)):
             end = min(start + chunk_size, len(table))
             path = cache / split / f"chunk-{index:06d}-{start}-{end}.parquet"
-            if not path.is_file():
-                rows = table[start:end]
-                _write_atomically(_chunk_table(rows, describer, summarizer, judge, embedder, batch_size, dim), path)
-            chunks.append(pq.read_table(path))
+            if path.is_file():
+                chunk = pq.read_table(path)
+            else:
+                chunk = _chunk_table(table[start:end], describer, summarizer, judge, embedder, batch_size, dim)
+                _write_atomically(chunk, path)
+            chunks.append(chunk)
             bar.update(end - start)
         bar.close()
         fallbacks = sum(int((chunk.schema.metadata or {}).get(b"summary_fallbacks", b"0")) for chunk in chunks)
