@@ -47,6 +47,23 @@ def _mlp(sizes: Sequence[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _uniform(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Uniform draws shaped like ``like``; with a list of generators, row i comes from generator i."""
+    if isinstance(generator, list):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {like.shape[0]} rows")
+        return torch.stack([torch.rand(like.shape[1:], generator=g, device=g.device) for g in generator]).to(like)
+    device = generator.device if generator is not None else like.device
+    return torch.rand(like.shape, generator=generator, device=device).to(like)
+
+
+def _categorical(probabilities: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One category per row, drawn by inverting the cumulative probabilities at a uniform draw."""
+    cumulative = probabilities.cumsum(dim=1)
+    draw = _uniform(probabilities[:, :1], generator) * cumulative[:, -1:]
+    return (cumulative < draw).sum(dim=1).clamp(max=probabilities.shape[1] - 1)
+
+
 class EHRAutoencoderModel(ModelMixin, ConfigMixin):
     """MLP autoencoder over an ``EHRSchema`` vector.
 
@@ -175,11 +192,15 @@ class EHRAutoencoderModel(ModelMixin, ConfigMixin):
         return out
 
     def to_vectors(
-        self, logits: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self,
+        logits: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Logits -> schema vectors: binary fields and codes by the calibrated thresholds (or Bernoulli draws with
         ``sample``), one-hot groups by their most likely category (or a categorical draw), scaled values clipped to
-        [0, 1]. ``EHRSchema.decode`` turns the result into records."""
+        [0, 1]. ``EHRSchema.decode`` turns the result into records. With one generator per row, row i's draws depend
+        only on generator i."""
         probabilities = self.probabilities(logits.float())
         vectors = torch.zeros_like(probabilities)
         for group in self.config.groups:
@@ -187,12 +208,11 @@ class EHRAutoencoderModel(ModelMixin, ConfigMixin):
             block = probabilities[:, where]
             if group["kind"] in ("binary", "multi_hot"):
                 if sample:
-                    uniform = torch.rand(block.shape, generator=generator, device=block.device)
-                    vectors[:, where] = (uniform < block).float()
+                    vectors[:, where] = (_uniform(block, generator) < block).float()
                 else:
                     vectors[:, where] = (block >= self.thresholds[where]).float()
             elif group["kind"] == "one_hot":
-                chosen = torch.multinomial(block, 1, generator=generator).squeeze(1) if sample else block.argmax(dim=1)
+                chosen = _categorical(block, generator) if sample else block.argmax(dim=1)
                 vectors[:, where] = F.one_hot(chosen, block.shape[1]).float()
             else:
                 vectors[:, where] = block.clamp(0.0, 1.0)
