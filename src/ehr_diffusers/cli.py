@@ -101,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the Hub (off by default; only for models you have read)")
 
+    generate = commands.add_parser("generate", parents=[common],
+                                   help="synthetic patient records from a trained pipeline, as csv, parquet or MIMIC-IV tables")
+    generate.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-ehr")
+    generate.add_argument("--prompt", action="append", default=None,
+                          help="text describing the patients (repeat for several prompts); none: unconditional")
+    generate.add_argument("--prompts-file", type=Path, default=None, help="a text file with one prompt per line")
+    generate.add_argument("-n", "--num-records", type=_positive_int, default=100,
+                          help="records per prompt, or in all without a prompt (default 100)")
+    generate.add_argument("--out", type=Path, required=True, help="output file (csv, parquet) or folder (mimic)")
+    generate.add_argument("--format", choices=("csv", "parquet", "mimic"), default=None,
+                          help="output format (default: from the --out suffix; mimic writes a hosp/ folder)")
+    generate.add_argument("--steps", type=_positive_int, default=None,
+                          help="sampler steps (default: the pipeline's default)")
+    generate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance g, HealthForge's s = g - 1 (default: the pipeline's)")
+    generate.add_argument("--decode", choices=("threshold", "sample"), default="threshold",
+                          help="calibrated thresholds (default) or Bernoulli draws when decoding codes")
+    generate.add_argument("--seed", type=int, default=0, help="seed; record i is the same for any --batch-size")
+    generate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
+    generate.add_argument("--text-embedder", default=None,
+                          help="embedder for a pipeline saved without one ('minilm', a folder or a Hub id)")
+    generate.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    generate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
     demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
@@ -183,6 +207,100 @@ def _label(args: argparse.Namespace) -> None:
     print(result.format())
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str] | None:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
+        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {args.prompts_file}: holds no prompt")
+    if any(not prompt.strip() for prompt in prompts):
+        raise ValueError("--prompt: an empty prompt; leave --prompt out for unconditional records")
+    return prompts or None
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        return args.format
+    suffixes = {".csv": "csv", ".parquet": "parquet"}
+    if args.out.suffix in suffixes:
+        return suffixes[args.out.suffix]
+    raise ValueError(f"--out {args.out}: cannot tell the format from the suffix; pass --format csv|parquet|mimic")
+
+
+def _load_pipeline(model: str, text_embedder: str | None, device: str | None):
+    """The pipeline from a folder or Hub id, with a clear error when it is not there."""
+    import torch
+
+    from .hub import explain_missing_model
+    from .pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
+    from .text.embed import load_embedder
+    from .text.generation import default_device
+
+    extra = {"text_embedder": load_embedder(text_embedder)} if text_embedder else {}
+    with explain_missing_model(model, "pipeline"):
+        pipe = EHRLatentDiffusionPipeline.from_pretrained(model, **extra)
+    try:
+        return pipe.to(torch.device(device or default_device()))
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: not usable here ({error})") from None
+
+
+def write_records(records: list[dict], prompts: list[str | None], out: Path, file_format: str) -> None:
+    """Records with their prompt as one csv or parquet file, written to a temporary name and then renamed."""
+    import os
+    import tempfile
+
+    import polars as pl
+
+    frame = pl.DataFrame(records).with_columns(pl.Series("prompt", prompts, dtype=pl.String)).select(
+        ["prompt", *records[0].keys()]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(handle)
+    try:
+        if file_format == "parquet":
+            frame.write_parquet(temporary)
+        else:  # codes joined by ";" so that each record stays one csv row
+            frame.with_columns(pl.col("icd10_categories").list.join(";")).write_csv(temporary)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .io_utils import check_output_dir
+    from .sampling import generate_records
+
+    file_format = _output_format(args)
+    prompts = _read_prompts(args)
+    if file_format == "mimic":
+        check_output_dir(args.out, args.overwrite)
+    elif args.out.exists() and (args.out.is_dir() or not args.overwrite):
+        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace the file")
+    pipe = _load_pipeline(args.model, args.text_embedder, args.device)
+    if prompts is not None and pipe.text_embedder is None:
+        raise ValueError(f"--model {args.model} was saved without its text embedder; pass --text-embedder with the "
+                         "one it was trained with (e.g. minilm)")
+    options = {"decode_mode": args.decode}
+    if args.steps is not None:
+        options["num_inference_steps"] = args.steps
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
+    result = generate_records(pipe, prompts, args.num_records, batch_size=args.batch_size, seed=args.seed,
+                              show_progress=not args.quiet, **options)
+    if file_format == "mimic":
+        summary = pipe.to_mimic_tables(result.records, args.out, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {summary['patients']:,} synthetic patients as MIMIC-IV tables to {args.out}/hosp "
+              f"({summary['admissions']:,} admissions, {summary['diagnoses_icd']:,} diagnoses)")
+    else:
+        write_records(result.records, result.prompts, args.out, file_format)
+        print(f"wrote {len(result.records):,} synthetic records to {args.out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .data.cohort import CohortOptions, format_summary, prepare
     from .data.demo_ehr import write_demo_mimic
@@ -215,10 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()
+        if args.command in ("generate", "train-ehr", "demo"):
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "demo": _demo}
+    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "generate": _generate, "demo": _demo}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError) as error:
