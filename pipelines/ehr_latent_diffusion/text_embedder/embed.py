@@ -1,0 +1,1 @@
+from ehr_diffusers.text.embed import SentenceEmbedder  # noqa: F401
