@@ -28,11 +28,17 @@ def inputs(batch=3):
             torch.randn(batch, 12, generator=generator))
 
 
-def test_a_fresh_model_predicts_zero_and_shapes_hold():
+def test_a_fresh_model_predicts_v_zero_and_shapes_hold():
     sample, logsnr, condition = inputs()
+    alpha, sigma = torch.sigmoid(logsnr).sqrt()[:, None], torch.sigmoid(-logsnr).sqrt()[:, None]
+    # adaLN-Zero and a zero output layer: the network's v starts at 0, so eps_hat = sigma z and x_hat = alpha z
+    velocity = EHRDenoiserModel(**CONFIG, prediction_type="v_prediction")(sample, logsnr, condition).sample
+    assert velocity.shape == sample.shape and torch.count_nonzero(velocity) == 0
     model = EHRDenoiserModel(**CONFIG)
     out = model(sample, logsnr, condition).sample
-    assert out.shape == sample.shape and torch.count_nonzero(out) == 0  # adaLN-Zero: blocks start as identity
+    torch.testing.assert_close(out, sigma * sample)
+    x_model = EHRDenoiserModel(**CONFIG, prediction_type="sample")
+    torch.testing.assert_close(x_model(sample, logsnr, condition).sample, alpha * sample)
     tokens = torch.randn(3, 5, 12)
     assert model(sample, torch.tensor(0.0), tokens, encoder_attention_mask=torch.ones(3, 5)).sample.shape == (3, 32)
     assert model.null_condition_embeds(3).shape == (3, 12)
@@ -96,3 +102,26 @@ def test_bad_shapes_are_named_and_the_reference_size():
         reference = EHRDenoiserModel(**EHRDenoiserModel.seed_reference_config())
     assert reference.config.hidden_dim == 4096 and len(reference.blocks) == 8
     assert 2.7e9 < sum(p.numel() for p in reference.parameters()) < 2.9e9
+
+
+def test_predictions_are_exact_conversions_of_one_velocity():
+    """eps, x and v outputs of the same weights satisfy z = alpha x + sigma eps and v = alpha eps - sigma x, and at the
+    noise end (logSNR -20) x_hat = (z - sigma eps_hat) / alpha stays as bounded as the network's v."""
+    weights = trained_like().state_dict()
+    sample, _, condition = inputs()
+    logsnr = torch.tensor([-20.0, -2.0, 20.0])
+    outputs = {}
+    for kind in ("epsilon", "v_prediction", "sample"):
+        model = EHRDenoiserModel(**CONFIG, prediction_type=kind)
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            outputs[kind] = model(sample, logsnr, condition).sample.double()
+    alpha, sigma = torch.sigmoid(logsnr).sqrt()[:, None].double(), torch.sigmoid(-logsnr).sqrt()[:, None].double()
+    eps, v, x = outputs["epsilon"], outputs["v_prediction"], outputs["sample"]
+    torch.testing.assert_close(alpha * x + sigma * eps, sample.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alpha * eps - sigma * x, v, atol=1e-5, rtol=1e-5)
+    # what the scheduler does with the float32 epsilon at logSNR -20 stays within float32 rounding / alpha of x
+    x_from_eps = (sample[0] - sigma[0].float() * eps[0].float()) / alpha[0].float()
+    assert (x_from_eps.double() - x[0]).abs().max() < 0.02 and x[0].abs().max() < 1.01 * v[0].abs().max() + 1e-3
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        EHRDenoiserModel(**CONFIG, prediction_type="noise")

@@ -9,7 +9,12 @@ input. Here:
   2023: shift, scale and a gate per sub-layer, initialised so that each block starts as the identity);
 * a condition given as a token sequence (batch, tokens, dim) is also read by cross-attention in every block;
 * the "no condition" input used for classifier-free guidance is a learned embedding (``null_condition``) that the
-  training dropout substitutes, so the pipeline's unconditional pass uses exactly what the model learned.
+  training dropout substitutes, so the pipeline's unconditional pass uses exactly what the model learned;
+* the network itself predicts v = alpha eps - sigma x (unit variance at every noise level) and ``forward`` converts it
+  to what the scheduler expects (``prediction_type``): eps = sigma z + alpha v, x = alpha z - sigma v, or v. Trained
+  with the epsilon loss, a bare epsilon network fails at the noise end of the logSNR range: at lambda = -20,
+  x_hat = (z - sigma eps_hat) / alpha multiplies its error by 1 / alpha = e^10, and few-step samplers turn that into
+  garbage records. Through v, eps_hat = sigma z + alpha v is exact there and x_hat = alpha z - sigma v stays bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -92,6 +100,8 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         fourier_dim: Fourier features of logSNR.
         logsnr_scale: logSNR is divided by this before the Fourier features (the schedule's largest |lambda|).
         dropout: dropout in attention and MLPs.
+        prediction_type: what ``forward`` returns: "epsilon", "v_prediction" or "sample" (the scheduler's setting);
+            the network predicts v and is converted exactly.
     """
 
     @register_to_config
@@ -108,8 +118,11 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         fourier_dim: int = 256,
         logsnr_scale: float = 20.0,
         dropout: float = 0.0,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if latent_dim % num_tokens:
             raise ValueError(f"latent_dim ({latent_dim}) must be a multiple of num_tokens ({num_tokens})")
         if hidden_dim % num_heads:
@@ -144,6 +157,18 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         """The learned "no condition" input, as a pooled (batch, dim) or token (batch, tokens, dim) condition."""
         null = self.null_condition.expand(batch_size, -1)
         return null if num_tokens is None else null[:, None, :].expand(-1, num_tokens, -1)
+
+    def _from_velocity(self, velocity: torch.Tensor, sample: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        """The network's v -> the configured prediction, with alpha, sigma from logSNR (computed in float32)."""
+        if self.config.prediction_type == "v_prediction":
+            return velocity
+        alpha = torch.sigmoid(logsnr.float()).sqrt()[:, None]
+        sigma = torch.sigmoid(-logsnr.float()).sqrt()[:, None]
+        if self.config.prediction_type == "epsilon":
+            out = sigma * sample.float() + alpha * velocity.float()
+        else:
+            out = alpha * sample.float() - sigma * velocity.float()
+        return out.to(sample.dtype)
 
     def forward(
         self,
@@ -180,7 +205,8 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         for block in self.blocks:
             x = block(x, conditioning, context, encoder_attention_mask)
         shift, scale = self.final_modulation(conditioning).chunk(2, dim=1)
-        out = self.output_projection(_modulate(self.final_norm(x), shift, scale)).reshape(batch, -1)
+        velocity = self.output_projection(_modulate(self.final_norm(x), shift, scale)).reshape(batch, -1)
+        out = self._from_velocity(velocity, sample, logsnr)
         if not return_dict:
             return (out,)
         return EHRDenoiserOutput(sample=out)

@@ -205,7 +205,12 @@ class LogSNRCosineScheduler(SchedulerMixin, ConfigMixin):
 
         ``variance_noise`` replaces the fresh noise of the stochastic solvers (for tests and reproducibility);
         ``generator`` may be one generator or one per item, so that item i depends only on its own generator.
+        The step is computed in at least float32 (x_hat divides by alpha, which half precision cannot afford) and
+        returned in the sample's dtype.
         """
+        dtype = sample.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            model_output, sample = model_output.float(), sample.float()
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
@@ -220,6 +225,7 @@ class LogSNRCosineScheduler(SchedulerMixin, ConfigMixin):
         else:
             prev_sample = self._stochastic_step(x_hat, sample, t, s, generator, variance_noise)
         self._step_index = index + 1
+        prev_sample, x_hat = prev_sample.to(dtype), x_hat.to(dtype)
         if not return_dict:
             return (prev_sample, x_hat)
         return LogSNRCosineSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_hat)
