@@ -125,3 +125,24 @@ def test_predictions_are_exact_conversions_of_one_velocity():
     assert (x_from_eps.double() - x[0]).abs().max() < 0.02 and x[0].abs().max() < 1.01 * v[0].abs().max() + 1e-3
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         EHRDenoiserModel(**CONFIG, prediction_type="noise")
+
+
+@pytest.mark.parametrize("condition_dim", [12, 32])  # 32: key width equal to the model width (packed projections)
+def test_a_pooled_condition_equals_a_sequence_of_one_repeated_token(condition_dim):
+    """The one-key shortcut of cross-attention gives what full attention over identical tokens gives."""
+    model = trained_like(condition_dim=condition_dim)
+    sample, logsnr, _ = inputs()
+    condition = torch.randn(sample.shape[0], condition_dim)
+    with torch.no_grad():
+        pooled = model(sample, logsnr, condition).sample
+        repeated = model(sample, logsnr, condition[:, None, :].expand(-1, 3, -1)).sample
+    torch.testing.assert_close(pooled, repeated, atol=1e-5, rtol=1e-5)
+
+
+def test_self_attention_equals_multihead_attention():
+    """The scaled_dot_product_attention path computes what nn.MultiheadAttention computes with the same weights."""
+    block = trained_like().blocks[0]
+    hidden = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = block.attention(hidden, hidden, hidden, need_weights=False)[0]
+        torch.testing.assert_close(block._self_attention(hidden), expected, atol=1e-5, rtol=1e-5)
