@@ -88,3 +88,21 @@ def demo_dataset(tmp_path_factory) -> Path:
     write_demo_mimic(root / "mimic", n_patients=1000, seed=3, show_progress=False)
     prepare(root / "mimic", root / "dataset", show_progress=False, synthetic=True)
     return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def labelled_demo_dataset(demo_dataset, tmp_path_factory) -> Path:
+    """A copy of ``demo_dataset`` labelled as the demo does (template summaries, rules judge, MiniLM embeddings);
+    read-only: copy it before changing it."""
+    import shutil
+
+    from ehr_diffusers.text.embed import load_embedder
+    from ehr_diffusers.text.judge import load_judge
+    from ehr_diffusers.text.label import label_dataset
+    from ehr_diffusers.text.summarize import load_summarizer
+
+    target = tmp_path_factory.mktemp("labelled") / "dataset"
+    shutil.copytree(demo_dataset, target)
+    label_dataset(target, load_summarizer("template"), load_judge("rules"), load_embedder("minilm"),
+                  show_progress=False, embedder_spec="minilm")
+    return target
