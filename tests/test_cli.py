@@ -53,15 +53,21 @@ def test_readme_opens_with_the_demo_and_test_commands():
     assert demo.startswith("pip install torch==2.13.0") and tests.startswith("pip install torch==2.13.0")
 
 
-def test_demo_builds_synthetic_tables_and_dataset(tmp_path, capsys):
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
+    """demo cohort -> prepare -> label -> train both models under accelerate launch -> generate (short training)."""
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--patients", "300", "--seed", "1"]) == 0
+    assert main(["-q", "demo", "--out", str(out), "--patients", "300", "--seed", "1", "--autoencoder-epochs", "1",
+                 "--diffusion-steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "synthetic" in printed and "train 240 / holdout 60" in printed
     assert (out / "mimic-iv-demo" / "hosp" / "diagnoses_icd.csv.gz").is_file()
     card = (out / "dataset" / "README.md").read_text()
     assert "Synthetic data" in card and "not MIMIC-IV" in card
     assert load_from_disk(str(out / "dataset"))["train"].num_rows == 240
+    assert (out / "model" / "model_index.json").is_file() and (out / "model" / "README.md").is_file()
+    samples = printed[printed.index("synthetic records"):]
+    assert samples.count("  prompt: ") == 4 and samples.count("    -> ") == 12
+    assert "prompt: 65 year old woman with heart failure and chronic kidney disease" in samples
     assert main(["-q", "demo", "--out", str(out), "--patients", "300"]) == 2, "an existing folder needs --overwrite"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 

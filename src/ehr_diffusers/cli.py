@@ -1,4 +1,4 @@
-"""The ``ehr-diffusers`` command line: demo-data, prepare, label and demo.
+"""The ``ehr-diffusers`` command line: demo-data, prepare, label, train-ehr, generate and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output.
@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the Hub (off by default; only for models you have read)")
 
+    train = commands.add_parser("train-ehr", parents=[common],
+                                help="train the autoencoder and the diffusion model with accelerate launch and save the pipeline")
+    train.add_argument("--dataset", type=Path, required=True, help="labelled dataset folder (prepare, then label)")
+    train.add_argument("--output-dir", type=Path, required=True,
+                       help="run folder: autoencoder-training/ and model/ (the pipeline) are written inside")
+    _add_training_options(train)
+    train.add_argument("--num-processes", type=_positive_int, default=1,
+                       help="processes for accelerate launch (GPUs, or CPU ranks; default 1)")
+    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                       help="mixed precision of both runs (default no)")
+    train.add_argument("--resume", action="store_true", help="resume both runs from their latest checkpoint")
+    train.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                       help="upload the pipeline to this private Hub repo (make it public on the Hub only when "
+                            "the training data allow it)")
+
     generate = commands.add_parser("generate", parents=[common],
                                    help="synthetic patient records from a trained pipeline, as csv, parquet or MIMIC-IV tables")
     generate.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-ehr")
@@ -130,7 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace the working folder if it exists")
+    _add_training_options(demo, preset="demo")
     return parser
+
+
+# Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
+# cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
+TRAINING_PRESETS = {
+    "demo": {
+        "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
+                        "--train_batch_size", "256", "--num_train_epochs", "30"],
+        "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
+                      "--max_train_steps", "2000", "--use_ema", "--ema_decay", "0.999"],
+    },
+    "default": {"autoencoder": [], "diffusion": ["--use_ema"]},
+}
+
+
+def _add_training_options(parser: argparse.ArgumentParser, preset: str = "default") -> None:
+    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default=preset,
+                        help=f"model sizes and run lengths (default {preset}; demo: minutes on a CPU)")
+    parser.add_argument("--autoencoder-epochs", type=_positive_int, default=None,
+                        help="autoencoder epochs (overrides the preset)")
+    parser.add_argument("--diffusion-steps", type=_positive_int, default=None,
+                        help="diffusion optimisation steps (overrides the preset)")
+    parser.add_argument("--judge-threshold", type=float, default=None,
+                        help="train the diffusion model only on rows whose judge scores are all at least this")
 
 
 def _print_demo_summary(summary: dict, out: Path) -> None:
@@ -205,6 +245,75 @@ def _label(args: argparse.Namespace) -> None:
     print(f"labelled {args.dataset} (summarizer {summarizer.name}, judge {judge.name if judge else 'none'}, "
           f"embedder {embedder.config.source}, {embedder.dim}-d)")
     print(result.format())
+
+
+class TrainingFailedError(RuntimeError):
+    """A training script run by ``train-ehr`` exited with an error (which it has printed)."""
+
+
+def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mixed_precision: str,
+                       quiet: bool = False) -> None:
+    """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
+    script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
+    import subprocess
+
+    import torch
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        launch.append("--cpu")
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
+    completed = subprocess.run([*launch, "-m", module, *arguments], **output)
+    if completed.returncode != 0:
+        if quiet:
+            print("\n".join(completed.stdout.splitlines()[-40:]), file=sys.stderr)
+        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {completed.returncode}); see its "
+                           "messages above")
+
+
+def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoencoder_epochs: int | None = None,
+              diffusion_steps: int | None = None, judge_threshold: float | None = None, num_processes: int = 1,
+              mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
+              quiet: bool = False) -> Path:
+    """Trains the autoencoder, then the diffusion model, each under ``accelerate launch``; returns the pipeline folder.
+
+    The dataset is checked here first, so that a wrong folder fails in a second rather than after a model loads."""
+    from .training.data import condition_dim, load_training_dataset
+
+    data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
+    condition_dim(data["train"], "embedding", dataset)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
+    autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
+    common = ["--train_data_dir", str(dataset), "--seed", str(seed)]
+    if resume:
+        common += ["--resume_from_checkpoint", "latest"]
+    if quiet:
+        common += ["--report_to", "none"]
+    autoencoder = [*common, *TRAINING_PRESETS[preset]["autoencoder"], "--output_dir", str(autoencoder_dir)]
+    if autoencoder_epochs is not None:
+        autoencoder += ["--num_train_epochs", str(autoencoder_epochs)]
+    diffusion = [*common, *TRAINING_PRESETS[preset]["diffusion"], "--autoencoder_path", str(autoencoder_dir),
+                 "--output_dir", str(model_dir)]
+    if diffusion_steps is not None:
+        diffusion += ["--max_train_steps", str(diffusion_steps)]
+    if judge_threshold is not None:
+        diffusion += ["--judge_threshold", str(judge_threshold)]
+    if push_to_hub:
+        diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
+    _accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, num_processes, mixed_precision,
+                       quiet)
+    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet)
+    return model_dir
+
+
+def _train_ehr(args: argparse.Namespace) -> None:
+    model_dir = train_ehr(args.dataset, args.output_dir, args.preset, args.autoencoder_epochs, args.diffusion_steps,
+                          args.judge_threshold, args.num_processes, args.mixed_precision, args.resume,
+                          push_to_hub=args.push_to_hub, quiet=args.quiet)
+    print(f"pipeline written to {model_dir}; generate with: ehr-diffusers generate --model {model_dir} "
+          "--prompt \"65 year old woman with heart failure and CKD\" -n 100 --out records.csv")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -318,12 +427,42 @@ def _demo(args: argparse.Namespace) -> None:
                            show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
         labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
                                  show_progress=not args.quiet, embedder_spec="minilm")
-    _print_demo_summary(generated, args.out / "mimic-iv-demo")
-    print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
-    print(format_summary(prepared))
-    print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
-    print(labelled.format())
-    print(f"demo finished: load it with datasets.load_from_disk({str(args.out / 'dataset')!r})")
+        _print_demo_summary(generated, args.out / "mimic-iv-demo")
+        print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
+        print(format_summary(prepared))
+        print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
+        print(labelled.format())
+        print(f"training the autoencoder and the diffusion model ({args.preset} preset) with accelerate launch ...",
+              flush=True)
+        train_ehr(work / "dataset", work, args.preset, args.autoencoder_epochs, args.diffusion_steps,
+                  args.judge_threshold, seed=args.seed, quiet=args.quiet)
+        samples = _demo_samples(work / "model", work / "dataset", args.seed)
+    print(samples)
+    print(f"demo finished in {args.out}: the dataset (datasets.load_from_disk({str(args.out / 'dataset')!r})) and the "
+          f"pipeline (EHRLatentDiffusionPipeline.from_pretrained({str(args.out / 'model')!r}); "
+          f"ehr-diffusers generate --model {args.out / 'model'} ...)")
+
+
+def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:
+    """A few generated records, each stated as a one-sentence summary, under the prompt it was generated from: three
+    holdout patients' summaries and one free-text prompt."""
+    from datasets import load_from_disk
+
+    from .sampling import generate_records
+    from .text.describe import FactDescriber, template_summary
+
+    holdout = load_from_disk(str(dataset_dir))["holdout"]
+    prompts = list(holdout.shuffle(seed=seed).select(range(min(3, len(holdout))))["summary"])
+    prompts.append("65 year old woman with heart failure and chronic kidney disease")
+    pipe = _load_pipeline(str(model_dir), None, "cpu")
+    result = generate_records(pipe, prompts, records_per_prompt, seed=seed, show_progress=False)
+    describer = FactDescriber()
+    lines = ["synthetic records (each stated as a summary) under the prompt they were generated from:"]
+    for index, prompt in enumerate(prompts):
+        lines.append(f"  prompt: {prompt}")
+        for record in result.records[index * records_per_prompt : (index + 1) * records_per_prompt]:
+            lines.append(f"    -> {template_summary(describer.facts(record))}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,10 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "generate": _generate, "demo": _demo}
+    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "train-ehr": _train_ehr,
+                "generate": _generate, "demo": _demo}
     try:
         handlers[args.command](args)
-    except (MimicFormatError, OutputExistsError, ValueError, OSError) as error:
+    except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:
         print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
