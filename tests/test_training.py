@@ -45,7 +45,8 @@ def fresh_accelerate_state():
 def autoencoder_run(labelled_demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("training") / "autoencoder"
     run = train_autoencoder(["--train_data_dir", str(labelled_demo_dataset), "--output_dir", str(out),
-                             "--num_train_epochs", "3", "--use_ema", *TINY_AUTOENCODER])
+                             "--num_train_epochs", "3", "--use_ema", "--field_loss_weight", "20",
+                             *TINY_AUTOENCODER])
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -142,11 +143,12 @@ def test_condition_dropout_uses_the_null_embedding() -> None:
 
 
 def test_denoiser_presets_and_overrides() -> None:
-    assert DENOISER_PRESETS["demo"] == {"num_tokens": 4, "hidden_dim": 64, "num_layers": 4, "num_heads": 4}
+    assert DENOISER_PRESETS["demo"] == {"num_tokens": 4, "hidden_dim": 64, "num_layers": 3, "num_heads": 4,
+                                        "mlp_ratio": 2.0}
     base = ["--train_data_dir", "d", "--autoencoder_path", "a", "--output_dir", "o"]
     config = denoiser_config(parse_args([*base, "--denoiser_config", "demo", "--num_layers", "2"]), 1024, 384)
-    assert config == {"num_tokens": 4, "hidden_dim": 64, "num_layers": 2, "num_heads": 4, "latent_dim": 1024,
-                      "condition_dim": 384, "prediction_type": "epsilon"}
+    assert config == {"num_tokens": 4, "hidden_dim": 64, "num_layers": 2, "num_heads": 4, "mlp_ratio": 2.0,
+                      "latent_dim": 1024, "condition_dim": 384, "prediction_type": "epsilon"}
     reference = denoiser_config(parse_args([*base, "--denoiser_config", "seed_reference"]), 1024, 384)
     assert reference["hidden_dim"] == 4096 and reference["condition_dim"] == 384
     with pytest.raises(ValueError, match="--num_tokens 5"):

@@ -4,7 +4,9 @@
     accelerate launch -m ehr_diffusers.training.train_ehr_autoencoder \\
         --train_data_dir demo/dataset --output_dir demo/autoencoder --num_train_epochs 20 --use_ema
 
-Record vectors are encoded from the dataset batch by batch. After training (with the EMA weights when ``--use_ema``)
+Record vectors are encoded from the dataset batch by batch. The loss is ``EHRAutoencoderModel.loss`` (the sum of the
+per-group losses, each logged as ``loss/<group>``), with the non-code groups weighted by ``--field_loss_weight``. After
+training (with the EMA weights when ``--use_ema``)
 the script fits the latent normalisation statistics and the per-column decoding thresholds on the train split (so that
 decoded code prevalence matches the data), reports reconstruction figures on the train and holdout splits, and writes
 ``--output_dir``: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (``EHRAutoencoderModel.from_pretrained``),
@@ -59,11 +61,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden_dim", type=int, default=2048, help="Width of the hidden layers.")
     parser.add_argument("--num_layers", type=int, default=2, help="Hidden layers of the encoder and of the decoder.")
     parser.add_argument("--dropout", type=float, default=0.1, help="Dropout between hidden layers.")
+    parser.add_argument("--field_loss_weight", type=float, default=1.0,
+                        help="Weight of every non-code group's loss (sex, age, death, admissions, marital status, "
+                             "race) against the codes' (weight 1). The codes' summed binary cross-entropy is ~50 "
+                             "nats per record against ~0.7 for sex, so with 1 (the plain model.loss) the demographics "
+                             "are barely learned; 20 makes them near exact on the demo cohort.")
     args = parser.parse_args(argv)
     check_common_arguments(args)
     for name in ("latent_dim", "hidden_dim", "num_layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.field_loss_weight < 0:
+        raise ValueError(f"--field_loss_weight must be 0 or more, got {args.field_loss_weight}")
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
@@ -230,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
 
     unwrapped = accelerator.unwrap_model(model)
     group_names = [group.name for group in schema.groups]
+    weights = {group.name: 1.0 if group.kind == "multi_hot" else args.field_loss_weight for group in schema.groups}
     losses: list[float] = []
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -248,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                 # which fails for outputs whose fields have no defaults; a tuple is always rebuilt.
                 _, logits = model(vectors, return_dict=False)
                 loss, per_group = unwrapped.loss(logits.float(), vectors)
+                if args.field_loss_weight != 1.0:
+                    loss = sum(weights[name] * per_group[name] for name in group_names)
                 figures = torch.stack([loss.detach(), *(per_group[name].detach() for name in group_names)])
                 accumulated += accelerator.reduce(figures, reduction="mean") / args.gradient_accumulation_steps
                 accelerator.backward(loss)
