@@ -156,7 +156,7 @@ TRAINING_PRESETS = {
         "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
                         "--train_batch_size", "256", "--num_train_epochs", "30"],
         "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
-                      "--max_train_steps", "2000", "--use_ema", "--ema_decay", "0.999"],
+                      "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999"],
     },
     "default": {"autoencoder": [], "diffusion": ["--use_ema"]},
 }

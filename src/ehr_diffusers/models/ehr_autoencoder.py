@@ -31,10 +31,11 @@ GROUP_KINDS = ("binary", "continuous", "count", "one_hot", "multi_hot")
 
 @dataclass
 class EHRAutoencoderOutput(BaseOutput):
-    """``latent``: the encoder's (unnormalised) latent; ``logits``: the reconstruction, one column per vector column."""
+    """``latent``: the encoder's (unnormalised) latent; ``logits``: the reconstruction, one column per vector column.
+    Fields default to None, as diffusers' outputs do, so that accelerate's mixed-precision wrapper can rebuild it."""
 
-    latent: torch.Tensor
-    logits: torch.Tensor
+    latent: torch.Tensor = None
+    logits: torch.Tensor = None
 
 
 def _mlp(sizes: Sequence[int], dropout: float) -> nn.Sequential:

@@ -36,9 +36,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 @dataclass
 class EHRDenoiserOutput(BaseOutput):
-    """``sample``: the model's prediction (epsilon, v or x, as the scheduler was trained), shaped like the latent."""
+    """``sample``: the model's prediction (epsilon, v or x, as the scheduler was trained), shaped like the latent.
+    It defaults to None, as diffusers' outputs do, so that accelerate's mixed-precision wrapper can rebuild it."""
 
-    sample: torch.Tensor
+    sample: torch.Tensor = None
 
 
 def fourier_logsnr_embedding(logsnr: torch.Tensor, dim: int, logsnr_scale: float = 20.0) -> torch.Tensor:

@@ -67,10 +67,11 @@ AUTOENCODER_ARGS_NAME = "training_args.json"
 INFERENCE_SOLVER = "dpmsolver++"
 
 # Named denoiser sizes for --denoiser_config; latent_dim comes from the autoencoder and condition_dim from the
-# embedding column, so a preset never sets them. "demo" is sized for the 1,000-patient demo cohort on 2 CPU cores.
+# embedding column, so a preset never sets them. "demo" is sized for the 5,000-patient demo cohort on 2 CPU cores:
+# it trains in minutes and samples 100,000 records in under a minute (BENCHMARKS.md).
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "demo": {"num_tokens": 4, "hidden_dim": 64, "num_layers": 4, "num_heads": 4},
+    "demo": {"num_tokens": 4, "hidden_dim": 64, "num_layers": 3, "num_heads": 4, "mlp_ratio": 2.0},
     "seed_reference": {key: value for key, value in EHRDenoiserModel.seed_reference_config().items()
                        if key not in ("latent_dim", "condition_dim")},
 }
