@@ -449,14 +449,16 @@ def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_pro
     from datasets import load_from_disk
 
     from .sampling import generate_records
-    from .text.describe import FactDescriber, template_summary
+    from .text.describe import DiagnosisOrder, FactDescriber, template_summary
+    from .text.label import load_label_metadata
 
     holdout = load_from_disk(str(dataset_dir))["holdout"]
     prompts = list(holdout.shuffle(seed=seed).select(range(min(3, len(holdout))))["summary"])
     prompts.append("65 year old woman with heart failure and chronic kidney disease")
     pipe = _load_pipeline(str(model_dir), None, "cpu")
     result = generate_records(pipe, prompts, records_per_prompt, seed=seed, show_progress=False)
-    describer = FactDescriber()
+    # the order the labels used (principal diagnoses first), so generated records read like the prompts
+    describer = FactDescriber(DiagnosisOrder(load_label_metadata(dataset_dir)["diagnosis_order"]["ranked_codes"]))
     lines = ["synthetic records (each stated as a summary) under the prompt they were generated from:"]
     for index, prompt in enumerate(prompts):
         lines.append(f"  prompt: {prompt}")
