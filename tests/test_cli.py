@@ -82,3 +82,11 @@ def test_prepare_on_demo_data_is_marked_synthetic_and_counts_unmapped_codes(tmp_
     assert summary["synthetic"] is True and "Synthetic data" in (out / "README.md").read_text()
     assert summary["icd9_unmapped_by_reason"]["no_map"]["rows"] > 0
     assert summary["vocabulary_size"] < summary["icd10_categories_in_cohort"]
+
+
+def test_train_ehr_checks_its_inputs_before_launching(tmp_path, capsys, demo_dataset):
+    assert main(["-q", "train-ehr", "--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--dataset" in capsys.readouterr().err
+    assert main(["-q", "train-ehr", "--dataset", str(demo_dataset), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "no 'embedding' column" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -87,3 +87,16 @@ def test_generate_refuses_to_replace_without_overwrite(saved, tmp_path, capsys) 
     (tmp_path / "r.csv").write_text("mine\n")
     assert main(["generate", "--model", str(saved), "-n", "2", "--out", str(tmp_path / "r.csv"), "-q"]) == 2
     assert (tmp_path / "r.csv").read_text() == "mine\n" and "--overwrite" in capsys.readouterr().err
+
+
+def test_reserved_options_and_records_without_codes(pipe, tmp_path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="generate_records sets output_type itself"):
+        generate_records(pipe, None, 2, output_type="np", show_progress=False)
+    from ehr_diffusers.cli import write_records
+
+    records = [{"sex": "F", "age": 40, "death": False, "num_admissions": 1, "marital_status": "MISSING",
+                "race": "WHITE", "icd10_categories": []}]
+    write_records(records, [None], tmp_path / "none.csv", "csv")
+    write_records(records, [None], tmp_path / "none.parquet", "parquet")
+    assert pl.read_parquet(tmp_path / "none.parquet")["icd10_categories"].dtype == pl.List(pl.String)
+    assert pl.read_csv(tmp_path / "none.csv").height == 1

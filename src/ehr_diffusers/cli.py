@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run folder: autoencoder-training/ and model/ (the pipeline) are written inside")
     _add_training_options(train)
     train.add_argument("--num-processes", type=_positive_int, default=1,
-                       help="processes for accelerate launch (GPUs, or CPU ranks; default 1)")
+                       help="processes for accelerate launch, one per GPU (default 1)")
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                        help="mixed precision of both runs (default no)")
     train.add_argument("--resume", action="store_true", help="resume both runs from their latest checkpoint")
@@ -262,12 +262,19 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if not torch.cuda.is_available():
+        if num_processes > 1:  # accelerate launch --cpu starts one process whatever --num_processes says
+            raise ValueError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
+                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
+                             "ehr_diffusers.training.train_ehr_diffusion ...")
         launch.append("--cpu")
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
     completed = subprocess.run([*launch, "-m", module, *arguments], **output)
+    if quiet:  # warnings always, the rest only when the script failed
+        lines = completed.stdout.splitlines()
+        shown = lines[-40:] if completed.returncode != 0 else [line for line in lines if "WARNING" in line]
+        if shown:
+            print("\n".join(shown), file=sys.stderr)
     if completed.returncode != 0:
-        if quiet:
-            print("\n".join(completed.stdout.splitlines()[-40:]), file=sys.stderr)
         raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {completed.returncode}); see its "
                            "messages above")
 
@@ -289,8 +296,6 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
     common = ["--train_data_dir", str(dataset), "--seed", str(seed)]
     if resume:
         common += ["--resume_from_checkpoint", "latest"]
-    if quiet:
-        common += ["--report_to", "none"]
     autoencoder = [*common, *TRAINING_PRESETS[preset]["autoencoder"], "--output_dir", str(autoencoder_dir)]
     if autoencoder_epochs is not None:
         autoencoder += ["--num_train_epochs", str(autoencoder_epochs)]
@@ -363,9 +368,10 @@ def write_records(records: list[dict], prompts: list[str | None], out: Path, fil
 
     import polars as pl
 
-    frame = pl.DataFrame(records).with_columns(pl.Series("prompt", prompts, dtype=pl.String)).select(
-        ["prompt", *records[0].keys()]
-    )
+    # the codes' type is stated: with no code in any record polars would infer a list of nulls
+    frame = pl.DataFrame(records, schema_overrides={"icd10_categories": pl.List(pl.String)}).with_columns(
+        pl.Series("prompt", prompts, dtype=pl.String)
+    ).select(["prompt", *records[0].keys()])
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(handle)

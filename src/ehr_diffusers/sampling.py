@@ -45,6 +45,10 @@ def generate_records(
 ) -> GeneratedRecords:
     """``num_records_per_prompt`` records per prompt (or in all, unconditionally, when ``prompts`` is None), in
     batches of at most ``batch_size`` records; ``call_kwargs`` go to the pipeline (steps, guidance, decode mode)."""
+    reserved = sorted({"prompt", "prompt_embeds", "num_records_per_prompt", "generator", "latents", "output_type",
+                       "return_dict"} & set(call_kwargs))
+    if reserved:
+        raise ValueError(f"generate_records sets {', '.join(reserved)} itself; leave them out of the pipeline options")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if num_records_per_prompt < 1:

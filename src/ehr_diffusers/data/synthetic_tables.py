@@ -13,8 +13,13 @@ not hold is filled in plainly and the same way for everyone, never sampled to lo
 * diagnoses: each ICD-10 category is written as its 3-character code (``icd_version`` 10) on the last admission;
   ``d_icd_diagnoses`` lists those categories with their official titles.
 
-A record with diagnoses but no admission cannot be written as MIMIC-IV (diagnoses belong to admissions): it gets one
-admission, and the summary counts such records.
+Records whose fields contradict each other cannot be written as MIMIC-IV, which ties diagnoses, marital status and
+race to admissions; ``prepare`` then reads back something else, and the summary counts each case:
+
+* diagnoses but no admission: the record gets one admission;
+* no admission but a marital status or race: there is no row to hold them, so they read back as MISSING.
+
+``seq_num`` follows the record's code order, which is not a ranking of principal diagnoses.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def records_to_tables(records: Sequence[dict[str, Any]], seed: int = 0) -> tuple
     anchor_years = rng.integers(2110, 2190, size=n)
     year_groups = rng.integers(0, len(ANCHOR_YEAR_GROUPS), size=n)
     patients, admissions, diagnoses = [], [], []
-    given_admission = 0
+    given_admission = lost_fields = 0
     hadm_id = HADM_ID_START
     for index, record in enumerate(records):
         subject_id = SUBJECT_ID_START + index
@@ -68,6 +73,8 @@ def records_to_tables(records: Sequence[dict[str, Any]], seed: int = 0) -> tuple
         count = int(record["num_admissions"])
         if count == 0 and codes:
             count, given_admission = 1, given_admission + 1
+        elif count == 0 and (record["marital_status"] != MISSING or record["race"] != MISSING):
+            lost_fields += 1
         last_admit = dt.datetime(int(anchor_years[index]), 6, 1, 8, 0)
         dod = None
         for number in range(count):
@@ -112,7 +119,8 @@ def records_to_tables(records: Sequence[dict[str, Any]], seed: int = 0) -> tuple
                                                 "long_title": pl.String}),
     }
     summary = {"patients": n, "admissions": len(admissions), "diagnoses_icd": len(diagnoses),
-               "records_given_an_admission_for_their_diagnoses": given_admission}
+               "records_given_an_admission_for_their_diagnoses": given_admission,
+               "records_without_admission_whose_marital_status_or_race_is_dropped": lost_fields}
     return tables, summary
 
 

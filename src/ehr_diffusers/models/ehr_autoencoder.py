@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..data.schema import EHRSchema
+from ..data.schema import SCHEMA_VERSION, EHRSchema
 
 GROUP_KINDS = ("binary", "continuous", "count", "one_hot", "multi_hot")
 
@@ -105,9 +105,16 @@ class EHRAutoencoderModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_schema(cls, schema: EHRSchema, **kwargs: Any) -> "EHRAutoencoderModel":
-        """A fresh model for vectors of ``schema``."""
-        groups = [{"name": group.name, "kind": group.kind, "width": group.width} for group in schema.groups]
+        """A fresh model for vectors of ``schema``; its config keeps the schema's groups (categories and ranges, not
+        the code titles), so that the model can decode records on its own (:meth:`schema`)."""
+        groups = [{key: value for key, value in group.to_dict().items() if key != "titles"} for group in schema.groups]
         return cls(groups=groups, **kwargs)
+
+    def schema(self) -> EHRSchema | None:
+        """The record schema the model was built for, from its config; None for a model built from bare group sizes."""
+        if not all("categories" in group or "minimum" in group for group in self.config.groups):
+            return None
+        return EHRSchema.from_dict({"schema_version": SCHEMA_VERSION, "groups": self.config.groups})
 
     def check_schema(self, schema: EHRSchema) -> None:
         """Raises a ValueError naming the first group where ``schema`` and this model's vector layout differ."""

@@ -99,7 +99,9 @@ class _Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(conditioning).chunk(6, dim=1)
         x = x + gate1[:, None, :] * self._self_attention(_modulate(self.norm1(x), shift1, scale1))
         if self.cross_attention is not None and context is not None:
-            if context.shape[1] == 1:  # one key: softmax is 1, so attention is exactly out_proj(v_proj(context))
+            # One unmasked key at inference: softmax is 1, so attention is exactly out_proj(v_proj(context)). In
+            # training the full path runs, so that every parameter is in the graph (DDP) and dropout applies.
+            if context.shape[1] == 1 and context_mask is None and not self.training:
                 x = x + self._single_key_attention(context[:, 0])[:, None, :]
             else:
                 padding = None if context_mask is None else ~context_mask.bool()
@@ -182,7 +184,8 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         return null if num_tokens is None else null[:, None, :].expand(-1, num_tokens, -1)
 
     def _from_velocity(self, velocity: torch.Tensor, sample: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        """The network's v -> the configured prediction, with alpha, sigma from logSNR (computed in float32)."""
+        """The network's v -> the configured prediction, with alpha, sigma from logSNR, computed and returned in float32
+        under half precision: at logSNR -20, alpha v is 4.5e-5 of sigma z, below bfloat16's resolution."""
         if self.config.prediction_type == "v_prediction":
             return velocity
         alpha = torch.sigmoid(logsnr.float()).sqrt()[:, None]
@@ -191,7 +194,7 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
             out = sigma * sample.float() + alpha * velocity.float()
         else:
             out = alpha * sample.float() - sigma * velocity.float()
-        return out.to(sample.dtype)
+        return out if sample.dtype in (torch.float16, torch.bfloat16) else out.to(sample.dtype)
 
     def forward(
         self,

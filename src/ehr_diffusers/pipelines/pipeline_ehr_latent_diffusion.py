@@ -64,7 +64,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         text_embedder ([`SentenceEmbedder`], *optional*): embeds prompts; it is saved as None when left out, and can
             be passed at load time (``from_pretrained(dir, text_embedder=...)``) or replaced by ``prompt_embeds``.
         schema (`dict`, *optional*): the record schema (``EHRSchema.to_dict()``) the autoencoder was trained on; saved in
-            ``model_index.json`` so that the pipeline decodes records on its own.
+            ``model_index.json`` so that the pipeline decodes records on its own. Default: the one the autoencoder's
+            config carries.
     """
 
     model_cpu_offload_seq = "text_embedder->denoiser->autoencoder"
@@ -86,8 +87,14 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         if text_embedder is not None and text_embedder.dim != denoiser.config.condition_dim:
             raise ValueError(f"text_embedder makes {text_embedder.dim}-d embeddings, the denoiser was trained on "
                              f"condition_dim {denoiser.config.condition_dim}")
+        if denoiser.config.prediction_type != scheduler.config.prediction_type:
+            raise ValueError(f"the denoiser predicts {denoiser.config.prediction_type!r} but the scheduler expects "
+                             f"{scheduler.config.prediction_type!r}; build the scheduler with "
+                             f"prediction_type={denoiser.config.prediction_type!r}")
         if isinstance(schema, EHRSchema):
             schema = schema.to_dict()
+        if schema is None and autoencoder.schema() is not None:  # e.g. EHRLatentDiffusionPipeline(**pipe.components)
+            schema = autoencoder.schema().to_dict()
         parsed = None if schema is None else EHRSchema.from_dict(schema)
         if parsed is not None:
             autoencoder.check_schema(parsed)
@@ -139,7 +146,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         """Condition and null-condition embeddings, one row per record, and the prompt of each record.
 
         The null condition is the denoiser's learned ``null_condition`` unless a negative prompt replaces it. With
-        neither a prompt nor ``prompt_embeds`` the condition is the null condition itself (unconditional samples).
+        neither a prompt nor ``prompt_embeds`` the condition is the learned null condition itself (unconditional
+        samples, guided away from the negative prompt when there is one).
         """
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -171,7 +179,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
             if negative.shape[0] != count:
                 raise ValueError(f"negative prompts ({negative.shape[0]}) must be one or as many as the prompts "
                                  f"({count})")
-        condition = negative if prompt_embeds is None else prompt_embeds
+        condition = self.denoiser.null_condition_embeds(count).to(device=device, dtype=dtype) \
+            if prompt_embeds is None else prompt_embeds
         records_prompts = [text for text in (prompt or [None] * count) for _ in range(num_records_per_prompt)]
         return (condition.repeat_interleave(num_records_per_prompt, dim=0),
                 negative.repeat_interleave(num_records_per_prompt, dim=0), records_prompts)
@@ -196,7 +205,7 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         num_records_per_prompt: int = 1,
-        num_inference_steps: int = 25,
+        num_inference_steps: int = 10,
         guidance_scale: float = 2.0,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -214,7 +223,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         Args:
             prompt: text(s) describing the patients to generate; None generates unconditionally.
             num_records_per_prompt: records per prompt (or in all, without a prompt).
-            num_inference_steps: sampler steps (the default DPM-Solver++(2M) needs few).
+            num_inference_steps: sampler steps; the default DPM-Solver++(2M) needs few (on the demo model 10 steps
+                match 25 in fidelity, see BENCHMARKS.md).
             guidance_scale: classifier-free guidance g (HealthForge's s = g - 1); 1 or less turns it off.
             negative_prompt: text(s) to guide away from, in place of the learned null condition.
             prompt_embeds / negative_prompt_embeds: precomputed condition embeddings ``(n_prompts, condition_dim)``.
@@ -242,7 +252,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         self.check_inputs(num_records_per_prompt, num_inference_steps, output_type, decode_mode,
                           callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
-        self._conditional = prompt is not None or prompt_embeds is not None
+        self._conditional = any(value is not None for value in (prompt, prompt_embeds, negative_prompt,
+                                                                negative_prompt_embeds))
         self._interrupt = False
         device = self._execution_device
 
@@ -250,6 +261,9 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
             prompt, device, num_records_per_prompt, prompt_embeds, negative_prompt, negative_prompt_embeds
         )
         n_records = prompt_embeds.shape[0]
+        if isinstance(generator, list) and len(generator) != n_records:
+            raise ValueError(f"generator is a list of {len(generator)} generators for {n_records} records; pass one "
+                             "per record (num_records_per_prompt x prompts) or a single generator")
         latent_shape = (n_records, self.denoiser.config.latent_dim)
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=self.denoiser.dtype)
@@ -269,10 +283,10 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
                 condition = (torch.cat([negative_prompt_embeds, prompt_embeds]) if self.do_classifier_free_guidance
                              else prompt_embeds)
                 logsnr = self.scheduler.logsnr(t).to(device=device, dtype=torch.float32)
-                prediction = self.denoiser(model_input, logsnr, condition).sample
+                prediction = self.denoiser(model_input, logsnr, condition).sample.float()
                 if self.do_classifier_free_guidance:
                     prediction_null, prediction_cond = prediction.chunk(2)
-                    prediction = prediction_null + guidance_scale * (prediction_cond - prediction_null)
+                    prediction = prediction_null + self.guidance_scale * (prediction_cond - prediction_null)
                 latents = self.scheduler.step(prediction, t, latents, generator=generator).prev_sample
 
                 if callback_on_step_end is not None:
