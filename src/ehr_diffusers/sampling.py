@@ -26,11 +26,22 @@ class GeneratedRecords:
     vectors: np.ndarray
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """One step of the SplitMix64 mixer (Steele et al. 2014): nearby inputs give unrelated 64-bit outputs."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
 def record_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of record ``index`` of a run with ``seed``: seeded from both through numpy's SeedSequence, so
-    that nearby (seed, index) pairs give unrelated streams."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    """The generator of record ``index`` of a run with ``seed``, seeded by mixing both (SplitMix64), so that nearby
+    (seed, index) pairs give unrelated streams."""
+    state = _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
+    return torch.Generator(device=device).manual_seed(state & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def generate_records(

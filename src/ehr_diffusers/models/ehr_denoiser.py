@@ -213,7 +213,10 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         if encoder_hidden_states.shape[-1] != self.config.condition_dim:
             raise ValueError(f"encoder_hidden_states has dimension {encoder_hidden_states.shape[-1]}, the model "
                              f"expects condition_dim {self.config.condition_dim}")
-        logsnr = torch.as_tensor(logsnr, device=sample.device).reshape(-1).expand(batch)
+        levels = torch.as_tensor(logsnr, device=sample.device).reshape(-1)
+        if levels.numel() not in (1, batch):
+            raise ValueError(f"logsnr must be one value or one per item ({batch}), got {levels.numel()}")
+        logsnr = levels.expand(batch)
         context = encoder_hidden_states if encoder_hidden_states.ndim == 3 else encoder_hidden_states[:, None, :]
         context = context.to(sample.dtype)
         if encoder_attention_mask is None:
@@ -221,8 +224,9 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
         else:
             weights = encoder_attention_mask.to(sample.dtype)[:, :, None]
             pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        # one noise level for the whole batch (as in sampling) is embedded once and broadcast
         conditioning = self.time_embedding(
-            fourier_logsnr_embedding(logsnr, self.config.fourier_dim, self.config.logsnr_scale).to(sample.dtype)
+            fourier_logsnr_embedding(levels, self.config.fourier_dim, self.config.logsnr_scale).to(sample.dtype)
         ) + self.condition_embedding(pooled)
         if self.structured_embedding is not None and structured_conditions is not None:
             conditioning = conditioning + self.structured_embedding(structured_conditions.to(sample.dtype))

@@ -57,6 +57,21 @@ def resolve_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: st
     return path
 
 
+def resume_state(accelerator: Any, resume_from: Path | None, requested: str | None, steps_per_epoch: int,
+                 gradient_accumulation_steps: int, logger: Any) -> tuple[int, int, int]:
+    """Loads ``resume_from`` (when there is one) and returns (global step, first epoch, batches of that epoch to
+    skip), so that a resumed run continues where the checkpoint left off."""
+    if resume_from is None:
+        if requested:
+            logger.info(f"--resume_from_checkpoint {requested}: no checkpoint yet; starting afresh")
+        return 0, 0, 0
+    logger.info(f"Resuming from checkpoint {resume_from}")
+    accelerator.load_state(str(resume_from))
+    global_step = checkpoint_step(resume_from)
+    return (global_step, global_step // steps_per_epoch,
+            (global_step % steps_per_epoch) * gradient_accumulation_steps)
+
+
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None, logger: Any = None) -> list[Path]:
     """Before a new checkpoint is saved, removes the oldest ones so that at most ``total_limit - 1`` remain (the new
     one then makes ``total_limit``). Returns the removed folders."""

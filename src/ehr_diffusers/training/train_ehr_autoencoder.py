@@ -29,9 +29,9 @@ from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
     check_output_dir,
-    checkpoint_step,
     register_diffusers_hooks,
     resolve_resume_checkpoint,
+    resume_state,
     save_checkpoint,
     staged_output,
 )
@@ -226,15 +226,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
-    global_step = first_epoch = batches_to_skip = 0
-    if resume_from is not None:
-        logger.info(f"Resuming from checkpoint {resume_from}")
-        accelerator.load_state(str(resume_from))
-        global_step = checkpoint_step(resume_from)
-        first_epoch = global_step // steps_per_epoch
-        batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    elif args.resume_from_checkpoint:
-        logger.info(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint yet; starting afresh")
+    global_step, first_epoch, batches_to_skip = resume_state(accelerator, resume_from, args.resume_from_checkpoint,
+                                                             steps_per_epoch, args.gradient_accumulation_steps, logger)
     first_step = global_step
 
     unwrapped = accelerator.unwrap_model(model)
