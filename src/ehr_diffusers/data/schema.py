@@ -262,8 +262,9 @@ class EHRSchema:
                 columns[group.name] = [group.categories[i] for i in block.argmax(axis=1)]
             else:
                 threshold = np.broadcast_to(np.asarray(code_threshold, dtype=np.float64), (group.width,))
-                codes = np.asarray(group.categories, dtype=object)
-                columns[group.name] = [codes[row >= threshold].tolist() for row in block]
+                hits = block >= threshold
+                names = np.asarray(group.categories, dtype=object)[np.nonzero(hits)[1]]
+                columns[group.name] = [part.tolist() for part in np.split(names, np.cumsum(hits.sum(axis=1))[:-1])]
         n = array.shape[0]
         return [{name: values[i] for name, values in columns.items()} for i in range(n)]
 
