@@ -252,12 +252,8 @@ class EHRSchema:
                 block = 1.0 / (1.0 + np.exp(-block))
             if group.kind == "binary":
                 columns[group.name] = [group.categories[int(v)] for v in block[:, 0] >= 0.5]
-            elif group.kind == "continuous":
-                value = group.minimum + block[:, 0] * (group.maximum - group.minimum)
-                columns[group.name] = np.rint(np.clip(value, group.minimum, group.maximum)).astype(int).tolist()
-            elif group.kind == "count":
-                value = np.expm1(np.clip(block[:, 0], 0.0, None) * np.log1p(group.maximum))
-                columns[group.name] = np.clip(np.rint(value), 0, group.maximum).astype(int).tolist()
+            elif group.kind in ("continuous", "count"):
+                columns[group.name] = self.decode_column(group.name, block[:, 0]).tolist()
             elif group.kind == "one_hot":
                 columns[group.name] = [group.categories[i] for i in block.argmax(axis=1)]
             else:
@@ -267,6 +263,19 @@ class EHRSchema:
                 columns[group.name] = [part.tolist() for part in np.split(names, np.cumsum(hits.sum(axis=1))[:-1])]
         n = array.shape[0]
         return [{name: values[i] for name, values in columns.items()} for i in range(n)]
+
+    def decode_column(self, name: str, values: np.ndarray) -> np.ndarray:
+        """A continuous or count field's encoded values -> whole numbers in the field's units (age in years,
+        admissions), clipped to the data range."""
+        group = self[name]
+        values = np.asarray(values, dtype=np.float64)
+        if group.kind == "continuous":
+            value = group.minimum + values * (group.maximum - group.minimum)
+            return np.rint(np.clip(value, group.minimum, group.maximum)).astype(int)
+        if group.kind == "count":
+            value = np.expm1(np.clip(values, 0.0, None) * np.log1p(group.maximum))
+            return np.clip(np.rint(value), 0, group.maximum).astype(int)
+        raise ValueError(f"group {name!r} is {group.kind}; decode_column reads continuous and count fields")
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluation of synthetic records: fidelity (and, to come, privacy, prompt faithfulness, plausibility)."""
