@@ -198,6 +198,21 @@ def _prepare(args: argparse.Namespace) -> None:
     print(format_summary(summary))
 
 
+def _device(name: str | None):
+    """The torch device named by --device (default: cuda when available), checked before any model loads."""
+    import torch
+
+    from .text.generation import default_device
+
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def _label_models(args: argparse.Namespace):
     """The summariser, judge and embedder named on the command line; one LLM is loaded once when both use it."""
     from .text.embed import load_embedder
@@ -207,14 +222,7 @@ def _label_models(args: argparse.Namespace):
 
     import torch
 
-    from .text.generation import default_device
-
-    try:
-        device = torch.device(args.device or default_device())
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device}: not a torch device ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    device = _device(args.device)
     options = {"batch_size": args.batch_size, "seed": args.seed}
     generators: dict[str, CausalLMGenerator] = {}
 
@@ -345,45 +353,32 @@ def _output_format(args: argparse.Namespace) -> str:
 
 def _load_pipeline(model: str, text_embedder: str | None, device: str | None):
     """The pipeline from a folder or Hub id, with a clear error when it is not there."""
-    import torch
-
     from .hub import explain_missing_model
     from .pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
     from .text.embed import load_embedder
-    from .text.generation import default_device
 
+    target = _device(device)
     extra = {"text_embedder": load_embedder(text_embedder)} if text_embedder else {}
     with explain_missing_model(model, "pipeline"):
         pipe = EHRLatentDiffusionPipeline.from_pretrained(model, **extra)
-    try:
-        return pipe.to(torch.device(device or default_device()))
-    except RuntimeError as error:
-        raise ValueError(f"--device {device}: not usable here ({error})") from None
+    return pipe.to(target)
 
 
 def write_records(records: list[dict], prompts: list[str | None], out: Path, file_format: str) -> None:
     """Records with their prompt as one csv or parquet file, written to a temporary name and then renamed."""
-    import os
-    import tempfile
-
     import polars as pl
+
+    from .io_utils import atomic_file
 
     # the codes' type is stated: with no code in any record polars would infer a list of nulls
     frame = pl.DataFrame(records, schema_overrides={"icd10_categories": pl.List(pl.String)}).with_columns(
         pl.Series("prompt", prompts, dtype=pl.String)
     ).select(["prompt", *records[0].keys()])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(handle)
-    try:
+    with atomic_file(out) as temporary:
         if file_format == "parquet":
             frame.write_parquet(temporary)
         else:  # codes joined by ";" so that each record stays one csv row
             frame.with_columns(pl.col("icd10_categories").list.join(";")).write_csv(temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _generate(args: argparse.Namespace) -> None:

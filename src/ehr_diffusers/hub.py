@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -23,7 +22,7 @@ from string import Template
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from . import __version__
-from .io_utils import MARKER_NAME, atomic_directory
+from .io_utils import MARKER_NAME, atomic_directory, atomic_file
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -139,23 +138,9 @@ def explain_missing_model(name_or_path: str, what: str) -> Iterator[None]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it, so a reader never sees half a card."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Writes ``text`` so that a reader never sees half a card."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------- remote code

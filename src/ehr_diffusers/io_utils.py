@@ -42,6 +42,29 @@ def check_output_dir(
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write; on success it gets the permissions of a plainly created
+    file and replaces ``path`` by a rename, on any error it is removed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_directory(
     out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (), option: str = "--overwrite"
@@ -54,9 +77,7 @@ def atomic_directory(
     out = check_output_dir(out, overwrite, inputs, option).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output gets the permissions of a plain mkdir
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the permissions of a plain mkdir
     (staging / MARKER_NAME).write_text("written by ehr-diffusers; --overwrite may replace this folder\n")
     trash: Path | None = None
     try:
