@@ -36,6 +36,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Solver = Literal["ancestral", "ddim", "dpmsolver++"]
@@ -230,13 +231,6 @@ class LogSNRCosineScheduler(SchedulerMixin, ConfigMixin):
             return (prev_sample, x_hat)
         return LogSNRCosineSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_hat)
 
-    def _noise(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        if isinstance(generator, list):
-            return torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype)
-                                for g in generator]).to(like.device)
-        device = generator.device if generator is not None else like.device
-        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
     def _stochastic_step(
         self,
         x_hat: torch.Tensor,
@@ -262,8 +256,9 @@ class LogSNRCosineScheduler(SchedulerMixin, ConfigMixin):
         mean = mean.to(z_t.dtype)
         if float(s) == 0.0 or float(var) == 0.0:  # the last step adds no noise: its result is the sample
             return mean
-        noise = variance_noise if variance_noise is not None else self._noise(z_t, generator)
-        return mean + var.sqrt().to(z_t.dtype) * noise
+        if variance_noise is None:
+            variance_noise = randn_tensor(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+        return mean + var.sqrt().to(z_t.dtype) * variance_noise
 
     def _dpm_solver_step(
         self, x_hat: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, last: bool

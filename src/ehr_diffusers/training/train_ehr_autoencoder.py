@@ -247,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         for batch in batches:
             with accelerator.accumulate(model):
                 vectors = batch["vectors"]
-                # return_dict=False: under mixed precision accelerate rebuilds a dataclass output from its fields,
-                # which fails for outputs whose fields have no defaults; a tuple is always rebuilt.
+                # return_dict=False: a tuple passes accelerate's mixed-precision output conversion as it is.
                 _, logits = model(vectors, return_dict=False)
                 loss, per_group = unwrapped.loss(logits.float(), vectors)
                 if args.field_loss_weight != 1.0:

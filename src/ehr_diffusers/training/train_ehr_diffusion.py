@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                 logsnr = noise_scheduler.logsnr(u).float().to(clean.device)
                 condition, _ = apply_condition_dropout(condition, unwrapped.null_condition_embeds(clean.shape[0]),
                                                        args.condition_dropout)
-                # return_dict=False: see train_ehr_autoencoder (accelerate's fp32 output conversion and dataclasses)
+                # return_dict=False: a tuple passes accelerate's mixed-precision output conversion as it is.
                 (prediction,) = denoiser(noisy, logsnr, condition, return_dict=False)
                 target = noise_scheduler.training_target(clean, noise, u)
                 loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
