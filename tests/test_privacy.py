@@ -1,15 +1,26 @@
-"""Membership inference and distance to closest record: hand-computed distances, copies, independent data."""
+"""Privacy: sparse nearest neighbours against brute force, membership inference, distance to closest record and
+attribute inference on hand-computed cases, copies and independent data, cross-checked against sklearn."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score, roc_curve
+import scipy.sparse as sp
+import torch
+from scipy import stats
+from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
+from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.privacy import (
+    attribute_bootstrap,
+    attribute_f1,
+    attribute_inference,
+    binary_entropy,
     distance_to_closest_record,
     membership_inference,
     nearest_distances,
+    nearest_neighbours,
+    privacy,
     roc_auc,
     tpr_at_fpr,
 )
@@ -67,3 +78,218 @@ def test_f1_at_theta_by_hand_and_balanced_sampling() -> None:
     expected = 2 * called_members / (2 * called_members + called_nonmembers + (2 - called_members))
     assert result["f1"] == pytest.approx(expected)
     assert membership_inference(train[:1], holdout, synthetic)["auc"] is None
+
+
+# ----------------------------------------------------------------------------- sparse nearest neighbours vs brute force
+def _schema(codes: int = 4) -> EHRSchema:
+    return EHRSchema([
+        ColumnGroup("sex", "binary", ["M", "F"]),
+        ColumnGroup("age", "continuous", minimum=0, maximum=100),
+        ColumnGroup("num_admissions", "count", minimum=0, maximum=10),
+        ColumnGroup("icd10_categories", "multi_hot", [f"C{i:02d}" for i in range(codes)]),
+    ])
+
+
+def _records(n: int, seed: int, codes: int = 40, grid: int | None = None) -> np.ndarray:
+    """Schema vectors: sex, age and admissions in [0, 1] (on a grid of 1/grid when given, exact in float32), codes
+    with prevalence 2% to 50%."""
+    rng = np.random.default_rng(seed)
+    continuous = rng.random((n, 2)) if grid is None else rng.integers(0, grid + 1, (n, 2)) / grid
+    return np.column_stack([rng.random(n) < 0.5, continuous[:, 0], continuous[:, 1],
+                            rng.random((n, codes)) < np.linspace(0.02, 0.5, codes)]).astype(np.float32)
+
+
+def _brute(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
+    q, r = queries.astype(np.float64), references.astype(np.float64)
+    return ((q[:, None, :] - r[None, :, :]) ** 2).sum(axis=2)
+
+
+def test_sparse_nearest_neighbours_equal_brute_force_with_continuous_columns() -> None:
+    # continuous values on a 1/8 grid: every distance is exact in float32, so values and tie-breaking must match
+    queries, references = _records(300, 1, grid=8), _records(700, 2, grid=8)  # 700 rows: several table blocks
+    pairs = _brute(queries, references)
+    distance, index = nearest_neighbours(queries, references, chunk_rows=37)
+    np.testing.assert_array_equal(distance, pairs.min(axis=1))
+    np.testing.assert_array_equal(index, pairs.argmin(axis=1))  # the lowest index among ties, like numpy
+    assert (pairs == pairs.min(axis=1, keepdims=True)).sum(axis=1).max() > 1  # ties did occur
+    # arbitrary continuous values: float32 rounding only
+    queries, references = _records(200, 3), _records(300, 4)
+    np.testing.assert_allclose(nearest_distances(queries, references), _brute(queries, references).min(axis=1),
+                               atol=1e-5)
+    # scipy sparse input gives the same answer as dense
+    np.testing.assert_array_equal(nearest_distances(sp.csr_matrix(queries), references),
+                                  nearest_distances(queries, references))
+
+
+def test_worker_threads_give_the_same_answer_and_restore_torch_threads() -> None:
+    queries, references = _records(500, 5, grid=8), _records(400, 6, grid=8)
+    previous = torch.get_num_threads()
+    default = nearest_neighbours(queries, references)
+    torch.set_num_threads(3)
+    try:
+        three = nearest_neighbours(queries, references)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(default[0], three[0])
+    np.testing.assert_array_equal(default[1], three[1])
+
+
+def test_dcr_distances_equal_brute_force_and_copies_are_at_exactly_zero() -> None:
+    train, holdout, synthetic = _records(150, 7), _records(150, 8), _records(120, 9)
+    result = distance_to_closest_record(train, holdout, synthetic, schema=_schema(40))
+    # equal sizes: the balanced samples are the whole splits
+    np.testing.assert_allclose(result["distances_to_train"], _brute(synthetic, train).min(axis=1), atol=1e-5)
+    np.testing.assert_allclose(result["distances_to_holdout"], _brute(synthetic, holdout).min(axis=1), atol=1e-5)
+    assert result["share_closer_to_train"] == pytest.approx(result["closer_to_train"].mean())
+    copies = membership_inference(train, holdout, train.copy(), schema=_schema(40))
+    assert (copies["member_distances"] == 0).all() and copies["f1_sweep"]["0"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ attribute inference
+def _hand_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Columns: sex, age, admissions, codes A B C D. A is the most common code in train, so with known_codes=1 the
+    attacker knows sex, age, admissions and A."""
+    def row(sex: int, age: float, codes: str) -> list[float]:
+        return [sex, age, 0.0] + [float(c in codes) for c in "ABCD"]
+
+    train = [row(1, 0.5, "AB"), row(0, 0.25, "AC"), row(1, 0.0, "D")]
+    synthetic = [row(1, 0.5, "ABC"), row(0, 0.25, "A"), row(1, 0.0, "AD"), row(1, 0.5, "AD")]  # rows 0, 3 tie
+    holdout = [row(1, 0.5, "AD"), row(0, 0.25, "AC"), row(1, 0.0, ""), row(0, 1.0, "B")]
+    return tuple(np.array(x, dtype=np.float32) for x in (train, holdout, synthetic))
+
+
+def test_attribute_inference_by_hand() -> None:
+    train, holdout, synthetic = _hand_case()
+    result = attribute_inference(train, holdout, synthetic, _schema(), known_codes=1)
+    assert result["known_columns"] == 4 and result["unknown_codes"] == 3 and result["victims"] == 3
+    np.testing.assert_array_equal(result["unknown_code_columns"], [4, 5, 6])  # B, C, D
+    # every unknown code is in 1 of 3 train rows: equal weights H(1/3), so the figure is the plain mean of F1s.
+    # Victim 0 -> synthetic 0 (distance 0, tied with row 3: the lower index wins): predicts B, C (true B);
+    # victim 1 -> synthetic 1: predicts nothing (true C); victim 2 -> synthetic 2 (1 < 1.25 < 2.0625): predicts D.
+    # F1: B 1, C 0 (one false positive, one false negative), D 1.
+    assert result["f1"] == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(result["predicted"].toarray(), [[1, 1, 0], [0, 0, 0], [0, 0, 1]])
+    # Baseline: victim 0 -> holdout 0 predicts D (true B), victim 1 -> holdout 1 predicts C, victim 2 -> holdout 2
+    # predicts nothing (true D). F1: B 0, C 1, D 0.
+    assert result["baseline_f1"] == pytest.approx(1 / 3)
+    assert result["difference"] == pytest.approx(1 / 3)
+    np.testing.assert_allclose(result["weights"], binary_entropy(np.full(3, 1 / 3)))
+    assert binary_entropy(np.array([0.5, 0.0, 1.0])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_attribute_inference_on_copies_is_perfect_and_the_holdout_baseline_is_not() -> None:
+    train, holdout = _records(300, 10), _records(300, 11)
+    result = attribute_inference(train, holdout, train.copy(), _schema(40), known_codes=8)
+    assert result["f1"] == 1.0
+    assert result["baseline_f1"] < 0.6 and result["difference"] > 0.4
+    assert result["known_columns"] == 3 + 8 and result["unknown_codes"] == 32
+
+
+def test_attribute_f1_matches_sklearn_and_resamples_victims() -> None:
+    train, holdout, synthetic = _records(400, 12), _records(400, 13), _records(400, 14)
+    train[:, 3] = 1.0  # a code present in every train row and one never present: weight 0, they drop out
+    train[:, 4] = 0.0
+    result = attribute_inference(train, holdout, synthetic, _schema(40), known_codes=0)  # demographics only
+    true, predicted, weights = result["true"].toarray(), result["predicted"].toarray(), result["weights"]
+    prevalence = train[:, result["unknown_code_columns"]].mean(axis=0)
+    expected_weights = np.array([stats.entropy([p, 1 - p], base=2) for p in prevalence])
+    np.testing.assert_allclose(weights, expected_weights, atol=1e-12)
+    assert result["weighted_codes"] == int((expected_weights > 0).sum()) == result["unknown_codes"] - 2
+    f1 = np.array([f1_score(true[:, j], predicted[:, j], zero_division=0) for j in range(true.shape[1])])
+    assert result["f1"] == pytest.approx((weights * f1).sum() / weights.sum())
+    # bootstrap resamples of victims: the figure recomputed on the resampled rows, where codes that no resampled
+    # victim has or is predicted to have (F1 = 0/0) drop out
+    for rows in (np.random.default_rng(0).integers(0, len(true), len(true)), np.array([0, 0, 1, 2])):
+        resampled_true, resampled_predicted = true[rows], predicted[rows]
+        defined = (resampled_true.sum(axis=0) + resampled_predicted.sum(axis=0) > 0) & (weights > 0)
+        f1 = np.array([f1_score(resampled_true[:, j], resampled_predicted[:, j], zero_division=0)
+                       for j in range(true.shape[1])])
+        expected = (weights[defined] * f1[defined]).sum() / weights[defined].sum()
+        assert attribute_f1(result["true"], result["predicted"], weights, rows) == pytest.approx(expected)
+    assert not defined.all()  # the small resample did lose codes
+    assert attribute_f1(result["true"], result["predicted"], weights, np.arange(len(true))) == pytest.approx(
+        result["f1"])
+
+
+def test_attribute_bootstrap_replicates_are_attribute_f1_on_resampled_victims() -> None:
+    train, holdout, synthetic = _records(120, 27), _records(120, 28), _records(120, 29)
+    result = attribute_inference(train, holdout, synthetic, _schema(40), known_codes=5)
+    replicates = attribute_bootstrap(result, reps=5, seed=4, batch=2)
+    rng = np.random.default_rng(4)  # the same draws, one resample of all victims per replicate
+    for k in range(5):
+        rows = rng.integers(0, 120, 120)
+        f1 = attribute_f1(result["true"], result["predicted"], result["weights"], rows)
+        baseline = attribute_f1(result["true"], result["baseline_predicted"], result["weights"], rows)
+        assert replicates["f1"][k] == pytest.approx(f1) and replicates["baseline_f1"][k] == pytest.approx(baseline)
+        assert replicates["difference"][k] == pytest.approx(f1 - baseline)
+    assert replicates["reps"] == 5 and len(set(replicates["f1"])) > 1
+    with pytest.raises(ValueError, match="skipped"):
+        attribute_bootstrap(attribute_inference(train[:1], holdout, synthetic, _schema(40), known_codes=5))
+
+
+def test_attribute_inference_knows_the_most_common_train_codes_and_equalises_reference_sizes() -> None:
+    train, holdout, synthetic = _records(200, 15), _records(150, 16), _records(250, 17)
+    synthetic[:, 3:13] = 1.0  # the synthetic set's most common codes are not train's
+    result = attribute_inference(train, holdout, synthetic, _schema(40), known_codes=4)
+    top_train = 3 + np.argsort(-train[:, 3:].mean(axis=0), kind="stable")[:4]
+    assert not set(top_train) & set(result["unknown_code_columns"])
+    assert result["reference_rows"] == 150  # the synthetic set is sampled down to the holdout's size
+
+
+# --------------------------------------------------------------------------------------------- all three, bad input
+def test_privacy_equals_the_three_functions() -> None:
+    train, holdout, synthetic, schema = _records(260, 18), _records(240, 19), _records(230, 20), _schema(40)
+    together = privacy(train, holdout, synthetic, schema, known_codes=6, seed=3)
+    mia = membership_inference(train, holdout, synthetic, seed=3)
+    dcr = distance_to_closest_record(train, holdout, synthetic, seed=3)
+    aia = attribute_inference(train, holdout, synthetic, schema, known_codes=6, seed=3)
+    for name, alone in (("membership_inference", mia), ("distance_to_closest_record", dcr),
+                        ("attribute_inference", aia)):
+        for key, value in alone.items():
+            other = together[name][key]
+            if sp.issparse(value):
+                assert (value != other).nnz == 0
+            else:
+                np.testing.assert_array_equal(np.asarray(other), np.asarray(value))
+    assert mia["members"] == 240 and dcr["synthetic_rows"] == 230
+
+
+def test_bad_input() -> None:
+    schema = _schema(40)
+    train, holdout, synthetic = _records(50, 21), _records(50, 22), _records(50, 23)
+    with pytest.raises(ValueError, match="synthetic has 42 columns, expected 43"):
+        attribute_inference(train, holdout, synthetic[:, :-1], schema)
+    with pytest.raises(ValueError, match="holdout has 42 columns, expected 43"):
+        membership_inference(train, holdout[:, 1:], synthetic, schema=schema)
+    with pytest.raises(ValueError, match="holdout has 42 columns"):
+        distance_to_closest_record(train, holdout[:, 1:], synthetic)
+    with pytest.raises(ValueError, match="2-D"):
+        nearest_distances(train[0], synthetic)
+    with pytest.raises(ValueError, match="train holds NaN"):
+        privacy(np.where(train == 1, np.nan, train), holdout, synthetic, schema)
+    with pytest.raises(ValueError, match="known_codes must be at least 0"):
+        attribute_inference(train, holdout, synthetic, schema, known_codes=-1)
+    codes_only = EHRSchema([ColumnGroup("icd10_categories", "multi_hot", ["A", "B"])])
+    with pytest.raises(ValueError, match="would know nothing"):
+        attribute_inference(train[:, 3:5], holdout[:, 3:5], synthetic[:, 3:5], codes_only, known_codes=0)
+    with pytest.raises(ValueError, match="at least one reference row"):
+        nearest_neighbours(train, synthetic[:0])
+
+
+def test_too_few_rows_are_skipped_with_a_reason() -> None:
+    schema = _schema(40)
+    train, holdout, synthetic = _records(50, 24), _records(50, 25), _records(50, 26)
+    for result in privacy(train[:1], holdout, synthetic, schema, known_codes=4).values():
+        assert "train has 1 (needs 2)" in result["reason"]
+    result = attribute_inference(train, holdout[:1], synthetic, schema, known_codes=4)
+    assert "holdout has 1" in result["reason"] and result["f1"] is result["baseline_f1"] is None
+    assert distance_to_closest_record(train, holdout, synthetic[:0])["share_closer_to_train"] is None
+    # a vocabulary no larger than known_codes leaves nothing to infer (the default 256 on a small demo vocabulary)
+    result = privacy(train, holdout, synthetic, schema, known_codes=40)["attribute_inference"]
+    assert result["f1"] is None and "leaves none of the 40 codes" in result["reason"]
+    # a split whose unknown codes never vary has no weighted code: None with a reason, not NaN
+    flat = train.copy()
+    flat[:, 3:] = 0.0
+    result = attribute_inference(flat, holdout, synthetic, schema, known_codes=3)
+    assert result["f1"] is None and result["weighted_codes"] == 0 and "every weight is 0" in result["reason"]
