@@ -140,6 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     generate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    evaluate = commands.add_parser("evaluate", parents=[common],
+                                   help="fidelity, utility, privacy, prompt faithfulness and plausibility against "
+                                        "baselines: metrics.json, report.html and the model card's metrics")
+    evaluate.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-ehr")
+    evaluate.add_argument("--dataset", type=Path, required=True,
+                          help="the prepared, labelled dataset folder the model was trained on (its holdout is used)")
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.html)")
+    evaluate.add_argument("--n-records", type=_positive_int, default=None,
+                          help="synthetic records scored (default: as many as the holdout's evaluation half)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the split halves, generation and bootstraps")
+    evaluate.add_argument("--n-prompts", type=int, default=200,
+                          help="holdout summaries used as prompts for prompt faithfulness (default 200; 0: skip)")
+    evaluate.add_argument("--records-per-prompt", type=_positive_int, default=2,
+                          help="records generated per prompt (default 2)")
+    evaluate.add_argument("--baselines", default="bernoulli,holdout",
+                          help="comma-separated baselines scored in the same run: bernoulli, holdout, ehrdiff "
+                               "(ehrdiff trains a model first); 'none' for none (default bernoulli,holdout)")
+    evaluate.add_argument("--ehrdiff-steps", type=_positive_int, default=4000,
+                          help="training steps of the EHRDiff baseline (default 4000)")
+    evaluate.add_argument("--bootstrap", type=_positive_int, default=200,
+                          help="bootstrap replicates of the percentile intervals (privacy, prompts; default 200)")
+    evaluate.add_argument("--fidelity-bootstrap", type=_positive_int, default=50,
+                          help="bootstrap replicates of the fidelity figures' normal intervals (default 50)")
+    evaluate.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the pipeline's)")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance g of the prompted records (default: the pipeline's)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
+    evaluate.add_argument("--text-embedder", default=None,
+                          help="embedder for a pipeline saved without one ('minilm', a folder or a Hub id)")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    evaluate.add_argument("--no-model-card", action="store_true",
+                          help="do not write the metrics into the model folder's README.md")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
     demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
@@ -411,6 +445,61 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"wrote {len(result.records):,} synthetic records to {args.out}")
 
 
+def _baseline_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if names in ((), ("none",)):
+        return ()
+    unknown = [name for name in names if name not in ("bernoulli", "holdout", "ehrdiff")]
+    if unknown:
+        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from bernoulli, holdout, "
+                         "ehrdiff, or none")
+    return names
+
+
+def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = False, model_card: bool = True,
+                   quiet: bool = False, text_embedder: str | None = None, device: str | None = None,
+                   names: tuple[str, str] | None = None, **options) -> tuple[dict, Path]:
+    """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
+    ``names`` are the model and dataset as the report states them (default: the paths given)."""
+    from .evaluation.data import load_real_data
+    from .evaluation.report import REPORT_NAME, model_card_markdown, write_report
+    from .evaluation.suite import evaluate_pipeline
+    from .hub import update_model_card_metrics
+    from .io_utils import atomic_directory, check_output_dir
+
+    check_output_dir(out, overwrite)
+    real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet)
+    pipe = _load_pipeline(model, text_embedder, device)
+    model_name, dataset_name = names or (model, str(dataset))
+    metrics, plots = evaluate_pipeline(pipe, real, model_name=model_name, dataset_name=dataset_name,
+                                       show_progress=not quiet, **options)
+    with atomic_directory(out, overwrite) as work:
+        write_report(metrics, plots, work)
+    card = Path(model) / "README.md"
+    if model_card and card.is_file():
+        update_model_card_metrics(card, model_card_markdown(metrics))
+    return metrics, out / REPORT_NAME
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.report import model_card_markdown
+
+    generation = {"decode_mode": "threshold"}
+    if args.steps is not None:
+        generation["num_inference_steps"] = args.steps
+    if args.guidance_scale is not None:
+        generation["guidance_scale"] = args.guidance_scale
+    metrics, report = run_evaluation(
+        args.model, args.dataset, args.out, overwrite=args.overwrite, model_card=not args.no_model_card,
+        quiet=args.quiet, text_embedder=args.text_embedder, device=args.device, n_records=args.n_records,
+        seed=args.seed, n_prompts=args.n_prompts, records_per_prompt=args.records_per_prompt,
+        baselines=_baseline_names(args.baselines), ehrdiff_steps=args.ehrdiff_steps, bootstrap_reps=args.bootstrap,
+        fidelity_bootstrap_reps=args.fidelity_bootstrap,
+        batch_size=args.batch_size, generation=generation)
+    print(model_card_markdown(metrics))
+    print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .data.cohort import CohortOptions, format_summary, prepare
     from .data.demo_ehr import write_demo_mimic
@@ -438,10 +527,18 @@ def _demo(args: argparse.Namespace) -> None:
         train_ehr(work / "dataset", work, args.preset, args.autoencoder_epochs, args.diffusion_steps,
                   args.judge_threshold, seed=args.seed, quiet=args.quiet)
         samples = _demo_samples(work / "model", work / "dataset", args.seed)
+        print("evaluating the model against the holdout and the baselines ...", flush=True)
+        metrics, _ = run_evaluation(str(work / "model"), work / "dataset", work / "evaluation", quiet=args.quiet,
+                                    device="cpu", names=(str(args.out / "model"), str(args.out / "dataset")),
+                                    seed=args.seed)
+    from .evaluation.report import model_card_markdown
+
     print(samples)
-    print(f"demo finished in {args.out}: the dataset (datasets.load_from_disk({str(args.out / 'dataset')!r})) and the "
+    print(model_card_markdown(metrics))
+    print(f"demo finished in {args.out}: the dataset (datasets.load_from_disk({str(args.out / 'dataset')!r})), the "
           f"pipeline (EHRLatentDiffusionPipeline.from_pretrained({str(args.out / 'model')!r}); "
-          f"ehr-diffusers generate --model {args.out / 'model'} ...)")
+          f"ehr-diffusers generate --model {args.out / 'model'} ...) and the evaluation report "
+          f"({args.out / 'evaluation' / 'report.html'}, metrics in {args.out / 'evaluation' / 'metrics.json'})")
 
 
 def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:
@@ -475,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-        if args.command in ("generate", "train-ehr", "demo"):
+        if args.command in ("generate", "train-ehr", "evaluate", "demo"):
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
@@ -483,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io_utils import OutputExistsError
 
     handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "train-ehr": _train_ehr,
-                "generate": _generate, "demo": _demo}
+                "generate": _generate, "evaluate": _evaluate, "demo": _demo}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:

@@ -1,0 +1,204 @@
+"""The evaluation run as a whole: every figure carries its split and interval, copies are caught, the report has
+every section, `ehr-diffusers evaluate` writes the folder and the model card, and bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ehr_diffusers import EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline, LogSNRCosineScheduler
+from ehr_diffusers.cli import main
+from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.evaluation.data import RealData, check_same_schema, load_real_data
+from ehr_diffusers.evaluation.report import SECTIONS, model_card_markdown, render_html, write_metrics
+from ehr_diffusers.evaluation.suite import COMPARISON, build_metrics, score_set, score_sets
+from ehr_diffusers.hub import METRICS_END, METRICS_START
+
+CODES = [f"{letter}{number:02d}" for letter in "EIJKN" for number in range(10, 22)]
+
+
+def _schema() -> EHRSchema:
+    return EHRSchema([
+        ColumnGroup("sex", "binary", ["M", "F"]),
+        ColumnGroup("age", "continuous", minimum=18, maximum=91),
+        ColumnGroup("death", "binary", [False, True]),
+        ColumnGroup("num_admissions", "count", minimum=0, maximum=20),
+        ColumnGroup("marital_status", "one_hot", ["MARRIED", "SINGLE", "MISSING"]),
+        ColumnGroup("race", "one_hot", ["WHITE", "BLACK", "MISSING"]),
+        ColumnGroup("icd10_categories", "multi_hot", CODES),
+    ])
+
+
+def _population(schema: EHRSchema, n: int, seed: int) -> np.ndarray:
+    """Records whose codes depend on a hidden risk and on age, so that every figure has structure to find."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, schema.dim), dtype=np.float32)
+    out[:, 0] = rng.random(n) < 0.5
+    out[:, 1] = rng.random(n)
+    out[:, 2] = rng.random(n) < 0.2
+    out[:, 3] = np.log1p(rng.integers(1, 6, n)) / np.log1p(20)
+    out[np.arange(n), 4 + rng.integers(0, 3, n)] = 1
+    out[np.arange(n), 7 + rng.integers(0, 3, n)] = 1
+    risk = rng.random(n)[:, None] + out[:, 1:2]
+    prevalence = np.linspace(0.05, 0.45, len(CODES))[None, :]
+    out[:, schema.slices["icd10_categories"]] = rng.random((n, len(CODES))) < prevalence * risk
+    return out
+
+
+def _real(n: int = 150) -> RealData:
+    schema = _schema()
+    train = _population(schema, 3 * n, 1)
+    return RealData(schema=schema, train_all=train, train=train[:n], holdout_eval=_population(schema, n, 2),
+                    holdout_reference=_population(schema, n, 3), train_rows=3 * n, holdout_rows=2 * n,
+                    synthetic_data=True)
+
+
+def _figures(scored: dict) -> list[tuple[str, dict]]:
+    return [(key, value) for section in scored["figures"].values() for key, value in section.items()]
+
+
+def test_every_figure_has_a_split_and_an_interval_around_it() -> None:
+    real = _real()
+    scored = score_set(real, _population(real.schema, 150, 4), bootstrap_reps=40, fidelity_bootstrap_reps=20,
+                       known_codes=20)
+    figures = _figures(scored)
+    assert len(figures) > 25
+    for key, value in figures:
+        assert "split" in value, key
+        if value["value"] is None:
+            assert value["reason"], key
+            continue
+        assert np.isfinite(value["value"]), key
+        if key == "codes_never_generated":  # a count, not an estimate
+            assert value["ci95"] is None and "count" in value["ci_method"]
+            continue
+        low, high = value["ci95"]
+        assert low <= value["value"] + 1e-9 and value["value"] - 1e-9 <= high, (key, value)
+        assert value["ci_method"], key
+    by_key = dict(figures)
+    assert by_key["prevalence_pearson"]["split"] == "holdout_eval"
+    assert by_key["tstr_auroc"]["split"] == "synthetic->holdout_eval"
+    assert by_key["trtr_auroc"]["split"] == "train->holdout_eval"
+
+
+def test_copies_of_train_are_caught_and_fresh_records_are_not() -> None:
+    real = _real()
+    sets = {"copies": real.train.copy(), "fresh": _population(real.schema, 150, 5)}
+    scored = score_sets(real, sets, bootstrap_reps=30, fidelity_bootstrap_reps=10, known_codes=20,
+                        show_progress=False)
+    copies, fresh = (dict(_figures(scored[name])) for name in ("copies", "fresh"))
+    assert copies["mia_auc"]["value"] > 0.95
+    assert copies["dcr_share"]["value"] > 0.95
+    assert abs(fresh["mia_auc"]["value"] - 0.5) < 0.1
+    assert copies["aia_f1"]["value"] == pytest.approx(1.0)
+    assert fresh["aia_f1"]["value"] < 0.9
+
+
+def test_metrics_report_and_model_card(tmp_path: Path) -> None:
+    real = _real()
+    sets = {"model": _population(real.schema, 150, 6), "holdout": real.holdout_reference}
+    scored = dict(score_sets(real, sets, bootstrap_reps=20, fidelity_bootstrap_reps=5, show_progress=False))
+    scored["model"]["vectors"] = sets["model"]
+    run = {"model": "m", "dataset": "d", "seed": 0, "synthetic_data": True, "train_rows": 450,
+           "train_rows_used": 150, "holdout_rows": 300, "synthetic_rows": 150, "generation": {"steps": 10},
+           "ehr_diffusers_version": "test"}
+    metrics, plots = build_metrics(run, real, scored, {"reason": "no prompts in this test"})
+    assert [row["key"] for row in metrics["comparison"]["rows"]] == [key for _, key, _, _ in COMPARISON]
+    path = write_metrics(metrics, tmp_path / "metrics.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["comparison"]["methods"] == ["model", "holdout"]
+    page = render_html(metrics, plots)
+    for section in SECTIONS:
+        assert f'id="{section}"' in page
+    assert page.count("data:image/png;base64,") >= 5  # prevalence, heatmap, two histograms, ROC
+    assert "no prompts in this test" in page and "synthetic demo cohort" in page
+    card = model_card_markdown(metrics)
+    assert card.count("\n|") == len(COMPARISON) + 2  # the header, its rule and one row per figure
+    assert "real holdout (ceiling)" in card
+
+
+def test_write_metrics_refuses_nan(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        write_metrics({"figure": float("nan")}, tmp_path / "metrics.json")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_different_schemas_are_named() -> None:
+    schema = _schema()
+    other = EHRSchema([*schema.groups[:-1], ColumnGroup("icd10_categories", "multi_hot", CODES[:-1])])
+    with pytest.raises(ValueError, match="'icd10_categories' differs in categories"):
+        check_same_schema(schema, other, "--dataset D", "--model M")
+    check_same_schema(schema, _schema(), "--dataset D", "--model M")
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.fixture(scope="module")
+def model_dir(labelled_demo_dataset, tmp_path_factory) -> Path:
+    """An untrained pipeline on the labelled demo dataset's schema, with the MiniLM embedder and a model card."""
+    from ehr_diffusers.text.embed import load_embedder
+
+    schema = EHRSchema.load(labelled_demo_dataset)
+    torch.manual_seed(0)
+    autoencoder = EHRAutoencoderModel.from_schema(schema, latent_dim=8, hidden_dim=16, num_layers=1)
+    denoiser = EHRDenoiserModel(latent_dim=8, num_tokens=2, hidden_dim=16, num_layers=1, num_heads=2,
+                                condition_dim=384, fourier_dim=8)
+    pipe = EHRLatentDiffusionPipeline(autoencoder, denoiser, LogSNRCosineScheduler(), load_embedder("minilm"),
+                                      schema=schema.to_dict())
+    folder = tmp_path_factory.mktemp("model") / "model"
+    pipe.save_pretrained(folder)
+    (folder / "README.md").write_text(f"# model\n\n## Evaluation\n\n{METRICS_START}\nnot yet\n{METRICS_END}\n")
+    return folder
+
+
+def test_evaluate_command_writes_the_report_and_the_card(model_dir, labelled_demo_dataset, tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    code = main(["evaluate", "--model", str(model_dir), "--dataset", str(labelled_demo_dataset), "--out", str(out),
+                 "-q", "--n-prompts", "8", "--bootstrap", "20", "--fidelity-bootstrap", "5", "--steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.json", "report.html"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    real = load_real_data(labelled_demo_dataset, show_progress=False)
+    assert metrics["run"]["synthetic_rows"] == len(real.holdout_eval)
+    assert metrics["run"]["holdout_eval_rows"] + metrics["run"]["holdout_reference_rows"] == real.holdout_rows
+    assert set(metrics["methods"]) == {"model", "bernoulli", "holdout"}
+    prompts = metrics["prompt_faithfulness"]
+    assert prompts["detail"]["prompts"] == 8 and prompts["detail"]["records"] == 16
+    assert prompts["figures"]["extractor_agreement"]["value"] > 0.95
+    page = (out / "report.html").read_text()
+    assert all(f'id="{section}"' in page for section in SECTIONS)
+    card = (model_dir / "README.md").read_text()
+    assert "not yet" not in card and "Prevalence Pearson r" in card
+    assert re.search(r"report written to .*report\.html", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--baselines", "bernoulli,gan"], "--baselines: unknown baseline"),
+    (["--dataset", "/nonexistent"], "--dataset /nonexistent: no such folder"),
+])
+def test_evaluate_command_errors(model_dir, labelled_demo_dataset, tmp_path, capsys, extra, message) -> None:
+    arguments = ["evaluate", "--model", str(model_dir), "--dataset", str(labelled_demo_dataset),
+                 "--out", str(tmp_path / "report"), "-q", *extra]
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_evaluate_command_names_a_schema_mismatch(model_dir, demo_dataset, tmp_path, capsys) -> None:
+    """A model evaluated against another dataset (here: its age scaling differs)."""
+    import shutil
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(demo_dataset, dataset)
+    schema = json.loads((dataset / "schema.json").read_text())
+    age = next(group for group in schema["groups"] if group["name"] == "age")
+    age["maximum"] = age["maximum"] + 1
+    (dataset / "schema.json").write_text(json.dumps(schema))
+    assert main(["evaluate", "--model", str(model_dir), "--dataset", str(dataset), "--out", str(tmp_path / "r"),
+                 "-q", "--n-prompts", "0"]) == 2
+    assert "use different schemas: group 'age' differs in maximum" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
