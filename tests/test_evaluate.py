@@ -202,3 +202,21 @@ def test_evaluate_command_names_a_schema_mismatch(model_dir, demo_dataset, tmp_p
                  "-q", "--n-prompts", "0"]) == 2
     assert "use different schemas: group 'age' differs in maximum" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_names_a_model_without_a_schema(model_dir, labelled_demo_dataset, tmp_path, capsys) -> None:
+    """A pipeline saved from bare group sizes (no categories, no scaling) cannot be compared with records."""
+    from ehr_diffusers.text.embed import load_embedder
+
+    schema = EHRSchema.load(labelled_demo_dataset)
+    groups = [{"name": g.name, "kind": g.kind, "width": g.width} for g in schema.groups]
+    autoencoder = EHRAutoencoderModel(groups=groups, latent_dim=8, hidden_dim=16, num_layers=1)
+    denoiser = EHRDenoiserModel(latent_dim=8, num_tokens=2, hidden_dim=16, num_layers=1, num_heads=2,
+                                condition_dim=384, fourier_dim=8)
+    folder = tmp_path / "bare"
+    pipe = EHRLatentDiffusionPipeline(autoencoder, denoiser, LogSNRCosineScheduler(), load_embedder("minilm"))
+    pipe.save_pretrained(folder)
+    assert main(["evaluate", "--model", str(folder), "--dataset", str(labelled_demo_dataset), "--out",
+                 str(tmp_path / "r"), "-q"]) == 2
+    assert f"--model {folder}: this pipeline has no schema" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -375,10 +375,11 @@ def test_identical_real_and_synthetic_is_perfect_fidelity() -> None:
 
 
 def test_cross_check_against_sdmetrics() -> None:
-    """sdmetrics' CorrelationSimilarity is 1 - |r_real - r_syn| / 2 per column pair, TVComplement is 1 - TVD."""
+    """sdmetrics' CorrelationSimilarity is 1 - |r_real - r_syn| / 2 per column pair, TVComplement is 1 - TVD,
+    KSComplement is 1 - the KS statistic."""
     pandas = pytest.importorskip("pandas")
     from sdmetrics.column_pairs import CorrelationSimilarity
-    from sdmetrics.single_column import TVComplement
+    from sdmetrics.single_column import KSComplement, TVComplement
 
     schema = _wide_schema()
     real, synthetic = _related(400, 20), _related(300, 21, links=False)
@@ -394,6 +395,9 @@ def test_cross_check_against_sdmetrics() -> None:
     assert fields["race"]["total_variation"] == pytest.approx(1 - TVComplement.compute(race(real), race(synthetic)))
     sex = lambda x: pandas.Series(x[:, 0].astype(int).astype(str))  # noqa: E731
     assert fields["sex"]["total_variation"] == pytest.approx(1 - TVComplement.compute(sex(real), sex(synthetic)))
+    age = lambda x: pandas.Series(schema.decode_column("age", x[:, 1]).astype(float))  # noqa: E731
+    assert fields["age"]["ks_statistic"] == pytest.approx(1 - KSComplement.compute(age(real), age(synthetic)))
+    assert 0 < fields["age"]["ks_statistic"] < 1
 
 
 def test_side_by_side_fits_give_the_sequential_figures(monkeypatch: pytest.MonkeyPatch) -> None:

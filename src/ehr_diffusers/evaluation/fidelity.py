@@ -15,7 +15,8 @@ Definitions (CONVENTIONS.md):
 * correlation (CMD): ||R_real - R_syn||_F over the code columns, with R the Pearson correlation matrix (a column with
   no variance correlates 0 with every other and 1 with itself), and Yan et al.'s (2022) scaling ||.||_F / d^2 x 10^6;
 * pairs: the ``top_k`` most frequent real code pairs, their rates in both, Pearson r and mean absolute difference;
-* demographics: 1-Wasserstein distance for age (years) and admissions (counts), total variation distance
+* demographics: 1-Wasserstein distance (and the two-sample Kolmogorov-Smirnov statistic) for age (years) and
+  admissions (counts), total variation distance
   (half the L1 distance of the category shares) for binary and one-hot fields, both sides decoded with the same
   schema, so in the same units;
 * dimension-wise prediction (Choi et al. 2017): for each of the ``top_k`` codes most prevalent in the real train
@@ -306,6 +307,7 @@ def demographics(real: Any, synthetic: Any, schema: EHRSchema) -> dict[str, Any]
             real_values = schema.decode_column(group.name, real_block[:, 0])
             synthetic_values = schema.decode_column(group.name, synthetic_block[:, 0])
             out[group.name] = {"wasserstein": float(stats.wasserstein_distance(real_values, synthetic_values)),
+                               "ks_statistic": float(stats.ks_2samp(real_values, synthetic_values).statistic),
                                "real_mean": float(real_values.mean()), "synthetic_mean": float(synthetic_values.mean())}
             continue
         if group.kind == "binary":

@@ -416,7 +416,8 @@ def _demographics_rows(raw: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for name, field in raw["fields"].items():
         if "wasserstein" in field:
-            rows.append([name, f"Wasserstein {field['wasserstein']:.3f}", f"mean {field['real_mean']:.2f}",
+            rows.append([name, f"Wasserstein {field['wasserstein']:.3f}, KS {field['ks_statistic']:.3f}",
+                         f"mean {field['real_mean']:.2f}",
                          f"mean {field['synthetic_mean']:.2f}"])
         else:
             rows.append([name, f"total variation {field['total_variation']:.3f}", _format_share(field["real_shares"]),
