@@ -16,7 +16,8 @@ from ehr_diffusers.cli import main
 from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.data import RealData, check_same_schema, load_real_data
 from ehr_diffusers.evaluation.report import SECTIONS, model_card_markdown, render_html, write_metrics
-from ehr_diffusers.evaluation.suite import COMPARISON, build_metrics, score_set, score_sets
+from ehr_diffusers.evaluation.suite import COMPARISON, baseline_vectors, build_metrics, figure_support, score_set
+from ehr_diffusers.evaluation.suite import score_sets
 from ehr_diffusers.hub import METRICS_END, METRICS_START
 
 CODES = [f"{letter}{number:02d}" for letter in "EIJKN" for number in range(10, 22)]
@@ -105,8 +106,8 @@ def test_metrics_report_and_model_card(tmp_path: Path) -> None:
     scored = dict(score_sets(real, sets, bootstrap_reps=20, fidelity_bootstrap_reps=5, show_progress=False))
     scored["model"]["vectors"] = sets["model"]
     run = {"model": "m", "dataset": "d", "seed": 0, "synthetic_data": True, "train_rows": 450,
-           "train_rows_used": 150, "holdout_rows": 300, "synthetic_rows": 150, "generation": {"steps": 10},
-           "ehr_diffusers_version": "test"}
+           "train_rows_used": 150, "holdout_rows": 300, "holdout_eval_rows": 150, "synthetic_rows": 150,
+           "generation": {"steps": 10}, "ehr_diffusers_version": "test"}
     metrics, plots = build_metrics(run, real, scored, {"reason": "no prompts in this test"})
     assert [row["key"] for row in metrics["comparison"]["rows"]] == [key for _, key, _, _ in COMPARISON]
     path = write_metrics(metrics, tmp_path / "metrics.json")
@@ -120,6 +121,47 @@ def test_metrics_report_and_model_card(tmp_path: Path) -> None:
     card = model_card_markdown(metrics)
     assert card.count("\n|") == len(COMPARISON) + 2  # the header, its rule and one row per figure
     assert "real holdout (ceiling)" in card
+    assert "holdout_eval, 150 of 300 patients" in card
+
+
+def test_intervals_stay_in_the_figures_range() -> None:
+    """The real holdout against itself: total variations near 0 get normal intervals that would go below 0."""
+    real = _real(400)
+    figures = dict(_figures(score_set(real, real.holdout_reference, bootstrap_reps=20, fidelity_bootstrap_reps=20,
+                                      known_codes=20)))
+    for key, value in figures.items():
+        low, high = figure_support(key)
+        if value.get("ci95") is not None:
+            assert low <= value["ci95"][0] and value["ci95"][1] <= high, (key, value)
+    assert figures["sex_total_variation"]["ci95"][0] >= 0.0
+    assert figure_support("sex_total_variation") == (0.0, 1.0)
+    assert figure_support("prevalence_pearson") == (-1.0, 1.0)
+
+
+def test_report_states_why_when_prediction_and_membership_inference_are_skipped() -> None:
+    """One train row: dimension-wise prediction and membership inference cannot run; the report says why."""
+    real = _real()
+    real.train = real.train[:1]
+    sets = {"model": _population(real.schema, 150, 6)}
+    scored = dict(score_sets(real, sets, bootstrap_reps=10, fidelity_bootstrap_reps=5, known_codes=20,
+                             show_progress=False))
+    scored["model"]["vectors"] = sets["model"]
+    run = {"model": "m", "dataset": "d", "seed": 0, "synthetic_data": False, "train_rows": 450,
+           "train_rows_used": 1, "holdout_rows": 300, "holdout_eval_rows": 150, "synthetic_rows": 150,
+           "generation": {}, "ehr_diffusers_version": "test"}
+    metrics, plots = build_metrics(run, real, scored, {"reason": "none"})
+    assert metrics["utility"]["note"].startswith("Not computed:")
+    assert metrics["privacy"]["figures"]["mia_auc"]["value"] is None
+    page = render_html(metrics, plots)
+    assert "No ROC:" in page
+
+
+def test_holdout_baseline_is_scored_at_the_others_size() -> None:
+    real = _real()
+    sets = baseline_vectors(["holdout", "bernoulli"], real, 100, seed=0)
+    assert sets["holdout"].shape == sets["bernoulli"].shape == (100, real.schema.dim)
+    rows = {tuple(row) for row in real.holdout_reference}
+    assert all(tuple(row) in rows for row in sets["holdout"])
 
 
 def test_write_metrics_refuses_nan(tmp_path: Path) -> None:
@@ -179,6 +221,7 @@ def test_evaluate_command_writes_the_report_and_the_card(model_dir, labelled_dem
 @pytest.mark.parametrize("extra, message", [
     (["--baselines", "bernoulli,gan"], "--baselines: unknown baseline"),
     (["--dataset", "/nonexistent"], "--dataset /nonexistent: no such folder"),
+    (["--n-records", "1"], "--n-records must be at least 2"),
 ])
 def test_evaluate_command_errors(model_dir, labelled_demo_dataset, tmp_path, capsys, extra, message) -> None:
     arguments = ["evaluate", "--model", str(model_dir), "--dataset", str(labelled_demo_dataset),

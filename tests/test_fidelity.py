@@ -15,8 +15,10 @@ from ehr_diffusers.evaluation.fidelity import (
     correlation_distance,
     correlation_matrix,
     demographics,
+    NO_CATEGORY,
     dimension_wise_prediction,
     fidelity,
+    field_categories,
     never_generated,
     pair_cooccurrence,
     prevalence,
@@ -109,6 +111,28 @@ def test_bad_input_is_named() -> None:
         fidelity(real, real[:, :5], schema)
     with pytest.raises(ValueError, match="at least 2 real and synthetic records"):
         fidelity(real, real[:1], schema)
+    with pytest.raises(ValueError, match="train and real must be different splits"):
+        fidelity(real, real, schema, train=real.copy())  # an equal copy is the same split
+    with pytest.raises(ValueError, match="real_codes must hold 0/1 codes"):
+        codes_per_patient(np.full((3, 2), 0.7), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="codes must hold 0/1 codes"):
+        code_moments(np.full((3, 2), 0.3))
+
+
+def test_one_hot_fields_with_no_or_several_categories_are_counted_apart() -> None:
+    """A generator that leaves race empty is not credited with its first category (WHITE)."""
+    schema = _schema()
+    real = schema.encode(_records(40, 3))
+    synthetic = real.copy()
+    race = schema.slices["race"]
+    synthetic[:10, race] = 0.0      # none
+    synthetic[10:12, race] = 1.0    # several
+    assert field_categories(synthetic[:12, race]).tolist() == [3] * 12
+    shares = demographics(real, synthetic, schema)["race"]
+    assert shares["synthetic_shares"][NO_CATEGORY] == pytest.approx(12 / 40)
+    assert NO_CATEGORY not in demographics(real, real, schema)["race"]["real_shares"]
+    moved = np.abs(field_categories(real[:12, race]) - 3).astype(bool).sum()  # rows whose category was lost
+    assert shares["total_variation"] == pytest.approx(moved / 40)
 
 
 # ---------------------------------------------------------------------------------------------------- new helpers

@@ -56,6 +56,7 @@ MIN_ROWS = 2
 # Dimension-wise prediction: the K most prevalent codes. 100 models take ~3.5 s per training source on one core for
 # 50,000 records of ~1,800 columns (the TRTR and TSTR fits run side by side on two cores).
 DEFAULT_TOP_K_CODES = 100
+NO_CATEGORY = "(none or several)"  # a one-hot field with no or several categories set, counted apart
 DEFAULT_C = 1.0          # inverse L2 strength, as scikit-learn's LogisticRegression (loss summed over rows)
 DEFAULT_MAX_ITER = 300
 DEFAULT_TOL = 1e-4       # max |gradient| in the preconditioned coordinates, per model
@@ -78,6 +79,14 @@ def _as_csr(matrix: Any, name: str, copy: bool = False) -> sp.csr_matrix:
     indptr = np.zeros(array.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=array.shape[0]), out=indptr[1:])
     return sp.csr_matrix((array.ravel()[flat].astype(np.float32), columns, indptr), shape=array.shape)
+
+
+def _code_csr(matrix: Any, name: str) -> sp.csr_matrix:
+    """A 0/1 code matrix as CSR; soft values would be summed as fractions of a code, so they are refused."""
+    out = _as_csr(matrix, name)
+    if ((out.data != 0) & (out.data != 1)).any():
+        raise ValueError(f"{name} must hold 0/1 codes; threshold probabilities at 0.5 first (code_matrix does)")
+    return out
 
 
 def _vectors(matrix: Any, schema: EHRSchema, name: str) -> sp.csr_matrix:
@@ -147,7 +156,7 @@ class CodeMoments:
 def code_moments(codes: Any, weights: Any = None) -> CodeMoments:
     """Moments of a 0/1 code matrix (dense or sparse) from one sparse Gram matrix, float64; ``weights``: one
     non-negative number per row (default 1), e.g. a bootstrap resample's multiplicities."""
-    x = _as_csr(codes, "codes")
+    x = _code_csr(codes, "codes")
     return _gram_moments(x, None if weights is None else _weights(weights, x.shape[0], "weights"))
 
 
@@ -167,7 +176,7 @@ def _moments(codes: Any, weights: Any, name: str, weights_name: str = "synthetic
         if weights is not None:
             raise ValueError(f"{name}: weights apply to a code matrix, not to precomputed CodeMoments")
         return codes
-    x = _as_csr(codes, name)
+    x = _code_csr(codes, name)
     return _gram_moments(x, None if weights is None else _weights(weights, x.shape[0], weights_name))
 
 
@@ -255,7 +264,7 @@ def pair_cooccurrence(real_codes: Any, synthetic_codes: Any, top_k: int = 100,
 def codes_per_patient(real_codes: Any, synthetic_codes: Any, synthetic_weights: Any = None) -> dict[str, Any]:
     """Codes per record: means and the 1-Wasserstein distance of the two distributions (synthetic rows weighted by
     ``synthetic_weights`` when given; the counts returned are per row, unweighted)."""
-    real, synthetic = _as_csr(real_codes, "real_codes"), _as_csr(synthetic_codes, "synthetic_codes")
+    real, synthetic = _code_csr(real_codes, "real_codes"), _code_csr(synthetic_codes, "synthetic_codes")
     real_counts = np.asarray(real.sum(axis=1), dtype=np.float64).ravel()
     synthetic_counts = np.asarray(synthetic.sum(axis=1), dtype=np.float64).ravel()
     weights = None if synthetic_weights is None else _weights(synthetic_weights, len(synthetic_counts),
@@ -272,8 +281,8 @@ def codes_per_patient(real_codes: Any, synthetic_codes: Any, synthetic_weights: 
 def never_generated(real_codes: Any, synthetic_codes: Any, vocabulary: list[str]) -> dict[str, Any]:
     """Codes present in the real split that no synthetic record has, and the share of real code occurrences they
     account for."""
-    real_totals = np.asarray(_as_csr(real_codes, "real_codes").sum(axis=0), dtype=np.float64).ravel()
-    synthetic_totals = np.asarray(_as_csr(synthetic_codes, "synthetic_codes").sum(axis=0), dtype=np.float64).ravel()
+    real_totals = np.asarray(_code_csr(real_codes, "real_codes").sum(axis=0), dtype=np.float64).ravel()
+    synthetic_totals = np.asarray(_code_csr(synthetic_codes, "synthetic_codes").sum(axis=0), dtype=np.float64).ravel()
     _same_codes(real_totals, synthetic_totals)
     present = real_totals > 0
     missing = present & (synthetic_totals == 0)
@@ -310,18 +319,27 @@ def demographics(real: Any, synthetic: Any, schema: EHRSchema) -> dict[str, Any]
                                "ks_statistic": float(stats.ks_2samp(real_values, synthetic_values).statistic),
                                "real_mean": float(real_values.mean()), "synthetic_mean": float(synthetic_values.mean())}
             continue
-        if group.kind == "binary":
-            real_shares = np.array([1 - real_block[:, 0].mean(), real_block[:, 0].mean()])
-            synthetic_shares = np.array([1 - synthetic_block[:, 0].mean(), synthetic_block[:, 0].mean()])
-        else:
-            real_shares = np.bincount(real_block.argmax(axis=1), minlength=group.width) / len(real_block)
-            synthetic_shares = np.bincount(synthetic_block.argmax(axis=1), minlength=group.width) / len(synthetic_block)
+        names = [*map(str, group.categories)] + ([] if group.kind == "binary" else [NO_CATEGORY])
+        real_shares = np.bincount(field_categories(real_block), minlength=len(names)) / len(real_block)
+        synthetic_shares = np.bincount(field_categories(synthetic_block), minlength=len(names)) / len(synthetic_block)
+        if group.kind != "binary" and real_shares[-1] == 0 and synthetic_shares[-1] == 0:
+            names, real_shares, synthetic_shares = names[:-1], real_shares[:-1], synthetic_shares[:-1]
         out[group.name] = {
             "total_variation": float(0.5 * np.abs(real_shares - synthetic_shares).sum()),
-            "real_shares": dict(zip(map(str, group.categories), real_shares.round(6).tolist())),
-            "synthetic_shares": dict(zip(map(str, group.categories), synthetic_shares.round(6).tolist())),
+            "real_shares": dict(zip(names, real_shares.round(6).tolist())),
+            "synthetic_shares": dict(zip(names, synthetic_shares.round(6).tolist())),
         }
     return out
+
+
+def field_categories(block: np.ndarray) -> np.ndarray:
+    """Category index per row of a binary (width 1) or one-hot block; a one-hot row without exactly one value >= 0.5
+    gets its own index, ``width`` (``NO_CATEGORY``), so a generator that leaves the field empty is not credited with
+    its first category."""
+    if block.shape[1] == 1:
+        return (block[:, 0] >= 0.5).astype(np.int64)
+    on = block >= 0.5
+    return np.where(on.sum(axis=1) == 1, on.argmax(axis=1), block.shape[1]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------- prediction
@@ -643,12 +661,24 @@ def dimension_wise_prediction(train: Any, holdout: Any, synthetic: Any, schema: 
     vs TRTR AUROC. Both say over how many codes they are taken (``codes``) and how many were filled
     (``tstr_untrainable``).
     """
-    if train is holdout:
+    if _same_split(train, holdout):
         raise ValueError("train and holdout must be different splits: the models are tested on the holdout only")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     return _dimension_wise(_vectors(train, schema, "train"), _vectors(holdout, schema, "holdout"),
                            _vectors(synthetic, schema, "synthetic"), schema, top_k, C, max_iter, tol, holdout_split)
+
+
+def _same_split(first: Any, second: Any) -> bool:
+    """Whether two splits are one (the same object, a view of it, or an equal copy), so that a model would be tested
+    on its own training rows."""
+    if first is second:
+        return True
+    if np.shape(first) != np.shape(second):
+        return False
+    if sp.issparse(first) or sp.issparse(second):
+        return (sp.csr_matrix(first) != sp.csr_matrix(second)).nnz == 0
+    return np.shares_memory(first, second) or np.array_equal(first, second)
 
 
 def fidelity(real: Any, synthetic: Any, schema: EHRSchema, top_k_pairs: int = 100, *, train: Any = None,
@@ -662,7 +692,7 @@ def fidelity(real: Any, synthetic: Any, schema: EHRSchema, top_k_pairs: int = 10
     on ``synthetic`` and tests on ``real``, which must then be the holdout (split "train->holdout" and
     "synthetic->holdout"); without it, that section holds only the reason.
     """
-    if train is not None and train is real:
+    if train is not None and _same_split(train, real):
         raise ValueError("train and real must be different splits: dimension-wise prediction tests on real")
     real_x, synthetic_x = _vectors(real, schema, "real"), _vectors(synthetic, schema, "synthetic")
     if min(real_x.shape[0], synthetic_x.shape[0]) < MIN_ROWS:

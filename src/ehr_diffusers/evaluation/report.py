@@ -218,7 +218,7 @@ def _figures_table(figures: Mapping[str, Mapping[str, Any]], labels: Mapping[str
 def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     """The report page for one evaluation run (``metrics`` and ``plots`` as the suite returns them)."""
     run = metrics["run"]
-    split = "holdout"
+    split = "holdout_eval"
     parts = [f"<h1>Evaluation of synthetic EHR: {_e(run['model'])}</h1>",
              "<nav>" + "".join(f'<a href="#{name}">{name}</a>' for name in SECTIONS) + "</nav>"]
     if run.get("synthetic_data"):
@@ -226,7 +226,9 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
                      "toolkit, not MIMIC-IV.</p>")
     facts = [["model", run["model"]], ["dataset", run["dataset"]], ["seed", run["seed"]],
              ["real train rows (used)", f"{run['train_rows']:,} ({run['train_rows_used']:,})"],
-             ["real holdout rows", f"{run['holdout_rows']:,}"], ["synthetic records", f"{run['synthetic_rows']:,}"],
+             ["real holdout rows (evaluation half, holdout_eval)",
+              f"{run['holdout_rows']:,} ({run['holdout_eval_rows']:,})"],
+             ["synthetic records", f"{run['synthetic_rows']:,}"],
              ["generation", json.dumps(run["generation"])], ["ehr-diffusers", run["ehr_diffusers_version"]]]
     summary = _table(["", ""], facts, numeric_from=9)
     summary += ("<p class=note>Fidelity and privacy are measured on unconditional samples (the learned null "
@@ -256,7 +258,10 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
 
     privacy = metrics["privacy"]
     body = _figures_table(privacy["figures"], privacy["labels"]) + f"<p class=note>{_e(privacy['note'])}</p>"
-    body += plot_roc(-plots["member_distances"], -plots["nonmember_distances"])
+    if len(plots["member_distances"]) and len(plots["nonmember_distances"]):
+        body += plot_roc(-plots["member_distances"], -plots["nonmember_distances"])
+    else:
+        body += f"<p>No ROC: {_e(privacy['figures']['mia_auc'].get('reason', 'membership inference skipped'))}.</p>"
     parts.append(_section("privacy", "Privacy", body))
 
     prompts = metrics["prompt_faithfulness"]
@@ -269,7 +274,7 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     parts.append(_section("prompt-faithfulness", "Prompt faithfulness", body))
 
     plausibility = metrics["plausibility"]
-    body = _table(["rule", "source", "real holdout", "synthetic"], plausibility["rows"], numeric_from=2)
+    body = _table(["rule", "source", "real holdout_eval", "synthetic"], plausibility["rows"], numeric_from=2)
     parts.append(_section("plausibility", "Clinical plausibility (violation rates)", body))
 
     definitions = "".join(f"<li><b>{_e(name)}</b>: {_e(text)}</li>" for name, text in metrics["definitions"].items())
@@ -292,10 +297,11 @@ def model_card_markdown(metrics: Mapping[str, Any]) -> str:
     """The comparison table as markdown for the model card's metrics block."""
     comparison, run = metrics["comparison"], metrics["run"]
     methods = comparison["methods"]
+    cohort = " of the synthetic demo cohort" if run.get("synthetic_data") else ""
     lines = [f"Evaluated with `ehr-diffusers evaluate` (ehr-diffusers {run['ehr_diffusers_version']}) on "
-             f"{run['synthetic_rows']:,} synthetic records against the real holdout split ({run['holdout_rows']:,} "
-             f"patients){' of the synthetic demo cohort' if run.get('synthetic_data') else ''}, seed {run['seed']}. "
-             "Values are the figure and its 95% CI.", "",
+             f"{run['synthetic_rows']:,} synthetic records against the evaluation half of the real holdout split "
+             f"(holdout_eval, {run['holdout_eval_rows']:,} of {run['holdout_rows']:,} patients{cohort}), seed "
+             f"{run['seed']}. Values are the figure and its 95% CI.", "",
              "| figure | split | better | " + " | ".join(comparison["labels"][m] for m in methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     for row in comparison["rows"]:

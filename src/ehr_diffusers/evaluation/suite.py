@@ -36,7 +36,8 @@ from ..data.schema import EHRSchema
 from .clinical import compare_plausibility
 from .conditional import extraction_agreement, prompt_faithfulness
 from .data import RealData, check_same_schema
-from .fidelity import code_moments, codes_per_patient, correlation_distance, correlation_matrix, fidelity
+from .fidelity import code_moments, codes_per_patient, correlation_distance, correlation_matrix, field_categories
+from .fidelity import fidelity
 from .fidelity import pair_cooccurrence, prevalence
 from .intervals import fisher_z_interval, mean_interval, percentile_bootstrap
 from .privacy import attribute_bootstrap, privacy, roc_auc, tpr_at_fpr
@@ -48,7 +49,7 @@ BOOTSTRAP_REPS = 200  # percentile intervals (cheap: per-record arrays)
 FIDELITY_BOOTSTRAP_REPS = 50  # normal intervals of the fidelity figures (one sparse Gram matrix each)
 HEATMAP_CODES = 40
 METHOD_LABELS = {"model": "this model", "bernoulli": "independent marginals", "holdout": "real holdout (ceiling)",
-                 "ehrdiff": "EHRDiff-style EDM", "seed_sampler": "seed sampler"}
+                 "ehrdiff": "EHRDiff-style EDM", "seed_sampler": "seed sampler on this model"}
 
 DEFINITIONS = {
     "prevalence Pearson/Spearman r": "correlation of per-code prevalences (share of patients with the ICD-10 "
@@ -85,8 +86,10 @@ def figure(value: Any, split: str | None, ci: tuple[float, float] | list[float] 
     if value is None:
         return {"value": None, "split": split, "ci95": None, "reason": reason or "not computed", **extra}
     value = float(value) if not isinstance(value, (int, np.integer)) or isinstance(value, bool) else int(value)
-    return {"value": value, "split": split, "ci95": None if ci is None else [float(ci[0]), float(ci[1])],
-            "ci_method": method if ci is not None else (method or "none"), **extra}
+    if ci is None:
+        return {"value": value, "split": split, "ci95": None,
+                "ci_method": f"no interval ({reason or 'too few rows or replicates without a value'})", **extra}
+    return {"value": value, "split": split, "ci95": [float(ci[0]), float(ci[1])], "ci_method": method, **extra}
 
 
 def _bootstrap(statistic: Callable[[np.ndarray], float | None], n: int, reps: int, seed: int
@@ -138,11 +141,6 @@ def _lookup(section: Mapping[str, Any], path: tuple[str, ...]) -> tuple[Any, str
     return value, reason
 
 
-def _categories(block: np.ndarray) -> np.ndarray:
-    """Category index per row of a binary (width 1) or one-hot block, as the fidelity module reads them."""
-    return (block[:, 0] >= 0.5).astype(np.int64) if block.shape[1] == 1 else block.argmax(axis=1)
-
-
 FIDELITY_FIGURES = (("prevalence_pearson", "prevalence", ("pearson", "value")),
                     ("prevalence_spearman", "prevalence", ("spearman", "value")),
                     ("prevalence_mad_x1000", "prevalence", ("mean_abs_diff_x1000",)),
@@ -152,8 +150,23 @@ FIDELITY_FIGURES = (("prevalence_pearson", "prevalence", ("pearson", "value")),
                     ("codes_per_patient_wasserstein", "codes_per_patient", ("wasserstein",)))
 
 
-def _normal_interval(estimate: float, replicates: list[float | None]) -> tuple[float, float] | None:
-    """estimate +- 1.96 bootstrap standard errors; None when a replicate had no value or there are too few.
+def figure_support(key: str) -> tuple[float, float]:
+    """The range a figure can take, so that a symmetric interval (normal bootstrap, t over seeds) is cut to it rather
+    than claiming, say, a negative total variation."""
+    if key.endswith(("_pearson", "_spearman")) or key == "agreement" or key == "aia_difference":
+        return -1.0, 1.0
+    if key.endswith(("_total_variation", "_auroc", "_f1", "_share", "_fpr")) or key.startswith("any_rule") \
+            or key == "mia_auc":
+        return 0.0, 1.0
+    if key.endswith(("_wasserstein", "_x1000", "_mean", "_ratio")) or key.startswith("cmd_") \
+            or key == "codes_never_generated":
+        return 0.0, np.inf
+    return -np.inf, np.inf
+
+
+def _normal_interval(estimate: float, replicates: list[float | None], key: str) -> tuple[float, float] | None:
+    """estimate +- 1.96 bootstrap standard errors, cut to the figure's range; None when a replicate had no value or
+    there are too few.
 
     Distances between samples (CMD, Wasserstein, 1 - r) grow with the sampling noise that resampling adds, so their
     percentile intervals sit beside the estimate rather than around it; the normal interval keeps it centred
@@ -161,7 +174,8 @@ def _normal_interval(estimate: float, replicates: list[float | None]) -> tuple[f
     if len(replicates) < 2 or any(value is None for value in replicates):
         return None
     spread = 1.959964 * float(np.std(np.asarray(replicates, dtype=np.float64), ddof=1))
-    return estimate - spread, estimate + spread
+    low, high = figure_support(key)
+    return max(estimate - spread, low), min(estimate + spread, high)
 
 
 def _fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndarray, schema: EHRSchema, reps: int,
@@ -182,10 +196,10 @@ def _fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndar
             fields[name] = ("wasserstein", schema.decode_column(name, real.holdout_eval[:, column.start]),
                             schema.decode_column(name, synthetic[:, column.start]))
         else:
-            width = max(schema[name].width, 2)
-            real_category = _categories(real.holdout_eval[:, column])
+            width = 2 if schema[name].kind == "binary" else schema[name].width + 1  # + none or several
+            real_category = field_categories(real.holdout_eval[:, column])
             fields[name] = ("total_variation", np.bincount(real_category, minlength=width) / len(real_category),
-                            _categories(synthetic[:, column]))
+                            field_categories(synthetic[:, column]))
     replicates: dict[str, list[float | None]] = {key: [] for key, _, _ in FIDELITY_FIGURES}
     replicates.update({f"{name}_{kind}": [] for name, (kind, _, _) in fields.items()})
     rng = np.random.default_rng(seed)
@@ -210,18 +224,18 @@ def _fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndar
     out: dict[str, dict[str, Any]] = {}
     for key, section, path in FIDELITY_FIGURES:
         value, reason = _lookup(raw[section], path)
-        out[key] = figure(value, split, None if value is None else _normal_interval(value, replicates[key]), method,
-                          reason)
+        ci = None if value is None else _normal_interval(value, replicates[key], key)
+        out[key] = figure(value, split, ci, method, reason)
     cpp = raw["codes_per_patient"]
     out["codes_per_patient_real_mean"] = figure(cpp["real_mean"], split, mean_interval(cpp["real_counts"]),
                                                 "t interval")
     out["codes_per_patient_synthetic_mean"] = figure(
         cpp["synthetic_mean"], split, mean_interval(cpp["synthetic_counts"]) if n > 1 else None, "t interval")
     for name, (kind, _, _) in fields.items():
-        value = raw["demographics"]["fields"][name][kind]
-        out[f"{name}_{kind}"] = figure(value, split, _normal_interval(value, replicates[f"{name}_{kind}"]), method)
+        key, value = f"{name}_{kind}", raw["demographics"]["fields"][name][kind]
+        out[key] = figure(value, split, _normal_interval(value, replicates[key], key), method)
     never = raw["never_generated"]
-    out["codes_never_generated"] = figure(never["count"], split, method="a count over the whole synthetic set",
+    out["codes_never_generated"] = figure(never["count"], split, reason="a count over the whole synthetic set",
                                           of_present=never["of_present"])
     return out
 
@@ -435,7 +449,7 @@ def _per_code_rows(raw: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _utility_note(raw: Mapping[str, Any]) -> str:
-    if raw.get("split") is None:
+    if raw.get("split") is None or "means" not in raw:
         return f"Not computed: {raw.get('reason', 'no real train split')}."
     means = raw["means"]
     return (f"The {raw['codes']} codes most prevalent in real train; TRTR = {raw['split']['trtr']}, TSTR = "
@@ -551,8 +565,9 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
 
 def baseline_vectors(names: list[str], real: RealData, n: int, seed: int, ehrdiff_steps: int = 4000,
                      device: str = "cpu", show_progress: bool = True) -> dict[str, np.ndarray]:
-    """The named baselines' records (``n`` each; the holdout reference half as it is), fitted on the whole train
-    split as the model was."""
+    """The named baselines' records, ``n`` each, fitted on the whole train split as the model was; the holdout
+    reference half is sampled down to ``n`` rows (it cannot grow: a larger ``n`` scores it at its own size, with a
+    warning, since CMD, Wasserstein and pair r all depend on the sample size)."""
     from .baselines import BernoulliMarginals, sample_ehrdiff, train_ehrdiff
 
     out: dict[str, np.ndarray] = {}
@@ -560,7 +575,15 @@ def baseline_vectors(names: list[str], real: RealData, n: int, seed: int, ehrdif
         if name == "bernoulli":
             out[name] = BernoulliMarginals().fit(real.train_all, real.schema).sample(n, seed)
         elif name == "holdout":
-            out[name] = real.holdout_reference
+            reference = real.holdout_reference
+            if n < len(reference):
+                rows = np.sort(np.random.default_rng(seed).choice(len(reference), n, replace=False))
+                reference = reference[rows]
+            elif n > len(reference):
+                logger.warning("the real holdout baseline has %d rows, fewer than the %d records of the other sets; "
+                               "size-dependent figures (CMD, Wasserstein, pair r) are not comparable in its column",
+                               len(reference), n)
+            out[name] = reference
         elif name == "ehrdiff":
             model = train_ehrdiff(real.train_all, real.schema, steps=ehrdiff_steps, seed=seed, device=device,
                                   show_progress=show_progress)
@@ -585,6 +608,8 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
     except ValueError as error:
         raise ValueError(f"--model {model_name}: {error}") from None
     check_same_schema(real.schema, model_schema, f"--dataset {dataset_name}", f"--model {model_name}")
+    if n_records is not None and n_records < 2:
+        raise ValueError(f"--n-records must be at least 2 (fidelity compares distributions), got {n_records}")
     generation = dict(generation or {})
     n = n_records or len(real.holdout_eval)
     unconditional = generate_records(pipe, None, n, batch_size=batch_size, seed=seed, show_progress=show_progress,
