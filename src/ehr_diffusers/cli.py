@@ -1,4 +1,4 @@
-"""The ``ehr-diffusers`` command line: demo-data, prepare, label, train-ehr, generate and demo.
+"""The ``ehr-diffusers`` command line: demo-data, prepare, prepare-cxr, label, train-ehr, generate, evaluate, demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output.
@@ -77,6 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     _add_cohort_options(prepare)
+
+    cxr = commands.add_parser("prepare-cxr", parents=[common],
+                              help="MIMIC-CXR-JPG + MIMIC-IV -> EHRXDiff triplets (previous image, events, target) "
+                                   "with event embeddings")
+    cxr.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/ and icu/)")
+    cxr.add_argument("--cxr-dir", type=Path, required=True,
+                     help="MIMIC-CXR-JPG release folder (holds mimic-cxr-2.0.0-metadata.csv.gz and files/)")
+    cxr.add_argument("--out", type=Path, required=True, help="dataset folder to create")
+    cxr.add_argument("--window-hours", type=float, default=48.0,
+                     help="a previous image is less than this many hours before the target (default 48)")
+    cxr.add_argument("--max-events", type=_positive_int, default=1024,
+                     help="keep the last K events of each triplet (default 1024)")
+    cxr.add_argument("--items", default=None,
+                     help="folder of item lists that replaces the packaged chest and cardiopulmonary lists")
+    cxr.add_argument("--embedder", default="minilm",
+                     help="'minilm' (offline default), a Hub id or folder such as "
+                          "thomas-sounack/BioClinical-ModernBERT-base, or 'none' for no event embeddings")
+    cxr.add_argument("--batch-size", type=_positive_int, default=256, help="embedding batch size (default 256)")
+    cxr.add_argument("--retrieval", action="store_true",
+                     help="enrich each event embedding with its nearest train-split events (FAISS)")
+    cxr.add_argument("--retrieval-k", type=_positive_int, default=4, help="neighbours per event (default 4)")
+    cxr.add_argument("--retrieval-weight", type=float, default=0.5,
+                     help="share of the neighbours in the enriched vector (default 0.5)")
+    cxr.add_argument("--knowledge", default=None,
+                     help="retrieve from this knowledge list (text, one entry per line, or .jsonl) instead of events")
+    cxr.add_argument("--split", choices=("seeded", "mimic"), default="seeded",
+                     help="split patients with a seed (default) or by MIMIC-CXR-JPG's own split file")
+    cxr.add_argument("--validation-fraction", type=float, default=0.1, help="share of patients (default 0.1)")
+    cxr.add_argument("--test-fraction", type=float, default=0.1, help="share of patients (default 0.1)")
+    cxr.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    cxr.add_argument("--no-image-check", action="store_true",
+                     help="do not check that the listed image files exist and open")
+    cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     label = commands.add_parser("label", parents=[common],
                                 help="add facts_text, summary, judge_scores and embedding columns to a prepared dataset")
@@ -230,6 +263,23 @@ def _prepare(args: argparse.Namespace) -> None:
                       show_progress=not args.quiet, synthetic=synthetic)
     print(f"prepared dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_summary(summary))
+
+
+def _prepare_cxr(args: argparse.Namespace) -> None:
+    from .data.cxr import TripletOptions
+    from .data.cxr_dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
+
+    triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
+                              validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                              check_images=not args.no_image_check)
+    options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items,
+                                embedder=None if args.embedder == "none" else args.embedder,
+                                batch_size=args.batch_size, retrieval=args.retrieval, retrieval_k=args.retrieval_k,
+                                retrieval_weight=args.retrieval_weight, knowledge=args.knowledge)
+    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
+                          show_progress=not args.quiet)
+    print(f"triplet dataset written to {args.out}")
+    print(format_cxr_summary(summary))
 
 
 def _device(name: str | None):
@@ -579,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "prepare": _prepare, "label": _label, "train-ehr": _train_ehr,
+    handlers = {"demo-data": _demo_data, "prepare": _prepare, "prepare-cxr": _prepare_cxr, "label": _label,
+                "train-ehr": _train_ehr,
                 "generate": _generate, "evaluate": _evaluate, "demo": _demo}
     try:
         handlers[args.command](args)

@@ -351,6 +351,67 @@ def push_to_hub(
 METRICS_START = "<!-- metrics:start -->"
 METRICS_END = "<!-- metrics:end -->"
 MIMIC_LICENSE_NAME = "physionet-credentialed-health-data-license-1.5.0"
+_CXR_SYNTHETIC_BANNER = (
+    "> **Synthetic data.** These triplets come from `ehr-diffusers demo-cxr-data`; they describe no real person and\n"
+    "> are not MIMIC-CXR-JPG or MIMIC-IV. They only share their file layout, column names and vocabularies.\n"
+)
+
+
+def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False) -> str:
+    """The README.md written beside a prepared triplet dataset, filled from its ``cxr_summary.json``."""
+    from .data.cxr import CHEXPERT_LABELS
+
+    template = Template(resources.files("ehr_diffusers").joinpath("templates/cxr_dataset_card.md").read_text())
+    options, triplet_options = summary["options"], summary["options"]["triplets"]
+    events, embeddings = summary["events"], summary.get("embeddings")
+    if triplet_options["split"] == "mimic":
+        split_description = "MIMIC-CXR-JPG's own split by patient (`validate` named `validation`)"
+    else:
+        split_description = (f"patients split with a permutation seeded with {triplet_options['seed']} "
+                             f"(validation {triplet_options['validation_fraction']}, test "
+                             f"{triplet_options['test_fraction']} of patients)")
+    if embeddings:
+        retrieval = embeddings["retrieval"]
+        how = ("no retrieval augmentation" if retrieval is None else
+               f"enriched with the top {retrieval['k']} neighbours (weight {retrieval['weight']}) among "
+               f"{retrieval['corpus']:,} texts of {retrieval['source']} (`ehr_diffusers.text.retrieval`)")
+        embedding_lines = (f"- `event_embeddings` (float16, events x {embeddings['dim']}): each event text embedded by "
+                           f"`{embeddings['model']}` ({embeddings['pooling']} pooling, unit norm), {how}.\n")
+    else:
+        embedding_lines = "- no `event_embeddings` (prepared without an embedder).\n"
+    hours = summary["hours_between_median"]
+    changes = ", ".join(f"{label} {rate:.3f}" for label, rate in summary["label_change_rates"].items()
+                        if rate is not None) or "no triplets"
+    return template.substitute(
+        license_lines="license: cc0-1.0" if synthetic else _MIMIC_LICENSE_LINES,
+        source_kind="synthetic demo" if synthetic else "MIMIC-CXR-JPG + MIMIC-IV",
+        source_tag="synthetic" if synthetic else "mimic-cxr",
+        size_category=_size_category(summary["triplets"]),
+        synthetic_banner=_CXR_SYNTHETIC_BANNER if synthetic else "",
+        version=__version__,
+        source_description=("the synthetic demo cohort" if synthetic else "MIMIC-CXR-JPG and MIMIC-IV")
+        + f" (`{summary['cxr_dir']}`)",
+        cxr_dir=summary["cxr_dir"],
+        views=", ".join(triplet_options["views"]), min_age=triplet_options["min_age"],
+        window_hours=f"{triplet_options['window_hours']:g}", max_events=f"{options['max_events']:,}",
+        images=f"{summary['images']:,}", studies=f"{summary['studies']:,}", subjects=f"{summary['subjects']:,}",
+        frontal_images=f"{summary['frontal_images']:,}",
+        frontal_images_in_admissions=f"{summary['frontal_images_in_admissions']:,}",
+        frontal_images_of_adults=f"{summary['frontal_images_of_adults']:,}",
+        frontal_images_outside_admissions=f"{summary['frontal_images_outside_admissions']:,}",
+        images_missing=f"{summary['images_missing']:,}", images_unreadable=f"{summary['images_unreadable']:,}",
+        triplets=f"{summary['triplets']:,}", triplet_subjects=f"{summary['triplet_subjects']:,}",
+        triplet_admissions=f"{summary['triplet_admissions']:,}",
+        hours_between_median="n/a" if hours is None else f"{hours:.1f}",
+        events_mean=f"{events['events_per_triplet_mean']:.1f}", events_median=f"{events['events_per_triplet_median']:.0f}",
+        split_description=split_description,
+        train_rows=f"{summary['splits']['train']:,}", validation_rows=f"{summary['splits']['validation']:,}",
+        test_rows=f"{summary['splits']['test']:,}",
+        labels=", ".join(CHEXPERT_LABELS), embedding_lines=embedding_lines, label_changes=changes,
+        licence_note=_SYNTHETIC_LICENCE if synthetic else _MIMIC_LICENCE.replace("MIMIC-IV", "MIMIC-CXR-JPG and MIMIC-IV"),
+    )
+
+
 MODEL_CARD_TEMPLATE = "templates/model_card_ehr_latent_diffusion.md"
 
 

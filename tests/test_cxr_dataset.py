@@ -1,0 +1,129 @@
+"""prepare-cxr end to end on a hand-made cohort: triplets with their events, event embeddings (one per distinct
+event content, float16), retrieval on and off, the card and summary, the command and its errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from datasets import load_from_disk
+from test_cxr import T0, cohort  # noqa: F401  (the fixture)
+
+from ehr_diffusers.cli import main
+from ehr_diffusers.data.cxr import TripletOptions
+from ehr_diffusers.data.cxr_dataset import CXRDatasetOptions, build_cxr_dataset, prepare_cxr
+from ehr_diffusers.data.cxr_events import event_content
+
+
+def _stamp(hours: float) -> str:
+    return (T0 + timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _add_events(mimic: Path) -> None:
+    """Admission 201 has images at 0 h, 10 h and 48 h: furosemide at 5 h (first window), the same dose at 20 h and
+    a pO2 at 30 h (second window), a pO2 at 60 h (after every window)."""
+    columns = ["subject_id", "hadm_id", "pharmacy_id", "starttime", "stoptime", "drug_type", "drug", "dose_val_rx",
+               "dose_unit_rx", "route"]
+    pl.DataFrame([(10000001, 201, 1, _stamp(5), _stamp(6), "MAIN", "Furosemide", "40", "mg", "IV"),
+                  (10000001, 201, 2, _stamp(20), _stamp(21), "MAIN", "Furosemide", "40", "mg", "IV")],
+                 schema=columns, orient="row").write_csv(mimic / "hosp" / "prescriptions.csv.gz", compression="gzip")
+    columns = ["labevent_id", "subject_id", "hadm_id", "itemid", "charttime", "value", "valuenum", "valueuom", "flag"]
+    pl.DataFrame([(1, 10000001, 201, 50821, _stamp(30), "62", 62.0, "mm Hg", "abnormal"),
+                  (2, 10000001, 201, 50821, _stamp(60), "90", 90.0, "mm Hg", None)],
+                 schema=columns, orient="row").write_csv(mimic / "hosp" / "labevents.csv.gz", compression="gzip")
+
+
+def _options(**kwargs) -> CXRDatasetOptions:
+    return CXRDatasetOptions(triplets=TripletOptions(validation_fraction=0.0, test_fraction=0.0), **kwargs)
+
+
+def test_triplets_carry_their_events_and_one_vector_per_event(cohort) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False)
+    train = dataset["train"]
+    assert train.num_rows == 2 and list(dataset) == ["train"]  # empty splits are left out
+    assert train[0]["event_texts"] == ["prescriptions, drug Furosemide, dose_val_rx 40, dose_unit_rx mg, route IV, "
+                                       "time -5.0 h"]
+    assert train[1]["event_tables"] == ["prescriptions", "labevents"]
+    assert train[1]["event_hours"] == pytest.approx([-28.0, -18.0])
+    assert summary["events"]["events_kept"] == {"labevents": 1, "prescriptions": 2}
+    info = summary["embeddings"]
+    assert info["dim"] == 384 and info["distinct_texts"] == 2  # the two furosemide events share one content
+    assert train.features["event_embeddings"].dtype == "float16"
+    vectors = [np.asarray(row["event_embeddings"], dtype=np.float32) for row in train]
+    assert [v.shape for v in vectors] == [(1, 384), (2, 384)]
+    np.testing.assert_allclose(vectors[0][0], vectors[1][0], atol=1e-3)  # same content, same vector
+    np.testing.assert_allclose(np.linalg.norm(vectors[1], axis=1), 1.0, atol=2e-3)
+    assert pl.select(event_content(pl.lit(train[1]["event_texts"][1]))).item() == (
+        "labevents, label pO2, value 62, valueuom mm Hg, flag abnormal")
+
+
+def test_retrieval_changes_the_vectors_not_their_shape(cohort) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    plain, _ = build_cxr_dataset(cxr, mimic, _options(), show_progress=False)
+    enriched, summary = build_cxr_dataset(cxr, mimic, _options(retrieval=True, retrieval_k=1, retrieval_weight=0.5),
+                                          show_progress=False)
+    assert summary["embeddings"]["retrieval"] == {"source": "events:train", "corpus": 2, "k": 1, "weight": 0.5}
+    before = np.asarray(plain["train"][1]["event_embeddings"], dtype=np.float32)
+    after = np.asarray(enriched["train"][1]["event_embeddings"], dtype=np.float32)
+    assert before.shape == after.shape
+    # with one neighbour and weight 0.5 each event moves halfway towards the other distinct event
+    expected = before + before[::-1]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(after, expected, atol=3e-3)
+
+
+def test_prepare_cxr_writes_the_dataset_summary_and_card(cohort, tmp_path: Path) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    out = tmp_path / "triplets"
+    summary = prepare_cxr(cxr, mimic, out, _options(embedder=None), show_progress=False)
+    assert summary["embeddings"] is None
+    loaded = load_from_disk(str(out))
+    assert "event_embeddings" not in loaded["train"].column_names
+    assert json.loads((out / "cxr_summary.json").read_text())["triplets"] == 2
+    card = (out / "README.md").read_text()
+    assert "# Chest X-ray triplets for EHRXDiff" in card and "less than 48 h" in card
+    assert "physionet-credentialed-health-data-license" in card and "$" not in card
+
+
+def test_prepare_cxr_command(cohort, tmp_path: Path, capsys) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    out = tmp_path / "triplets"
+    code = main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(out), "-q",
+                 "--validation-fraction", "0", "--test-fraction", "0", "--embedder", "none"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "triplets            2 (train 2, validation 0, test 0)" in printed
+    assert load_from_disk(str(out))["train"].num_rows == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--window-hours", "0"], "--window-hours must be positive"),
+    (["--window-hours", "1"], "no triplets (8 frontal images, 5 of adults inside an admission, 0 pairs"),
+    (["--knowledge", "k.txt"], "--knowledge is the retrieval corpus: it needs --retrieval"),
+    (["--retrieval", "--embedder", "none"], "--retrieval needs event embeddings"),
+])
+def test_prepare_cxr_errors_name_the_option(cohort, tmp_path: Path, capsys, extra, message) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    out = tmp_path / "triplets"
+    assert main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(out), "-q",
+                 *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_cxr_table_leaves_no_output(cohort, tmp_path: Path, capsys) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    (cxr / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
+    out = tmp_path / "triplets"
+    assert main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(out), "-q"]) == 2
+    assert "required MIMIC-CXR-JPG table 'chexpert' not found" in capsys.readouterr().err
+    assert not out.exists()
