@@ -184,6 +184,8 @@ def test_study_time_without_leading_zeros_and_bad_tables(tmp_path: Path) -> None
                           "StudyDate": [21500301], "StudyTime": [4530.5]})
     frame.write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
     assert MimicCXRReader(cxr).metadata()["study_time"][0] == datetime(2150, 3, 1, 0, 45, 30, 500000)
+    frame.with_columns(pl.lit(None, dtype=pl.Float64).alias("StudyTime")).write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
+    assert MimicCXRReader(cxr).metadata()["study_time"][0] is None  # not midnight: it cannot be ordered
     frame.drop("StudyTime").write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
     with pytest.raises(MimicFormatError, match=r"metadata.csv: missing required column\(s\) StudyTime"):
         MimicCXRReader(cxr).metadata()

@@ -100,7 +100,8 @@ class MimicCXRReader:
         return frame
 
     def metadata(self) -> pl.DataFrame:
-        """One row per image: ``dicom_id``, ``subject_id``, ``study_id``, ``view`` and ``study_time`` (Datetime)."""
+        """One row per image: ``dicom_id``, ``subject_id``, ``study_id``, ``view`` and ``study_time`` (Datetime; null
+        where ``StudyTime`` is blank, as such an image cannot be ordered)."""
         frame, path = self._read("metadata")
         frame = self._cast(frame, path, {"subject_id": pl.Int64(), "study_id": pl.Int64(), "StudyDate": pl.Int64(),
                                          "StudyTime": pl.Float64()})
@@ -112,12 +113,12 @@ class MimicCXRReader:
         if len(duplicated):
             raise MimicFormatError(f"{path}: dicom_id {duplicated[0]!r} is listed more than once")
         date = pl.col("StudyDate").cast(pl.String).str.to_date("%Y%m%d", strict=False)
-        seconds = pl.col("StudyTime").fill_null(0.0)
+        seconds = pl.col("StudyTime")
         clock = ((seconds // 10000) * 3600 + (seconds // 100 % 100) * 60 + seconds % 100) * 1e6
         frame = frame.with_columns(
             (date.cast(pl.Datetime("us")) + pl.duration(microseconds=clock.round(0).cast(pl.Int64))).alias("study_time")
         )
-        bad = frame.filter(pl.col("study_time").is_null())
+        bad = frame.filter(date.is_null())
         if bad.height:
             raise MimicFormatError(f"{path}: column StudyDate is not a YYYYMMDD date in {bad.height:,} row(s), e.g. "
                                    f"{bad['StudyDate'][0]}")
@@ -280,6 +281,12 @@ def build_triplets(cxr_dir: str | Path, mimic_dir: str | Path, options: TripletO
     summary["subjects"] = metadata["subject_id"].n_unique()
     images = metadata.filter(pl.col("view").is_in(list(options.views)))
     summary["frontal_images"] = images.height
+    untimed = images.filter(pl.col("study_time").is_null())
+    summary["frontal_images_without_study_time"] = untimed.height
+    if untimed.height:
+        logger.warning("%s: %d frontal image(s) have no StudyTime and are left out (e.g. dicom_id %s)",
+                       reader.path("metadata"), untimed.height, untimed["dicom_id"][0])
+        images = images.drop_nulls("study_time")
     bar.update()
 
     bar.set_postfix_str(steps[1])

@@ -7,9 +7,10 @@ float16 vector per event, ``(n_events, dim)``, by the named sentence embedder (t
 reproduction's ``thomas-sounack/BioClinical-ModernBERT-base``, mean pooled, by its id or folder). What is embedded
 is the event's text without its relative time (:func:`~ehr_diffusers.data.cxr_events.event_content`; the time is
 ``event_hours``), and each distinct such text once: with the time in it nearly every event would be distinct, and
-at MIMIC's size (up to 1,024 events for each of ~150,000 triplets) embedding them all is out of reach on a CPU. With ``retrieval``, each event vector is enriched with its nearest neighbours among the
-*train* split's event texts (or a supplied knowledge list), as :mod:`~ehr_diffusers.text.retrieval` defines; the
-neighbours never come from validation or test events.
+at MIMIC's size (up to 1,024 events for each of ~150,000 triplets) embedding them all is out of reach on a CPU.
+With ``retrieval``, each event vector is enriched with its nearest neighbours among the *train* split's event
+contents (or a supplied knowledge list), as :mod:`~ehr_diffusers.text.retrieval` defines; the neighbours never come
+from validation or test events.
 
 Images are not copied: ``previous_image`` and ``target_image`` are paths relative to the MIMIC-CXR-JPG folder,
 recorded in the summary, so the dataset is small and the credentialed images stay where they are.
@@ -193,7 +194,8 @@ def format_cxr_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("embeddings"):
         info = summary["embeddings"]
-        retrieval = "off" if info["retrieval"] is None else f"k {info['retrieval']['k']} over {info['retrieval']['source']}"
+        found = info["retrieval"]
+        retrieval = "off" if found is None else f"k {found['k']} over {found['source']}"
         lines.append(f"embeddings          {info['model']} ({info['dim']}-d, float16), {info['distinct_texts']:,} "
                      f"distinct event texts; retrieval {retrieval}")
     return "\n".join(lines)
