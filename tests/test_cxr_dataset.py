@@ -127,3 +127,21 @@ def test_missing_cxr_table_leaves_no_output(cohort, tmp_path: Path, capsys) -> N
     assert main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(out), "-q"]) == 2
     assert "required MIMIC-CXR-JPG table 'chexpert' not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_prepare_cxr_on_the_demo_cohort(tmp_path: Path, capsys) -> None:
+    """The synthetic cohort through both commands: its label changes come with the events that explain them."""
+    from ehr_diffusers.data.demo_cxr import SMALL_SUBJECTS
+
+    demo, out = tmp_path / "demo", tmp_path / "triplets"
+    assert main(["demo-cxr-data", "--subjects", str(SMALL_SUBJECTS), "--seed", "1", "--out", str(demo), "-q"]) == 0
+    assert main(["prepare-cxr", "--cxr-dir", str(demo / "mimic-cxr-jpg"), "--mimic-dir", str(demo / "mimic-iv"),
+                 "--out", str(out), "-q", "--retrieval"]) == 0, capsys.readouterr().err
+    assert "(from the synthetic demo cohort)" in capsys.readouterr().out
+    summary = json.loads((out / "cxr_summary.json").read_text())
+    assert summary["images_missing"] == summary["images_unreadable"] == 0 and summary["triplets"] > 20
+    assert "Synthetic data." in (out / "README.md").read_text()
+    rows = [row for split in load_from_disk(str(out)).values() for row in split]
+    changed = [row for row in rows if row["previous_chexpert"] != row["target_chexpert"]]
+    assert changed and all(row["event_texts"] for row in changed)
+    assert all(np.asarray(row["event_embeddings"]).shape == (len(row["event_texts"]), 384) for row in rows)

@@ -1,4 +1,6 @@
-"""The ``ehr-diffusers`` command line: demo-data, prepare, prepare-cxr, label, train-ehr, generate, evaluate, demo.
+"""The ``ehr-diffusers`` command line: demo data, preparation, text labels, training, generation, evaluation.
+
+Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, generate, evaluate and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output.
@@ -77,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     _add_cohort_options(prepare)
+
+    demo_cxr = commands.add_parser("demo-cxr-data", parents=[common],
+                                   help="write the synthetic longitudinal chest X-ray cohort (MIMIC-CXR-JPG and "
+                                        "MIMIC-IV layouts)")
+    demo_cxr.add_argument("--subjects", type=_positive_int, default=130,
+                          help="number of patients (default 130: about 1,000 triplets)")
+    demo_cxr.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo_cxr.add_argument("--out", type=Path, required=True,
+                          help="folder to create (holds mimic-cxr-jpg/ and mimic-iv/)")
+    demo_cxr.add_argument("--no-real-data", action="store_true",
+                          help="use the built-in lung shapes and rates even when torchxrayvision's data files are "
+                               "installed")
+    demo_cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     cxr = commands.add_parser("prepare-cxr", parents=[common],
                               help="MIMIC-CXR-JPG + MIMIC-IV -> EHRXDiff triplets (previous image, events, target) "
@@ -265,9 +280,22 @@ def _prepare(args: argparse.Namespace) -> None:
     print(format_summary(summary))
 
 
+def _demo_cxr_data(args: argparse.Namespace) -> None:
+    from .data.demo_cxr import write_demo_cxr
+
+    summary = write_demo_cxr(args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite,
+                             show_progress=not args.quiet, real_data=not args.no_real_data)
+    print(f"synthetic chest X-ray cohort written to {args.out}: {summary['subjects']:,} patients, "
+          f"{summary['admissions']:,} admissions, {summary['studies']:,} studies, {summary['images']:,} images "
+          f"(statistics: {summary['statistics_source']}, real lung masks: {summary['real_lung_masks']})")
+    print(f"next: ehr-diffusers prepare-cxr --cxr-dir {args.out / 'mimic-cxr-jpg'} --mimic-dir "
+          f"{args.out / 'mimic-iv'} --out DIR")
+
+
 def _prepare_cxr(args: argparse.Namespace) -> None:
     from .data.cxr import TripletOptions
     from .data.cxr_dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
+    from .data.demo_cxr import is_demo_cxr
 
     triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
@@ -276,9 +304,10 @@ def _prepare_cxr(args: argparse.Namespace) -> None:
                                 embedder=None if args.embedder == "none" else args.embedder,
                                 batch_size=args.batch_size, retrieval=args.retrieval, retrieval_k=args.retrieval_k,
                                 retrieval_weight=args.retrieval_weight, knowledge=args.knowledge)
+    synthetic = is_demo_cxr(args.cxr_dir)
     summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
-                          show_progress=not args.quiet)
-    print(f"triplet dataset written to {args.out}")
+                          show_progress=not args.quiet, synthetic=synthetic)
+    print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))
 
 
@@ -629,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.mimic import MimicFormatError
     from .io_utils import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "prepare": _prepare, "prepare-cxr": _prepare_cxr, "label": _label,
+    handlers = {"demo-data": _demo_data, "demo-cxr-data": _demo_cxr_data, "prepare": _prepare,
+                "prepare-cxr": _prepare_cxr, "label": _label,
                 "train-ehr": _train_ehr,
                 "generate": _generate, "evaluate": _evaluate, "demo": _demo}
     try:
