@@ -905,8 +905,27 @@ def _generate(n_subjects: int, seed: int, real_data: bool) -> tuple[dict[str, pl
         schema=["itemid", "label", "abbreviation", "linksto", "category", "unitname", "param_type",
                 "lownormalvalue", "highnormalvalue"], schema_overrides={"lownormalvalue": pl.Float64,
                                                                          "highnormalvalue": pl.Float64})
+    tables["d_labitems"], tables["d_items"] = _complete_dictionaries(tables["d_labitems"], tables["d_items"])
     tables.update(_event_tables(events))
     return tables, studies, stats, n_masks, counts
+
+
+def _complete_dictionaries(labitems: pl.DataFrame, items: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """MIMIC-IV's dictionaries list every item, used here or not: add the packaged chest lists' items the cohort
+    does not chart, under the lists' labels, so that ``prepare-cxr`` finds every listed id."""
+    from .cxr_events import load_item_lists
+
+    lists = load_item_lists().lists
+    extra_lab = (lists["labevents"].filter(~pl.col("itemid").is_in(labitems["itemid"].implode()))
+                 .select("itemid", "label", pl.lit("Blood").alias("fluid"), pl.col("group").alias("category")))
+    extra_icu = pl.concat([
+        lists[table].filter(~pl.col("itemid").is_in(items["itemid"].implode()))
+        .select("itemid", "label", pl.col("label").alias("abbreviation"), pl.lit(table).alias("linksto"),
+                pl.col("group").alias("category"))
+        for table in ("chartevents", "inputevents", "outputevents", "procedureevents")]).unique("itemid", keep="first")
+    labitems = pl.concat([labitems, extra_lab.cast(labitems.select(extra_lab.columns).schema)]).sort("itemid")
+    items = pl.concat([items, extra_icu.cast(items.select(extra_icu.columns).schema)], how="diagonal").sort("itemid")
+    return labitems, items
 
 
 def _cxr_tables(rng: np.random.Generator, studies: list[_Study]) -> tuple[dict[str, pl.DataFrame],
