@@ -196,3 +196,40 @@ def test_study_time_without_leading_zeros_and_bad_tables(tmp_path: Path) -> None
         MimicCXRReader(cxr).chexpert()
     with pytest.raises(ValueError, match="--window-hours must be positive"):
         TripletOptions(window_hours=0)
+
+
+def test_nested_admission_takes_its_images_and_the_long_one_keeps_the_rest(tmp_path: Path) -> None:
+    """A 10-day admission with a 1-day admission inside it (day 2 to 3): images of day 5 and 5.5 belong to the long
+    one, which started before, not to nothing."""
+    mimic = _write_mimic(tmp_path, [(10000009, "F", 50, 2150)],
+                         [(10000009, 401, T0, T0 + timedelta(days=10)),
+                          (10000009, 402, T0 + timedelta(days=2), T0 + timedelta(days=3))])
+    images = [("n1", 10000009, 701, "PA", T0 + timedelta(days=2, hours=1)),
+              ("n2", 10000009, 702, "PA", T0 + timedelta(days=2, hours=6)),
+              ("l1", 10000009, 703, "PA", T0 + timedelta(days=5)),
+              ("l2", 10000009, 704, "PA", T0 + timedelta(days=5, hours=12))]
+    splits, summary = build_triplets(_write_cxr(tmp_path, images), mimic, TripletOptions(validation_fraction=0,
+                                                                                         test_fraction=0),
+                                     show_progress=False)
+    pairs = _all(splits)
+    assert summary["frontal_images_outside_admissions"] == 0
+    assert dict(zip(pairs["target_dicom_id"], pairs["hadm_id"])) == {"n2": 402, "l2": 401}
+
+
+def test_label_change_rates_count_only_pairs_with_both_studies_labelled(cohort) -> None:
+    cxr, mimic = cohort
+    chexpert = pl.read_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz").filter(pl.col("study_id") != 503)
+    chexpert.write_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz", compression="gzip")
+    _, summary = build_triplets(cxr, mimic, show_progress=False)
+    # b-ap -> c-pa has no labels for c-pa now: only a-pa -> b-ap (Atelectasis 1 -> 0) counts
+    assert summary["studies_without_chexpert_labels"] == 1
+    assert summary["label_change_rates"]["Atelectasis"] == 1.0 and summary["label_change_rates"]["Edema"] == 0.0
+
+
+def test_study_time_out_of_range_is_named(tmp_path: Path) -> None:
+    cxr = tmp_path / "cxr"
+    cxr.mkdir()
+    pl.DataFrame({"dicom_id": ["a"], "subject_id": [10000001], "study_id": [1], "ViewPosition": ["PA"],
+                  "StudyDate": [21500301], "StudyTime": [246100.0]}).write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
+    with pytest.raises(MimicFormatError, match="column StudyTime is not HHMMSS.fff in 1 row"):
+        MimicCXRReader(cxr).metadata()

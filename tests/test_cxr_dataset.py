@@ -110,6 +110,9 @@ def test_prepare_cxr_command(cohort, tmp_path: Path, capsys) -> None:  # noqa: F
     (["--window-hours", "1"], "no triplets (8 frontal images, 5 of adults inside an admission, 0 pairs"),
     (["--knowledge", "k.txt"], "--knowledge is the retrieval corpus: it needs --retrieval"),
     (["--retrieval", "--embedder", "none"], "--retrieval needs event embeddings"),
+    (["--retrieval", "--retrieval-weight", "1.5"], "--retrieval-weight must be in [0, 1]"),
+    (["--retrieval", "--knowledge", "/nonexistent.txt"], "--knowledge /nonexistent.txt: no such file"),
+    (["--window-hours", "inf"], "--window-hours must be positive and under a year"),
 ])
 def test_prepare_cxr_errors_name_the_option(cohort, tmp_path: Path, capsys, extra, message) -> None:  # noqa: F811
     cxr, mimic = cohort

@@ -42,6 +42,7 @@ LABEVENTS = f"""labevent_id,subject_id,hadm_id,specimen_id,itemid,charttime,stor
 PRESCRIPTIONS = f"""subject_id,hadm_id,pharmacy_id,poe_id,starttime,stoptime,drug_type,drug,gsn,ndc,prod_strength,dose_val_rx,dose_unit_rx,route
 {S1},21,1,p1,2150-01-01 08:00:00,2150-01-01 09:00:00,MAIN,Furosemide,1,1,40mg/4mL Vial,40,mg,IV
 {S1},21,2,p2,2150-01-01 09:00:00,2150-01-01 10:00:00,MAIN,Acetaminophen,2,2,325mg Tab,650,mg,PO
+{S1},21,3,p3,2150-01-01 09:30:00,2150-01-01 10:00:00,MAIN,Ciprofloxacin 0.3% Ophth Soln,3,3,2.5mL Bottle,1,DROP,BOTH EYES
 """
 # M3 has no charttime: its chartdate (midnight, T10's start) is its time; its spec_type_desc is in another case.
 MICROBIOLOGY = f"""microevent_id,subject_id,hadm_id,micro_specimen_id,chartdate,charttime,spec_itemid,spec_type_desc,test_name,org_name,ab_name,interpretation
@@ -101,8 +102,6 @@ def _rows(frame: pl.DataFrame) -> dict[int, dict]:
 
 T10 = [
     "labevents, label pH, value 7.31, valueuom units, flag abnormal, time -24.0 h",
-    "microbiologyevents, spec_type_desc bronchoalveolar lavage, test_name RESPIRATORY CULTURE, "
-    "org_name STAPH AUREUS COAG +, ab_name OXACILLIN, interpretation S, time -24.0 h",
     "prescriptions, drug Furosemide, dose_val_rx 40, dose_unit_rx mg, route IV, time -16.0 h",
     "microbiologyevents, spec_type_desc SPUTUM, test_name GRAM STAIN, time -9.5 h",
     "labevents, label pO2, value 62, valueuom mm Hg, flag abnormal, time -5.5 h",
@@ -110,6 +109,8 @@ T10 = [
     "chartevents, label Heart Rate, value 88, valueuom bpm, time -3.0 h",
     "chartevents, label O2 saturation pulseoxymetry, value 91, valueuom %, time -3.0 h",
     "procedureevents, label Invasive Ventilation, value 1440, valueuom min, time -2.0 h",
+    "microbiologyevents, spec_type_desc bronchoalveolar lavage, test_name RESPIRATORY CULTURE, "
+    "org_name STAPH AUREUS COAG +, ab_name OXACILLIN, interpretation S, time -0.0 h",
 ]
 
 
@@ -120,14 +121,16 @@ def test_renders_events_per_table_sorted_within_windows(mimic):
     assert events.schema["event_hours"] == pl.List(pl.Float32)
     rows = _rows(events)
     # Exact text per table; ties in time by table order, then text; pH at exactly window_start is kept and the
-    # microbiology row without charttime sits at its chartdate; the event without hadm_id (CRP) is placed by subject.
+    # microbiology row without charttime sits at the end of its chartdate (it may have followed anything that day);
+    # the event without hadm_id (CRP) is placed by subject.
     assert rows[10]["event_texts"] == T10
-    assert rows[10]["event_tables"] == ["labevents", "microbiologyevents", "prescriptions", "microbiologyevents",
-                                        "labevents", "labevents", "chartevents", "chartevents", "procedureevents"]
-    assert rows[10]["event_hours"] == pytest.approx([-24, -24, -16, -9.5, -5.5, -4, -3, -3, -2])
+    assert rows[10]["event_tables"] == ["labevents", "prescriptions", "microbiologyevents", "labevents",
+                                        "labevents", "chartevents", "chartevents", "procedureevents",
+                                        "microbiologyevents"]
+    assert rows[10]["event_hours"] == pytest.approx([-24, -16, -9.5, -5.5, -4, -3, -3, -2, 0], abs=1e-6)
     # pO2 at exactly T10's window_end is left out of T10 but is T11's last event; T11 starts at 12:00, after pH.
     assert rows[11]["event_texts"][-1] == "labevents, label pO2, value 70, valueuom mm Hg, flag abnormal, time -24.0 h"
-    assert rows[11]["event_hours"] == pytest.approx([-33.5, -29.5, -28, -27, -27, -26, -24])
+    assert rows[11]["event_hours"] == pytest.approx([-33.5, -29.5, -28, -27, -27, -26, -24, -24])
     assert rows[12]["event_texts"] == [] and rows[12]["event_hours"] == [] and rows[12]["event_tables"] == []
     assert rows[13]["event_texts"] == ["labevents, label pO2, value 80, valueuom mm Hg, flag abnormal, time -5.0 h"]
 
@@ -141,10 +144,10 @@ def test_renders_events_per_table_sorted_within_windows(mimic):
     assert summary["events_outside_windows"] == {"labevents": 1, "prescriptions": 0, "microbiologyevents": 0,
                                                  "chartevents": 0, "procedureevents": 0}
     assert summary["events_of_subjects_not_in_patients"]["labevents"] == 1
-    assert summary["events_kept"]["labevents"] == 3 + 3 + 1 and sum(summary["events_kept"].values()) == 9 + 7 + 1
+    assert summary["events_kept"]["labevents"] == 3 + 3 + 1 and sum(summary["events_kept"].values()) == 9 + 8 + 1
     assert summary["events_kept_by_group"]["blood_gas"] == 5 and summary["events_kept_by_group"]["diuretic"] == 1
     assert summary["events_truncated"] == 0 and summary["triplets_without_events"] == 1
-    assert summary["events_per_triplet_mean"] == pytest.approx(17 / 4) and summary["events_per_triplet_median"] == 4
+    assert summary["events_per_triplet_mean"] == pytest.approx(18 / 4) and summary["events_per_triplet_median"] == 4.5
     # The tiny dictionaries hold few of the listed ids: those absent are reported, no label differs.
     problems = summary["item_list_problems"]
     assert set(problems) == {"labevents", "chartevents", "procedureevents"}
@@ -156,7 +159,7 @@ def test_renders_events_per_table_sorted_within_windows(mimic):
 def test_unlisted_items_are_filtered_out(mimic):
     events, _ = render_events(mimic, windows(), show_progress=False)
     texts = " | ".join(text for row in events["event_texts"].to_list() for text in row)
-    for absent in ("Creatinine", "Acetaminophen", "URINE", "226999", "value 5,", "value 90"):
+    for absent in ("Creatinine", "Acetaminophen", "URINE", "226999", "value 5,", "value 90", "Ophth"):
         assert absent not in texts
 
 
@@ -164,8 +167,8 @@ def test_keeps_the_last_max_events(mimic):
     events, summary = render_events(mimic, windows(), max_events=3, show_progress=False)
     rows = _rows(events)
     assert rows[10]["event_texts"] == T10[-3:]
-    assert len(rows[11]["event_texts"]) == 3 and rows[11]["event_hours"] == pytest.approx([-27, -26, -24])
-    assert summary["events_truncated"] == (9 - 3) + (7 - 3)
+    assert len(rows[11]["event_texts"]) == 3 and rows[11]["event_hours"] == pytest.approx([-26, -24, -24])
+    assert summary["events_truncated"] == (9 - 3) + (8 - 3)
     with pytest.raises(ValueError, match="max_events"):
         render_events(mimic, windows(), max_events=0, show_progress=False)
 
@@ -261,6 +264,6 @@ def test_icu_table_without_hadm_id_uses_icustays_or_subject(tmp_path):
     by_subject = write_mimic(tmp_path / "b", {"icu/chartevents": no_hadm})
     for root in (with_stays, by_subject):
         events, summary = render_events(root, windows(), show_progress=False)
-        assert _rows(events)[10]["event_texts"] == T10[-3:-1]
+        assert _rows(events)[10]["event_texts"] == T10[-4:-2]
         assert summary["events_kept"] == {"chartevents": 4}
         json.dumps(summary)

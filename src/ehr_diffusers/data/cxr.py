@@ -15,8 +15,8 @@ Converted copies as ``.csv`` or ``.parquet`` are read too. The image times share
 so they can be placed inside MIMIC-IV admissions.
 
 Pairs follow EHRXDiff (Kyung et al., CHIL 2025): frontal images only (``ViewPosition`` PA or AP); each image is
-placed in the admission of the same patient whose ``[admittime, dischtime]`` holds its study time (the latest
-admission starting at or before it; an image between admissions has none and is dropped); the patient is an adult
+placed in the admission of the same patient whose ``[admittime, dischtime]`` holds its study time (of several
+such, the one that started last; an image between admissions has none and is dropped); the patient is an adult
 at that admission (``anchor_age + year(admittime) - anchor_year >= 18``); for every target image, every frontal
 image of an *earlier study* of the *same admission* taken *less than* ``window_hours`` (48) before it is a
 candidate previous image, and each candidate makes one pair. Two studies at the same time, or exactly 48 h apart,
@@ -118,6 +118,11 @@ class MimicCXRReader:
         frame = frame.with_columns(
             (date.cast(pl.Datetime("us")) + pl.duration(microseconds=clock.round(0).cast(pl.Int64))).alias("study_time")
         )
+        clock_bad = frame.filter((pl.col("StudyTime") >= 240000) | (pl.col("StudyTime") // 100 % 100 >= 60)
+                                 | (pl.col("StudyTime") % 100 >= 60) | (pl.col("StudyTime") < 0))
+        if clock_bad.height:
+            raise MimicFormatError(f"{path}: column StudyTime is not HHMMSS.fff in {clock_bad.height:,} row(s), e.g. "
+                                   f"{clock_bad['StudyTime'][0]}")
         bad = frame.filter(date.is_null())
         if bad.height:
             raise MimicFormatError(f"{path}: column StudyDate is not a YYYYMMDD date in {bad.height:,} row(s), e.g. "
@@ -169,8 +174,8 @@ class TripletOptions:
     check_images: bool = True
 
     def __post_init__(self) -> None:
-        if not self.window_hours > 0:
-            raise ValueError(f"--window-hours must be positive, got {self.window_hours}")
+        if not 0 < self.window_hours < 24 * 365:
+            raise ValueError(f"--window-hours must be positive and under a year, got {self.window_hours}")
         if self.split not in ("seeded", "mimic"):
             raise ValueError(f"--split must be 'seeded' or 'mimic', got {self.split!r}")
         if not (0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
@@ -184,16 +189,17 @@ class TripletOptions:
 
 
 def _place_in_admissions(images: pl.DataFrame, admissions: pl.DataFrame) -> pl.DataFrame:
-    """Each image's admission: the latest one of its patient starting at or before the study time, kept when the
-    study time is not after its discharge. Adds ``hadm_id``, ``admittime`` (null when none holds the image)."""
-    placed = images.sort("study_time").join_asof(
-        admissions.select("subject_id", "hadm_id", "admittime", "dischtime").sort("admittime"),
-        left_on="study_time", right_on="admittime", by="subject_id", strategy="backward",
-        check_sortedness=False,  # both sides are sorted by time as a whole, hence within each patient
-    )
-    inside = pl.col("dischtime").is_null() | (pl.col("study_time") <= pl.col("dischtime"))
-    return placed.with_columns(pl.when(inside).then(pl.col("hadm_id")).alias("hadm_id"),
-                               pl.when(inside).then(pl.col("admittime")).alias("admittime")).drop("dischtime")
+    """Each image's admission: of its patient's admissions whose ``[admittime, dischtime]`` holds the study time
+    (no discharge: still open), the one that started last, so a short admission nested in a long one takes the
+    images taken during it and the long one keeps the rest. Adds ``hadm_id`` and ``admittime`` (null when none)."""
+    holding = (images.select("dicom_id", "subject_id", "study_time")
+               .join(admissions.select("subject_id", "hadm_id", "admittime", "dischtime"), on="subject_id")
+               .filter((pl.col("admittime") <= pl.col("study_time"))
+                       & (pl.col("dischtime").is_null() | (pl.col("study_time") <= pl.col("dischtime"))))
+               .sort("admittime", "hadm_id", descending=True)
+               .unique("dicom_id", keep="first")
+               .select("dicom_id", "hadm_id", "admittime"))
+    return images.join(holding, on="dicom_id", how="left")
 
 
 def _pairs(images: pl.DataFrame, window_hours: float) -> pl.DataFrame:
@@ -243,15 +249,19 @@ def _unusable_images(cxr_dir: Path, paths: list[str], show_progress: bool) -> tu
 
 
 def _label_changes(triplets: pl.DataFrame) -> dict[str, float | None]:
-    """Per CheXpert label, the share of pairs (both studies labelled) whose positive finding differs."""
+    """Per CheXpert label, the share of pairs whose positive finding differs, over the pairs whose two studies both
+    have a CheXpert row."""
     if triplets.height == 0:
         return {label: None for label in CHEXPERT_LABELS}
     out: dict[str, float | None] = {}
+    labelled = triplets.filter(pl.col("previous_chexpert").is_not_null() & pl.col("target_chexpert").is_not_null())
+    if labelled.height == 0:
+        return {label: None for label in CHEXPERT_LABELS}
     for index, label in enumerate(CHEXPERT_LABELS):
-        before = triplets["previous_chexpert"].list.get(index, null_on_oob=True) == 1
-        after = triplets["target_chexpert"].list.get(index, null_on_oob=True) == 1
-        changed = (before.fill_null(False) != after.fill_null(False))
-        out[label] = float(changed.mean())
+        # positive (1) or not; a blank label (not mentioned) within a labelled study counts as not positive
+        before = (labelled["previous_chexpert"].list.get(index) == 1).fill_null(False)
+        after = (labelled["target_chexpert"].list.get(index) == 1).fill_null(False)
+        out[label] = float((before != after).mean())
     return out
 
 

@@ -58,6 +58,17 @@ class CXRDatasetOptions:
             raise ValueError("--retrieval needs event embeddings: give --embedder")
         if self.knowledge is not None and not self.retrieval:
             raise ValueError("--knowledge is the retrieval corpus: it needs --retrieval")
+        if self.retrieval:  # checked now, not after hours of events and embeddings
+            if self.retrieval_k < 1:
+                raise ValueError(f"--retrieval-k must be at least 1, got {self.retrieval_k}")
+            if not 0 <= self.retrieval_weight <= 1:
+                raise ValueError(f"--retrieval-weight must be in [0, 1], got {self.retrieval_weight}")
+            if self.knowledge is not None and not Path(self.knowledge).is_file():
+                raise ValueError(f"--knowledge {self.knowledge}: no such file")
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise ValueError("--retrieval needs faiss: pip install 'ehr-diffusers[retrieval]'") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "triplets"}, "triplets": self.triplets.to_dict()}

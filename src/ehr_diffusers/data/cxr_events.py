@@ -17,11 +17,15 @@ outputevents        icu     charttime                   label, value, valueuom
 procedureevents     icu     starttime                   label, value, valueuom
 ==================  ======  ==========================  ===========================================================
 
+A date-only ``chartdate`` stands for the last microsecond of that day, so a specimen of unknown hour is never
+placed before an image of the same day that it may have followed.
+
 Required columns: the ones above, ``subject_id``, ``itemid`` where a label is written, and ``hadm_id`` (an icu table
 without it gets it from ``icu/icustays`` through ``stay_id``, or is matched by subject alone). Ids and times are
 parsed strictly; problems raise :class:`~ehr_diffusers.data.mimic.MimicFormatError` naming the file and the column.
 
-Only listed items are kept (:func:`load_item_lists`, packaged lists in ``cxr_items/``). Each event becomes one
+Only listed items are kept (:func:`load_item_lists`, packaged lists in ``cxr_items/``), and of prescriptions only
+those given by a route that reaches the body as a whole (``LOCAL_ROUTES``, eye drops and the like, are left out). Each event becomes one
 string in the GenHPF style, e.g. ``labevents, label pO2, value 62, valueuom mm Hg, flag abnormal, time -5.5 h``: the
 table, then ``column value`` for every non-empty column in the order above (item ids replaced by the list's label,
 values as written in the file with surrounding spaces removed, parquet floats without a trailing ``.0``), then the
@@ -73,6 +77,10 @@ EVENT_TABLES: dict[str, EventTable] = {
     "procedureevents": EventTable("icu", "itemid", ("starttime",), ("value", "valueuom"), "d_items"),
 }
 DICTIONARY_MODULES = {"d_labitems": "hosp", "d_items": "icu"}
+# Prescription routes that act locally (eye, ear, skin, vagina, irrigation): ciprofloxacin eye drops or a lidocaine-
+# epinephrine skin injection say nothing about the chest. MIMIC-IV route codes as recalled, not checked against data.
+LOCAL_ROUTES = frozenset({"TP", "OU", "OS", "OD", "BOTH EYES", "LEFT EYE", "RIGHT EYE", "AU", "AS", "AD", "BOTH EARS",
+                          "LEFT EAR", "RIGHT EAR", "VG", "IRR", "ID", "EX"})
 TIME_SUFFIX = r", time -?[0-9]+(\.[0-9]+)? h$"
 # Columns of each item list file, by the event column it filters; a "note" column is allowed and ignored.
 LIST_COLUMNS = {"itemid": ("itemid", "label", "group"), "drug": ("pattern", "group"),
@@ -268,7 +276,9 @@ def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows
         groups = [pl.when(drug.str.contains(pattern.lower(), literal=True)).then(pl.lit(group))
                   for pattern, group in items.select("pattern", "group").iter_rows()]
         group = pl.coalesce(groups) if groups else pl.lit(None, dtype=pl.String)
-        frame = frame.with_columns(group.alias("group")).filter(pl.col("group").is_not_null())
+        route = pl.col("route").cast(pl.String).str.strip_chars().str.to_uppercase()
+        frame = frame.with_columns(group.alias("group")).filter(
+            pl.col("group").is_not_null() & (route.is_null() | ~route.is_in(list(LOCAL_ROUTES))))
     else:
         wanted = items.select(pl.col("spec_type_desc").str.to_uppercase().alias("_spec"), "group")
         frame = (frame.with_columns(pl.col("spec_type_desc").cast(pl.String).str.strip_chars().str.to_uppercase()
@@ -281,10 +291,15 @@ def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows
                          | (pl.col("hadm_id").is_null() & pl.col("subject_id").is_in(subjects)))
     for column in spec.times:
         typed[column] = pl.Datetime("us")
-    time = pl.coalesce([_parsed(column, pl.Datetime("us")) for column in spec.times]).alias("time")
+    # a date-only fallback (microbiology's chartdate) stands for the end of that day: the specimen may have been
+    # taken after an image of the same day, and placing it at midnight would let it precede that image
+    times = [_parsed(column, pl.Datetime("us")) + (pl.duration(days=1) - pl.duration(microseconds=1)
+                                                   if column == "chartdate" else pl.duration(microseconds=0))
+             for column in spec.times]
+    time = pl.coalesce(times).alias("time")
     frame = (frame.with_columns(time)
              .join(spans.lazy(), on="subject_id", how="left")
-             .filter(pl.col("hadm_id").is_not_null()
+             .filter(pl.col("hadm_id").is_not_null() | pl.col("time").is_null()  # timeless: counted, then dropped
                      | ((pl.col("time") >= pl.col("span_start")) & (pl.col("time") < pl.col("span_end")))))
     parts = [pl.lit(table)] + [_text(column, pl.String() if column == "label" else schema[column])
                                for column in (label, *spec.shown)]
