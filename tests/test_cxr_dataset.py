@@ -148,3 +148,47 @@ def test_prepare_cxr_on_the_demo_cohort(tmp_path: Path, capsys) -> None:
     changed = [row for row in rows if row["previous_chexpert"] != row["target_chexpert"]]
     assert changed and all(row["event_texts"] for row in changed)
     assert all(np.asarray(row["event_embeddings"]).shape == (len(row["event_texts"]), 384) for row in rows)
+
+
+def _tiny_modernbert(folder: Path) -> Path:
+    """A random 2-layer ModernBERT with a word-level tokenizer, saved as a plain transformers folder (no
+    sentence-transformers files), as BioClinical ModernBERT is on the Hub."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    for word in "prescriptions drug furosemide dose_val_rx 40 dose_unit_rx mg route iv labevents label po2 value 62 " \
+                "valueuom mm hg flag abnormal ,".split():
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    config = ModernBertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, pad_token_id=0, cls_token_id=2, sep_token_id=3,
+                              bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    ModernBertModel(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_a_plain_modernbert_folder_embeds_events_mean_pooled(cohort, tmp_path: Path) -> None:  # noqa: F811
+    """The reproduction's encoder kind (a plain ModernBERT, mean pooled) goes through the same loading code."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    cxr, mimic = cohort
+    _add_events(mimic)
+    folder = _tiny_modernbert(tmp_path / "modernbert")
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(embedder=str(folder)), show_progress=False)
+    assert summary["embeddings"]["dim"] == 32 and summary["embeddings"]["pooling"] == "mean"
+    text = pl.select(event_content(pl.lit(dataset["train"][0]["event_texts"][0]))).item()
+    tokens = AutoTokenizer.from_pretrained(folder)([text], return_tensors="pt")
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(folder)(input_ids=tokens["input_ids"],
+                                                   attention_mask=tokens["attention_mask"]).last_hidden_state
+    expected = torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1)[0].numpy()
+    np.testing.assert_allclose(np.asarray(dataset["train"][0]["event_embeddings"][0], dtype=np.float32), expected,
+                               atol=2e-3)
