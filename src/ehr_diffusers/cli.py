@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cxr = commands.add_parser("demo-cxr-data", parents=[common],
                                    help="write the synthetic longitudinal chest X-ray cohort (MIMIC-CXR-JPG and "
                                         "MIMIC-IV layouts)")
-    demo_cxr.add_argument("--subjects", type=_positive_int, default=130,
-                          help="number of patients (default 130: about 1,000 triplets)")
+    demo_cxr.add_argument("--subjects", type=_positive_int, default=134,
+                          help="number of patients (default 134: about 1,000 triplets)")
     demo_cxr.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     demo_cxr.add_argument("--out", type=Path, required=True,
                           help="folder to create (holds mimic-cxr-jpg/ and mimic-iv/)")
