@@ -74,7 +74,7 @@ from ..io_utils import atomic_directory
 from .cxr import CHEXPERT_LABELS
 from .cxr_phantom import SIDES, ZONES, PhantomParams, lung_masks, render, torchxrayvision_data
 from .demo_ehr import ANCHOR_YEAR_GROUPS, MARITAL, MARITAL_AGE_BANDS, RACES, _categorical, _provider_ids
-from .demo_ehr import _write_csv_gz
+from .demo_ehr import _is_integer, _write_csv_gz, readme_opens_with
 
 logger = logging.getLogger(__name__)
 
@@ -1026,15 +1026,7 @@ Events: {events}.
 def is_demo_cxr(folder: str | Path) -> bool:
     """True when ``folder`` (the output folder, or its ``mimic-cxr-jpg`` or ``mimic-iv`` folder) was written by
     ``write_demo_cxr``: its README.md opens with ``README_TITLE``."""
-    readme = Path(folder) / "README.md"
-    if not readme.is_file():
-        return False
-    with open(readme, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\n") == README_TITLE
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return readme_opens_with(folder, README_TITLE)
 
 
 def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: int = 0, overwrite: bool = False,

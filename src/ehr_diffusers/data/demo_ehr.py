@@ -885,13 +885,18 @@ Files: `hosp/patients.csv.gz`, `hosp/admissions.csv.gz`, `hosp/diagnoses_icd.csv
 """
 
 
-def is_demo_cohort(folder: str | Path) -> bool:
-    """True when ``folder`` was written by ``write_demo_mimic`` (its README.md opens with ``README_TITLE``)."""
+def readme_opens_with(folder: str | Path, title: str) -> bool:
+    """Whether ``folder/README.md`` exists and its first line is ``title``: how the demo writers mark their output."""
     readme = Path(folder) / "README.md"
     if not readme.is_file():
         return False
     with open(readme, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\n") == README_TITLE
+        return handle.readline().rstrip("\n") == title
+
+
+def is_demo_cohort(folder: str | Path) -> bool:
+    """True when ``folder`` was written by ``write_demo_mimic`` (its README.md opens with ``README_TITLE``)."""
+    return readme_opens_with(folder, README_TITLE)
 
 
 def _is_integer(value: object) -> bool:
