@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .mimic import SUFFIXES, MimicFormatError, MimicIVReader
+from .mimic import MimicFormatError, MimicIVReader, find_table, scan_table
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +68,20 @@ class MimicCXRReader:
     def path(self, table: str) -> Path:
         """``<root>/<mimic-cxr-2.0.0-table>.csv.gz`` (or ``.csv``, ``.parquet``)."""
         stem = CXR_TABLES[table][0]
-        for suffix in SUFFIXES:
-            if (self.root / f"{stem}{suffix}").is_file():
-                return self.root / f"{stem}{suffix}"
-        raise MimicFormatError(f"{self.root / (stem + '.csv.gz')}: required MIMIC-CXR-JPG table '{table}' not found")
-
-    def exists(self, table: str) -> bool:
-        return any((self.root / f"{CXR_TABLES[table][0]}{suffix}").is_file() for suffix in SUFFIXES)
+        found = find_table((self.root,), stem)
+        if found is None:
+            raise MimicFormatError(f"{self.root / (stem + '.csv.gz')}: required MIMIC-CXR-JPG table '{table}' "
+                                   "not found")
+        return found
 
     def _read(self, table: str) -> tuple[pl.DataFrame, Path]:
+        """The table's required columns, unparsed (:meth:`_cast` parses them)."""
         path = self.path(table)
+        frame = scan_table(path, CXR_TABLES[table][1])
         try:
-            frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
+            return frame.collect(), path
         except (pl.exceptions.PolarsError, OSError) as error:
             raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
-        missing = [column for column in CXR_TABLES[table][1] if column not in frame.columns]
-        if missing:
-            raise MimicFormatError(f"{path}: missing required column(s) {', '.join(missing)}")
-        return frame, path
 
     @staticmethod
     def _cast(frame: pl.DataFrame, path: Path, columns: dict[str, pl.DataType]) -> pl.DataFrame:

@@ -25,11 +25,12 @@ without it gets it from ``icu/icustays`` through ``stay_id``, or is matched by s
 parsed strictly; problems raise :class:`~ehr_diffusers.data.mimic.MimicFormatError` naming the file and the column.
 
 Only listed items are kept (:func:`load_item_lists`, packaged lists in ``cxr_items/``), and of prescriptions only
-those given by a route that reaches the body as a whole (``LOCAL_ROUTES``, eye drops and the like, are left out). Each event becomes one
-string in the GenHPF style, e.g. ``labevents, label pO2, value 62, valueuom mm Hg, flag abnormal, time -5.5 h``: the
-table, then ``column value`` for every non-empty column in the order above (item ids replaced by the list's label,
-values as written in the file with surrounding spaces removed, parquet floats without a trailing ``.0``), then the
-time relative to ``window_end`` in hours with one decimal.
+those given by a route that reaches the body as a whole (``LOCAL_ROUTES``, eye drops and the like, are left out).
+Each event becomes one string in the GenHPF style, e.g.
+``labevents, label pO2, value 62, valueuom mm Hg, flag abnormal, time -5.5 h``: the table, then ``column value`` for
+every non-empty column in the order above (item ids replaced by the list's label, values as written in the file
+with surrounding spaces removed, parquet floats without a trailing ``.0``), then the time relative to
+``window_end`` in hours with one decimal.
 
 An event belongs to a triplet when it is of the triplet's admission (same ``hadm_id``; an event without ``hadm_id``:
 same ``subject_id``) and ``window_start <= time < window_end``: charted at the previous image or later, and strictly
@@ -50,7 +51,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .mimic import SUFFIXES, MimicFormatError
+from .mimic import MimicFormatError, find_table, parse_column, scan_table
 
 logger = logging.getLogger(__name__)
 
@@ -153,37 +154,6 @@ def load_item_lists(folder: str | Path | None = None) -> ItemLists:
     return ItemLists(lists, sources)
 
 
-def _find(root: Path, module: str, name: str) -> Path | None:
-    """``<root>/<module>/<name>`` or ``<root>/<name>`` with the first suffix present; None when there is none."""
-    for folder in (root / module, root):
-        for suffix in SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-    return None
-
-
-def _scan(path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> pl.LazyFrame:
-    """The file's raw columns, nothing parsed yet; the header is checked now so that errors come before work."""
-    try:
-        frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_csv(path, infer_schema=False)
-        present = frame.collect_schema().names()
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
-    required = list(dict.fromkeys(required))
-    missing = [column for column in required if column not in present]
-    if missing:
-        raise MimicFormatError(f"{path}: missing required column(s) {', '.join(missing)}")
-    return frame.select(required + [column for column in optional if column in present and column not in required])
-
-
-def _parsed(column: str, dtype: pl.DataType) -> pl.Expr:
-    """``column`` (text in CSV, typed in parquet) as ``dtype``, failing on any value that does not convert."""
-    text = pl.col(column).cast(pl.String)
-    if isinstance(dtype, pl.Datetime):
-        return text.str.to_datetime(time_unit="us", strict=True).alias(column)
-    return text.cast(dtype, strict=True).alias(column)
-
-
 def _text(column: str, dtype: pl.DataType) -> pl.Expr:
     """``column value`` as written in the text, or null when the value is empty (then the pair is left out)."""
     text = pl.col(column).cast(pl.String)
@@ -200,7 +170,7 @@ def _collect(frame: pl.LazyFrame, path: Path, raw: pl.LazyFrame, typed: dict[str
     except pl.exceptions.PolarsError as error:
         for column, dtype in typed.items():
             try:
-                raw.select(_parsed(column, dtype)).collect()
+                raw.select(parse_column(column, dtype)).collect()
             except pl.exceptions.PolarsError as column_error:
                 first_line = str(column_error).strip().splitlines()[0]
                 raise MimicFormatError(f"{path}: column {column} has a value that is not {dtype} ({first_line})"
@@ -236,10 +206,11 @@ def _check_windows(windows: pl.DataFrame) -> pl.DataFrame:
 
 def _stays(root: Path) -> pl.LazyFrame | None:
     """``icu/icustays`` as stay_id -> hadm_id, or None when absent."""
-    path = _find(root, "icu", "icustays")
+    path = find_table((root / "icu", root), "icustays")
     if path is None:
         return None
-    return _scan(path, ("stay_id", "hadm_id")).select(_parsed("stay_id", pl.Int64()), _parsed("hadm_id", pl.Int64()))
+    return scan_table(path, ("stay_id", "hadm_id")).select(parse_column("stay_id", pl.Int64()),
+                                                            parse_column("hadm_id", pl.Int64()))
 
 
 def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows: pl.DataFrame,
@@ -252,10 +223,10 @@ def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows
     spec = EVENT_TABLES[table]
     label = "label" if spec.match == "itemid" else spec.match
     required = ["subject_id", spec.match, *spec.times, *spec.shown] + (["hadm_id"] if spec.module == "hosp" else [])
-    raw = _scan(path, required, ("hadm_id", "stay_id"))
+    raw = scan_table(path, required, ("hadm_id", "stay_id"))
     schema = raw.collect_schema()
     typed: dict[str, pl.DataType] = {column: pl.Int64() for column in ("subject_id", "hadm_id") if column in schema}
-    frame = raw.with_columns([_parsed(column, dtype) for column, dtype in typed.items()])
+    frame = raw.with_columns([parse_column(column, dtype) for column, dtype in typed.items()])
     if "hadm_id" not in schema:
         stays = _stays(root) if "stay_id" in schema else None
         if stays is None:
@@ -265,12 +236,12 @@ def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows
         else:
             logger.info("%s: hadm_id taken from icu/icustays through stay_id", path)
             typed["stay_id"] = pl.Int64()
-            frame = frame.with_columns(_parsed("stay_id", pl.Int64())).join(stays, on="stay_id", how="left")
+            frame = frame.with_columns(parse_column("stay_id", pl.Int64())).join(stays, on="stay_id", how="left")
 
     if spec.match == "itemid":
         typed["itemid"] = pl.Int64()
-        frame = frame.with_columns(_parsed("itemid", pl.Int64())).join(items.select("itemid", "label", "group").lazy(),
-                                                                       on="itemid", how="inner")
+        frame = frame.with_columns(parse_column("itemid", pl.Int64())).join(
+            items.select("itemid", "label", "group").lazy(), on="itemid", how="inner")
     elif spec.match == "drug":
         drug = pl.col("drug").cast(pl.String).str.to_lowercase()
         groups = [pl.when(drug.str.contains(pattern.lower(), literal=True)).then(pl.lit(group))
@@ -293,7 +264,7 @@ def _read_table(root: Path, table: str, path: Path, items: pl.DataFrame, windows
         typed[column] = pl.Datetime("us")
     # a date-only fallback (microbiology's chartdate) stands for the end of that day: the specimen may have been
     # taken after an image of the same day, and placing it at midnight would let it precede that image
-    times = [_parsed(column, pl.Datetime("us")) + (pl.duration(days=1) - pl.duration(microseconds=1)
+    times = [parse_column(column, pl.Datetime("us")) + (pl.duration(days=1) - pl.duration(microseconds=1)
                                                    if column == "chartdate" else pl.duration(microseconds=0))
              for column in spec.times]
     time = pl.coalesce(times).alias("time")
@@ -313,11 +284,11 @@ def _check_item_lists(root: Path, tables: list[str], items: ItemLists) -> dict[s
     problems: dict[str, dict[str, list]] = {}
     for dictionary, module in DICTIONARY_MODULES.items():
         checked = [table for table in tables if EVENT_TABLES[table].dictionary == dictionary]
-        path = _find(root, module, dictionary)
+        path = find_table((root / module, root), dictionary)
         if not checked or path is None:
             continue
-        raw = _scan(path, ("itemid", "label"))
-        labels = _collect(raw.select(_parsed("itemid", pl.Int64()),
+        raw = scan_table(path, ("itemid", "label"))
+        labels = _collect(raw.select(parse_column("itemid", pl.Int64()),
                                      pl.col("label").cast(pl.String).str.strip_chars().alias("dictionary_label")),
                           path, raw, {"itemid": pl.Int64()})
         for table in checked:
@@ -402,7 +373,7 @@ def render_events(mimic_dir: str | Path, windows: pl.DataFrame, *, max_events: i
         raise MimicFormatError(f"{root}: MIMIC-IV folder not found")
     windows = _check_windows(windows)
     items = items or load_item_lists()
-    paths = {table: _find(root, spec.module, table) for table, spec in EVENT_TABLES.items()}
+    paths = {table: find_table((root / spec.module, root), table) for table, spec in EVENT_TABLES.items()}
     used = [table for table, path in paths.items() if path is not None]
     missing = [table for table, path in paths.items() if path is None]
     if not used:
@@ -433,13 +404,13 @@ def render_events(mimic_dir: str | Path, windows: pl.DataFrame, *, max_events: i
                        {table: n for table, n in summary["events_without_time"].items() if n})
     events = events.drop_nulls("time")
 
-    patients_path = _find(root, "hosp", "patients")
+    patients_path = find_table((root / "hosp", root), "patients")
     if patients_path is None:
         logger.info("%s: hosp/patients not found, events' subjects not checked", root)
         summary["events_of_subjects_not_in_patients"] = None
     else:
-        raw = _scan(patients_path, ("subject_id",))
-        patients = _collect(raw.select(_parsed("subject_id", pl.Int64())), patients_path, raw,
+        raw = scan_table(patients_path, ("subject_id",))
+        patients = _collect(raw.select(parse_column("subject_id", pl.Int64())), patients_path, raw,
                             {"subject_id": pl.Int64()})["subject_id"]
         unknown = events.filter(~pl.col("subject_id").is_in(patients.implode()))
         summary["events_of_subjects_not_in_patients"] = _per_table(unknown, used)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
 import polars as pl
 
 logger = logging.getLogger(__name__)
@@ -99,8 +101,33 @@ ADMISSION_TYPES = (
 _ALIASES = {"admissions": {"ethnicity": "race"}}
 
 
-def _parse(column: str, dtype: pl.DataType) -> pl.Expr:
-    """Expression turning a CSV text column into ``dtype``, failing loudly on a bad value."""
+def find_table(folders: Iterable[Path], name: str) -> Path | None:
+    """The first ``<folder>/<name>.csv.gz`` (or ``.csv``, ``.parquet``) present, folders in order; None when none is."""
+    for folder in folders:
+        for suffix in SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+def scan_table(path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> pl.LazyFrame:
+    """The file's ``required`` (and present ``optional``) columns as text (parquet: as stored), nothing parsed yet;
+    the header is checked now so that a missing column is named before any work."""
+    try:
+        frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_csv(path, infer_schema=False)
+        present = frame.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
+    required = list(dict.fromkeys(required))
+    missing = [column for column in required if column not in present]
+    if missing:
+        raise MimicFormatError(f"{path}: missing required column(s) {', '.join(missing)}")
+    return frame.select(required + [column for column in optional if column in present and column not in required])
+
+
+def parse_column(column: str, dtype: pl.DataType) -> pl.Expr:
+    """Expression turning a CSV text column (or a typed parquet one) into ``dtype``, failing loudly on a bad
+    value."""
     text = pl.col(column).cast(pl.String)
     if dtype == pl.Date():
         # dod is a date in v2+, a timestamp at midnight in some exports: keep the date part.
@@ -125,11 +152,9 @@ class MimicIVReader:
     def path(self, table: str) -> Path:
         """The file holding ``table``: ``<root>/hosp/<table>.csv.gz``, ``.csv`` or ``.parquet``."""
         spec = TABLES[table]
-        for folder in (self.root / spec.module, self.root):
-            for suffix in SUFFIXES:
-                candidate = folder / f"{spec.name}{suffix}"
-                if candidate.is_file():
-                    return candidate
+        found = find_table((self.root / spec.module, self.root), spec.name)
+        if found is not None:
+            return found
         expected = self.root / spec.module / f"{spec.name}.csv.gz"
         raise MimicFormatError(f"{expected}: required MIMIC-IV table '{table}' not found (.csv.gz, .csv or .parquet)")
 
@@ -153,7 +178,7 @@ class MimicIVReader:
         if renames:
             logger.warning("%s: reading MIMIC-IV v1 column(s) %s under their v2+ names", path, renames)
             frame = frame.rename(renames)
-        return frame.select([_parse(column, dtype) for column, dtype in spec.columns.items()])
+        return frame.select([parse_column(column, dtype) for column, dtype in spec.columns.items()])
 
     def collect(self, table: str, frame: pl.LazyFrame | None = None) -> pl.DataFrame:
         """Collects ``frame`` (default: the whole table), turning type errors into messages naming the file."""
