@@ -61,9 +61,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from scipy import sparse, stats
+from scipy import sparse
 
 from ..data.schema import EHRSchema
+from .fidelity import roc_auc
 
 logger = logging.getLogger(__name__)
 
@@ -267,13 +268,6 @@ def nearest_neighbours(queries: Vectors, references: Vectors,
 
 
 # ----------------------------------------------------------------------------------------- membership inference
-def roc_auc(scores_positive: np.ndarray, scores_negative: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counting one half (the Mann-Whitney form of ROC AUC)."""
-    ranks = stats.rankdata(np.concatenate([scores_positive, scores_negative]))
-    n_pos, n_neg = len(scores_positive), len(scores_negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def tpr_at_fpr(scores_positive: np.ndarray, scores_negative: np.ndarray, fpr: float = 0.01) -> float:
     """The largest true-positive rate of a threshold rule "score > t" whose false-positive rate is at most ``fpr``."""
     allowed = int(np.floor(fpr * len(scores_negative)))
