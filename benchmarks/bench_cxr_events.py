@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehr_diffusers.data.cxr_events import event_content, load_item_lists, render_events
+from ehr_diffusers.data.cxr.events import event_content, load_item_lists, render_events
 
 EPOCH = datetime(2150, 1, 1)
 

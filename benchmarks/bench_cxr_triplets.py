@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehr_diffusers.data.cxr import CHEXPERT_LABELS, TripletOptions, build_triplets
+from ehr_diffusers.data.cxr.triplets import CHEXPERT_LABELS, TripletOptions, build_triplets
 
 EPOCH = datetime(2150, 1, 1)
 
@@ -83,7 +83,7 @@ def time_image_check(count: int) -> float:
     """Seconds per image to open and verify ``count`` real 256x256 JPEG files."""
     from PIL import Image
 
-    from ehr_diffusers.data.cxr import _unusable_images
+    from ehr_diffusers.data.cxr.triplets import _unusable_images
 
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)

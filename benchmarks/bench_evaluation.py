@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 
 MARITAL = ["DIVORCED", "MARRIED", "SINGLE", "WIDOWED", "MISSING"]
 RACE = ["AMERICAN INDIAN/ALASKA NATIVE", "ASIAN", "BLACK", "HISPANIC/LATINO", "NATIVE HAWAIIAN/PACIFIC ISLANDER",

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from datasets import load_from_disk
 
-    from ehr_diffusers.data.cohort import prepare
-    from ehr_diffusers.data.demo_ehr import write_demo_mimic
+    from ehr_diffusers.data.ehr.cohort import prepare
+    from ehr_diffusers.data.ehr.demo import write_demo_mimic
     from ehr_diffusers.text.describe import DiagnosisOrder, FactDescriber, fact_text
     from ehr_diffusers.text.embed import load_embedder
     from ehr_diffusers.text.label import label_dataset

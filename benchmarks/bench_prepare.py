@@ -29,7 +29,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_prepare(mimic: Path, out: Path) -> dict:
-    from ehr_diffusers.data.cohort import prepare
+    from ehr_diffusers.data.ehr.cohort import prepare
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -43,7 +43,7 @@ def run_seed(mimic: Path, batches: int | None) -> dict:
     import numpy as np
     import pandas as pd
 
-    from ehr_diffusers.data.icd import GemMapper
+    from ehr_diffusers.data.ehr.icd import GemMapper
 
     start = time.perf_counter()
     hosp = mimic / "hosp"
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         _child(args)
         return
 
-    from ehr_diffusers.data.demo_ehr import write_demo_mimic
+    from ehr_diffusers.data.ehr.demo import write_demo_mimic
 
     start = time.perf_counter()  # always regenerated: a cached cohort could predate a change of the generator
     generated = write_demo_mimic(args.work / "mimic", n_patients=args.patients, seed=args.seed, overwrite=True,

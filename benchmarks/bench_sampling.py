@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from datasets import load_from_disk
 
-    from ehr_diffusers.data.schema import EHRSchema
+    from ehr_diffusers.data.ehr.schema import EHRSchema
     from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
     from ehr_diffusers.sampling import generate_records
 

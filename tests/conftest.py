@@ -81,8 +81,8 @@ def tiny_mimic(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     """A prepared dataset of 1,000 synthetic demo patients (read-only: copy it before labelling, which rewrites it)."""
-    from ehr_diffusers.data.cohort import prepare
-    from ehr_diffusers.data.demo_ehr import write_demo_mimic
+    from ehr_diffusers.data.ehr.cohort import prepare
+    from ehr_diffusers.data.ehr.demo import write_demo_mimic
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_mimic(root / "mimic", n_patients=1000, seed=3, show_progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ehr_diffusers.data.schema import EHRSchema
+from ehr_diffusers.data.ehr.schema import EHRSchema
 from ehr_diffusers.models import EHRAutoencoderModel
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.baselines import (
     BernoulliMarginals,
     continuous_columns,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.clinical import RULES, compare_plausibility, plausibility, rule_columns
 from ehr_diffusers.evaluation.intervals import wilson_interval
 

@@ -7,10 +7,10 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import ADMISSIONS, DIAGNOSES, PATIENTS, write_tiny_mimic
-from ehr_diffusers.data.cohort import CohortOptions, build_cohort, prepare
+from ehr_diffusers.data.ehr.cohort import CohortOptions, build_cohort, prepare
 from ehr_diffusers.data.mimic import MimicFormatError, MimicIVReader
-from ehr_diffusers.data.schema import EHRSchema
-from ehr_diffusers.io_utils import OutputExistsError
+from ehr_diffusers.data.ehr.schema import EHRSchema
+from ehr_diffusers.io import OutputExistsError
 
 
 def _rows(cohort) -> dict[int, dict]:

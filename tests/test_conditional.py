@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ehr_diffusers.data.icd import all_categories
+from ehr_diffusers.data.ehr.icd import all_categories
 from ehr_diffusers.evaluation import conditional
 from ehr_diffusers.evaluation.conditional import extraction_agreement, prompt_faithfulness
 from ehr_diffusers.evaluation.intervals import wilson_interval

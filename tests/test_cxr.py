@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ehr_diffusers.data.cxr import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
+from ehr_diffusers.data.cxr.triplets import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
 from ehr_diffusers.data.mimic import MimicFormatError
 
 T0 = datetime(2150, 3, 1, 8, 0, 0)

@@ -14,9 +14,9 @@ from datasets import load_from_disk
 from test_cxr import T0, cohort  # noqa: F401  (the fixture)
 
 from ehr_diffusers.cli import main
-from ehr_diffusers.data.cxr import TripletOptions
-from ehr_diffusers.data.cxr_dataset import CXRDatasetOptions, build_cxr_dataset, prepare_cxr
-from ehr_diffusers.data.cxr_events import event_content
+from ehr_diffusers.data.cxr.triplets import TripletOptions
+from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, build_cxr_dataset, prepare_cxr
+from ehr_diffusers.data.cxr.events import event_content
 
 
 def _stamp(hours: float) -> str:
@@ -134,7 +134,7 @@ def test_missing_cxr_table_leaves_no_output(cohort, tmp_path: Path, capsys) -> N
 
 def test_prepare_cxr_on_the_demo_cohort(tmp_path: Path, capsys) -> None:
     """The synthetic cohort through both commands: its label changes come with the events that explain them."""
-    from ehr_diffusers.data.demo_cxr import SMALL_SUBJECTS
+    from ehr_diffusers.data.cxr.demo import SMALL_SUBJECTS
 
     demo, out = tmp_path / "demo", tmp_path / "triplets"
     assert main(["demo-cxr-data", "--subjects", str(SMALL_SUBJECTS), "--seed", "1", "--out", str(demo), "-q"]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ehr_diffusers.data.cxr_events import EVENT_TABLES, LIST_COLUMNS, load_item_lists, render_events
+from ehr_diffusers.data.cxr.events import EVENT_TABLES, LIST_COLUMNS, load_item_lists, render_events
 from ehr_diffusers.data.mimic import MimicFormatError
 
 S1, S2, S3 = 10000001, 10000002, 10000003  # S3 has events but is not in patients
@@ -174,7 +174,7 @@ def test_keeps_the_last_max_events(mimic):
 
 
 def test_subject_not_in_patients_is_counted_and_logged(mimic, caplog):
-    with caplog.at_level(logging.WARNING, logger="ehr_diffusers.data.cxr_events"):
+    with caplog.at_level(logging.WARNING, logger="ehr_diffusers.data.cxr.events"):
         events, summary = render_events(mimic, windows(), show_progress=False)
     assert summary["events_of_subjects_not_in_patients"]["labevents"] == 1
     assert len(_rows(events)[13]["event_texts"]) == 1  # kept, not dropped
@@ -218,7 +218,7 @@ def test_user_item_lists_override_the_packaged_ones(mimic, tmp_path):
     (folder / "labevents.csv").write_text("# only CRP\nitemid,label,group\n50889,CRP,inflammation\n")
     items = load_item_lists(folder)
     assert items.sources["labevents"] == str(folder / "labevents.csv")
-    assert items.sources["chartevents"].endswith("cxr_items/chartevents.csv")
+    assert items.sources["chartevents"].endswith("cxr/items/chartevents.csv")
     events, summary = render_events(mimic, windows(), items=items, show_progress=False)
     texts = _rows(events)[10]["event_texts"]
     assert [text for text in texts if text.startswith("labevents")] == [

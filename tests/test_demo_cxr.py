@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ehr_diffusers.data import demo_cxr
-from ehr_diffusers.data.cxr import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
-from ehr_diffusers.data.cxr_phantom import PhantomParams, render
-from ehr_diffusers.data.demo_cxr import SMALL_SUBJECTS, is_demo_cxr, write_demo_cxr
+from ehr_diffusers.data.cxr import demo as demo_cxr
+from ehr_diffusers.data.cxr.triplets import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
+from ehr_diffusers.data.cxr.phantom import PhantomParams, render
+from ehr_diffusers.data.cxr.demo import SMALL_SUBJECTS, is_demo_cxr, write_demo_cxr
 from ehr_diffusers.data.mimic import MimicIVReader
-from ehr_diffusers.io_utils import OutputExistsError
+from ehr_diffusers.io import OutputExistsError
 
 N_SUBJECTS = SMALL_SUBJECTS + 4
 # The share of pairs without any explaining event must be the generator's stable share within this tolerance
@@ -190,7 +190,7 @@ def test_fallback_without_real_data_files(tmp_path):
 
 
 def test_explaining_items_are_kept_by_the_chest_item_lists():
-    folder = Path(demo_cxr.__file__).parent / "cxr_items"
+    folder = Path(demo_cxr.__file__).parent / "items"
     if not folder.is_dir():
         pytest.skip("no packaged chest item lists")
 

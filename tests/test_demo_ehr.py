@@ -8,11 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ehr_diffusers.data import demo_ehr
-from ehr_diffusers.data.demo_ehr import CONCEPTS, checked_concepts, write_demo_mimic
-from ehr_diffusers.data.icd import GemMapper, icd9_code_titles, icd10_code_titles
+from ehr_diffusers.data.ehr import demo as demo_ehr
+from ehr_diffusers.data.ehr.demo import CONCEPTS, checked_concepts, write_demo_mimic
+from ehr_diffusers.data.ehr.icd import GemMapper, icd9_code_titles, icd10_code_titles
 from ehr_diffusers.data.mimic import MimicIVReader
-from ehr_diffusers.io_utils import OutputExistsError
+from ehr_diffusers.io import OutputExistsError
 
 TABLES = ("patients", "admissions", "diagnoses_icd", "d_icd_diagnoses")
 HEADERS = {

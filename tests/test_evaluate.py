@@ -13,7 +13,7 @@ import torch
 
 from ehr_diffusers import EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline, LogSNRCosineScheduler
 from ehr_diffusers.cli import main
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.data import RealData, check_same_schema, load_real_data
 from ehr_diffusers.evaluation.report import SECTIONS, model_card_markdown, render_html, write_metrics
 from ehr_diffusers.evaluation.suite import COMPARISON, baseline_vectors, build_metrics, figure_support, score_set

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.fidelity import (
     code_matrix,
     code_moments,

@@ -22,8 +22,8 @@ from ehr_diffusers import (
     LogSNRCosineScheduler,
     SentenceEmbedder,
 )
-from ehr_diffusers.data.cohort import prepare
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.cohort import prepare
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.hub import (
     HUB_IGNORE_PATTERNS,
     METRICS_END,
@@ -35,7 +35,7 @@ from ehr_diffusers.hub import (
     save_model_card,
     update_model_card_metrics,
 )
-from ehr_diffusers.io_utils import OutputExistsError
+from ehr_diffusers.io import OutputExistsError
 
 from conftest import write_tiny_mimic
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ehr_diffusers.data.icd import (
+from ehr_diffusers.data.ehr.icd import (
     GemMapper,
     GemOptions,
     category_title,

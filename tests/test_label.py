@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ehr_diffusers.cli import main
-from ehr_diffusers.io_utils import MARKER_NAME
+from ehr_diffusers.io import MARKER_NAME
 from ehr_diffusers.text.describe import DiagnosisOrder, FactDescriber, fact_text
 from ehr_diffusers.text.judge import JUDGE_CATEGORIES, screen
 from ehr_diffusers.text.label import CACHE_NAME, LABEL_COLUMNS, LABELS_NAME, label_dataset, load_label_metadata

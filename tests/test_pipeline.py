@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ehr_diffusers import EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline, LogSNRCosineScheduler
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.data.synthetic_tables import SUBJECT_ID_START, records_to_tables, write_mimic_tables
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.synthetic_tables import SUBJECT_ID_START, records_to_tables, write_mimic_tables
 
 CONDITION_DIM = 8
 
@@ -297,7 +297,7 @@ def test_tables_round_trip_through_prepare(demo_dataset, tmp_path) -> None:
     """Real demo records -> tables -> ``prepare`` -> the same records (the reader accepts what the writer wrote)."""
     from datasets import load_from_disk
 
-    from ehr_diffusers.data.cohort import prepare
+    from ehr_diffusers.data.ehr.cohort import prepare
 
     schema = EHRSchema.load(demo_dataset)
     source = load_from_disk(str(demo_dataset))["train"].select(range(300))

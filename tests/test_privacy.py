@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
-from ehr_diffusers.data.schema import ColumnGroup, EHRSchema
+from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.evaluation.privacy import (
     attribute_bootstrap,
     attribute_f1,

@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehr_diffusers.data.cohort import COARSE_RACE_CATEGORIES, MARITAL_CATEGORIES
-from ehr_diffusers.data.schema import MISSING, EHRSchema
+from ehr_diffusers.data.ehr.cohort import COARSE_RACE_CATEGORIES, MARITAL_CATEGORIES
+from ehr_diffusers.data.ehr.schema import MISSING, EHRSchema
 
 
 def _records() -> pl.DataFrame:

@@ -64,7 +64,7 @@ def test_autoencoder_run_saves_a_calibrated_model_with_metrics(autoencoder_run, 
     from datasets import load_from_disk
 
     from ehr_diffusers import EHRAutoencoderModel
-    from ehr_diffusers.data.schema import EHRSchema
+    from ehr_diffusers.data.ehr.schema import EHRSchema
 
     out = autoencoder_run.output_dir
     assert autoencoder_run.global_step == 3 * 13  # 800 rows / 64 = 13 batches per epoch
@@ -160,7 +160,7 @@ def test_denoiser_presets_and_overrides() -> None:
 # ---------------------------------------------------------------------------------------------------- bad input
 def _mismatched_autoencoder(dataset: Path, folder: Path) -> Path:
     from ehr_diffusers import EHRAutoencoderModel
-    from ehr_diffusers.data.schema import EHRSchema
+    from ehr_diffusers.data.ehr.schema import EHRSchema
 
     schema = EHRSchema.load(dataset)
     schema.groups = [group for group in schema.groups if group.name != "race"]

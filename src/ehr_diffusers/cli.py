@@ -43,8 +43,8 @@ def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cohort_options(args: argparse.Namespace):
-    from .data.cohort import CohortOptions
-    from .data.icd import GemOptions
+    from .data.ehr.cohort import CohortOptions
+    from .data.ehr.icd import GemOptions
 
     return CohortOptions(
         holdout_fraction=args.holdout_fraction,
@@ -262,7 +262,7 @@ def _print_demo_summary(summary: dict, out: Path) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    from .data.demo_ehr import write_demo_mimic
+    from .data.ehr.demo import write_demo_mimic
 
     summary = write_demo_mimic(args.out, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite,
                                show_progress=not args.quiet)
@@ -270,8 +270,8 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from .data.cohort import format_summary, prepare
-    from .data.demo_ehr import is_demo_cohort
+    from .data.ehr.cohort import format_summary, prepare
+    from .data.ehr.demo import is_demo_cohort
 
     synthetic = is_demo_cohort(args.mimic_dir)
     summary = prepare(args.mimic_dir, args.out, _cohort_options(args), overwrite=args.overwrite,
@@ -281,7 +281,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _demo_cxr_data(args: argparse.Namespace) -> None:
-    from .data.demo_cxr import write_demo_cxr
+    from .data.cxr.demo import write_demo_cxr
 
     summary = write_demo_cxr(args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite,
                              show_progress=not args.quiet, real_data=not args.no_real_data)
@@ -293,9 +293,9 @@ def _demo_cxr_data(args: argparse.Namespace) -> None:
 
 
 def _prepare_cxr(args: argparse.Namespace) -> None:
-    from .data.cxr import TripletOptions
-    from .data.cxr_dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
-    from .data.demo_cxr import is_demo_cxr
+    from .data.cxr.triplets import TripletOptions
+    from .data.cxr.dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
+    from .data.cxr.demo import is_demo_cxr
 
     triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
@@ -466,7 +466,7 @@ def _output_format(args: argparse.Namespace) -> str:
 
 def _load_pipeline(model: str, text_embedder: str | None, device: str | None):
     """The pipeline from a folder or Hub id, with a clear error when it is not there."""
-    from .hub import explain_missing_model
+    from .hub.errors import explain_missing_model
     from .pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
     from .text.embed import load_embedder
 
@@ -481,7 +481,7 @@ def write_records(records: list[dict], prompts: list[str | None], out: Path, fil
     """Records with their prompt as one csv or parquet file, written to a temporary name and then renamed."""
     import polars as pl
 
-    from .io_utils import atomic_file
+    from .io import atomic_file
 
     # the codes' type is stated: with no code in any record polars would infer a list of nulls
     frame = pl.DataFrame(records, schema_overrides={"icd10_categories": pl.List(pl.String)}).with_columns(
@@ -495,7 +495,7 @@ def write_records(records: list[dict], prompts: list[str | None], out: Path, fil
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .io_utils import check_output_dir
+    from .io import check_output_dir
     from .sampling import generate_records
 
     file_format = _output_format(args)
@@ -543,8 +543,8 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     from .evaluation.data import load_real_data
     from .evaluation.report import REPORT_NAME, model_card_markdown, write_report
     from .evaluation.suite import evaluate_pipeline
-    from .hub import update_model_card_metrics
-    from .io_utils import atomic_directory, check_output_dir
+    from .hub.cards import update_model_card_metrics
+    from .io import atomic_directory, check_output_dir
 
     check_output_dir(out, overwrite)
     real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet)
@@ -580,9 +580,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .data.cohort import CohortOptions, format_summary, prepare
-    from .data.demo_ehr import write_demo_mimic
-    from .io_utils import atomic_directory
+    from .data.ehr.cohort import CohortOptions, format_summary, prepare
+    from .data.ehr.demo import write_demo_mimic
+    from .io import atomic_directory
     from .text.embed import load_embedder
     from .text.judge import load_judge
     from .text.label import label_dataset
@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             diffusers_logging.disable_progress_bar()
     from .data.mimic import MimicFormatError
-    from .io_utils import OutputExistsError
+    from .io import OutputExistsError
 
     handlers = {"demo-data": _demo_data, "demo-cxr-data": _demo_cxr_data, "prepare": _prepare,
                 "prepare-cxr": _prepare_cxr, "label": _label,

@@ -1,1 +1,2 @@
-"""MIMIC-IV data layer: reader, ICD mapping, vector schema, cohort build and the synthetic demo cohort."""
+"""Data: the MIMIC file reader both modalities share (``mimic``), MIMIC-IV patient records (``ehr``) and chest X-ray
+triplets with their events (``cxr``)."""

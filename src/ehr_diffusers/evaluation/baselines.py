@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 from ..models.ehrdiff_baseline import EHRDiffMLP, edm_loss_weight
 from ..sampling import record_generator
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 from .intervals import wilson_interval
 
 ADULT_AGE = 18

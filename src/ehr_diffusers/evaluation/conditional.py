@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import sparse
 
-from ..data.schema import MISSING
+from ..data.ehr.schema import MISSING
 from ..text.describe import RECORD_FIELDS, coarse_race_group
 from ..text.extract import DiagnosisLexicon, StatedFacts, extract_facts
 from .intervals import percentile_bootstrap, wilson_interval

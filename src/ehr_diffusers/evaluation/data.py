@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _vectors(split: Any, schema: EHRSchema, show_progress: bool, desc: str) -> n
 def load_real_data(dataset_dir: str | Path, seed: int = 0, show_progress: bool = True,
                    argument: str = "--dataset") -> RealData:
     """The splits of a prepared dataset folder, cut as the module docstring says; errors name ``argument``."""
-    from ..hub import training_data_record
+    from ..hub.cards import training_data_record
     from ..training.data import HOLDOUT_SPLIT, TRAIN_SPLIT, load_training_dataset
 
     dataset, schema = load_training_dataset(dataset_dir, (TRAIN_SPLIT, HOLDOUT_SPLIT), argument)

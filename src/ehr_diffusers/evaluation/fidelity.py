@@ -48,7 +48,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import stats
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 
 logger = logging.getLogger(__name__)
 

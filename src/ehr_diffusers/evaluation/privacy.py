@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 from .fidelity import roc_auc
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..io_utils import atomic_file
+from ..io import atomic_file
 
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"

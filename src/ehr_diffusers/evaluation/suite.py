@@ -32,7 +32,7 @@ import numpy as np
 from scipy import sparse, stats
 
 from .. import __version__
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 from .clinical import compare_plausibility
 from .conditional import extraction_agreement, prompt_faithfulness
 from .data import RealData, check_same_schema

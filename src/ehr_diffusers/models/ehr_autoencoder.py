@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..data.schema import SCHEMA_VERSION, EHRSchema
+from ..data.ehr.schema import SCHEMA_VERSION, EHRSchema
 
 GROUP_KINDS = ("binary", "continuous", "count", "one_hot", "multi_hot")
 

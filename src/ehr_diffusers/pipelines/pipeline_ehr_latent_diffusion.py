@@ -24,7 +24,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..data.schema import EHRSchema
+from ..data.ehr.schema import EHRSchema
 from ..models.ehr_autoencoder import EHRAutoencoderModel
 from ..models.ehr_denoiser import EHRDenoiserModel
 from ..schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
@@ -365,7 +365,7 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         overwrite: bool = False,
     ) -> dict[str, int]:
         """Writes records as a synthetic MIMIC-IV ``hosp/`` folder (patients, admissions, diagnoses_icd,
-        d_icd_diagnoses) with synthetic ids and a README saying so; see :mod:`ehr_diffusers.data.synthetic_tables`."""
-        from ..data.synthetic_tables import write_mimic_tables
+        d_icd_diagnoses) with synthetic ids and a README saying so; see :mod:`ehr_diffusers.data.ehr.synthetic_tables`."""
+        from ..data.ehr.synthetic_tables import write_mimic_tables
 
         return write_mimic_tables(records, out, file_format=file_format, seed=seed, overwrite=overwrite)

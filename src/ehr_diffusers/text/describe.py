@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import polars as pl
 
-from ..data.cohort import coarse_race
-from ..data.icd import category_title
-from ..data.schema import MISSING
+from ..data.ehr.cohort import coarse_race
+from ..data.ehr.icd import category_title
+from ..data.ehr.schema import MISSING
 
 SEX_NOUNS = {"F": "woman", "M": "man"}
 SEX_ADJECTIVES = {"F": "female", "M": "male"}

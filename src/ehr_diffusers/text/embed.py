@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from ..hub import ModelNotFoundError, explain_missing_model
+from ..hub.errors import ModelNotFoundError, explain_missing_model
 
 logger = logging.getLogger(__name__)
 

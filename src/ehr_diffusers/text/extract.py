@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from ..data.icd import all_categories
+from ..data.ehr.icd import all_categories
 from .describe import PREFERRED_NAMES, short_name
 
 # name -> category ranges (inclusive, 3-character ICD-10-CM categories); the ranges follow the chapter and block

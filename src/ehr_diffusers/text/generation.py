@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..hub import explain_missing_model
+from ..hub.errors import explain_missing_model
 
 logger = logging.getLogger(__name__)
 

@@ -27,27 +27,16 @@ import ast
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .describe import PatientFacts, fact_text
 from .generation import CausalLMGenerator
-
-if TYPE_CHECKING:
-    from .rules_judge import RulesJudge
+from .judge_rubric import CATEGORY_RUBRIC, DEFAULT_SCREENING_THRESHOLD, JUDGE_CATEGORIES, SCORE_RANGE
+from .rules_judge import RulesJudge
 
 logger = logging.getLogger(__name__)
 
-JUDGE_CATEGORIES = ("factual_agreement", "completeness", "clinical_coherence", "conciseness", "unsupported_claims")
-CATEGORY_RUBRIC = {
-    "factual_agreement": "every stated fact agrees with the record (5: no contradiction; 1: several)",
-    "completeness": "states sex, age, whether the patient died and the principal diagnoses (5: all; 1: almost none)",
-    "clinical_coherence": "reads as one plausible, self-consistent clinical statement (5: fully; 1: incoherent)",
-    "conciseness": "one sentence without filler or preamble (5: concise; 1: long or padded)",
-    "unsupported_claims": "no diagnosis or fact that the record lacks (5: none; 1: several invented claims)",
-}
 DEFAULT_JUDGE_ID = "Qwen/Qwen2.5-14B-Instruct"
-DEFAULT_SCREENING_THRESHOLD = 3
-SCORE_RANGE = (1, 5)
 
 JUDGE_SYSTEM_PROMPT = (
     "You are a meticulous clinical reviewer. You check a one-sentence patient summary against the patient's record "
@@ -269,12 +258,10 @@ class LLMJudge:
         }
 
 
-def load_judge(spec: str = "rules", **kwargs) -> "RulesJudge | LLMJudge | None":
+def load_judge(spec: str = "rules", **kwargs) -> RulesJudge | LLMJudge | None:
     """"rules" -> ``RulesJudge`` (offline), "none" -> None (no judging), anything else is a Hub id or folder ->
     ``LLMJudge``."""
     if spec == "rules":
-        from .rules_judge import RulesJudge
-
         return RulesJudge(**kwargs)
     if spec == "none":
         return None

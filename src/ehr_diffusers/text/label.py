@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..data.schema import SCHEMA_NAME, EHRSchema
-from ..io_utils import MARKER_NAME, atomic_directory
+from ..data.ehr.schema import SCHEMA_NAME, EHRSchema
+from ..io import MARKER_NAME, atomic_directory
 from .describe import RECORD_FIELDS, DiagnosisOrder, FactDescriber, PatientFacts, fact_text
 from .embed import SentenceEmbedder
 from .judge import DEFAULT_SCREENING_THRESHOLD, JUDGE_CATEGORIES, passes_screening

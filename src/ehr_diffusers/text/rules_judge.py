@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .describe import DEFAULT_SUMMARY_DIAGNOSES, PatientFacts, coarse_race_group
 from .extract import DiagnosisLexicon, default_lexicon, extract_facts
-from .judge import JUDGE_CATEGORIES
+from .judge_rubric import JUDGE_CATEGORIES
 
 # ICD-10-CM ranges that belong to one sex; the sex edits of the CMS Medicare Code Editor list these chapters' codes
 # (pregnancy O00-O9A and female genital organs N70-N98, C51-C58 for women; male genital organs N40-N53, C60-C63).

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.schema import SCHEMA_NAME, EHRSchema
+from ..data.ehr.schema import SCHEMA_NAME, EHRSchema
 
 TRAIN_SPLIT = "train"
 HOLDOUT_SPLIT = "holdout"

@@ -24,7 +24,7 @@ import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from ehr_diffusers.data.schema import EHRSchema
+from ehr_diffusers.data.ehr.schema import EHRSchema
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (

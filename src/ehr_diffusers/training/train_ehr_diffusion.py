@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from ehr_diffusers.data.schema import EHRSchema
+from ehr_diffusers.data.ehr.schema import EHRSchema
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel
 from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler

@@ -1,31 +1,21 @@
-"""Cards for datasets and models, remote-code export, and every call to the Hugging Face Hub.
+"""Dataset and model cards, one template per modality: what the data or model is, where it came from and its licence.
 
 Templates live inside the package (``ehr_diffusers/templates``) so that an installed wheel can write cards offline.
-Heavy libraries (``datasets``, ``huggingface_hub``, ``diffusers``) are imported inside the functions that need them:
-this module is imported by the data and text layers, which must stay quick to import.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import re
-import shutil
-import sys
-import tempfile
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Mapping
 
-from . import __version__
-from .io_utils import MARKER_NAME, atomic_directory, atomic_file
-
-if TYPE_CHECKING:
-    from huggingface_hub import HfApi
+from .. import __version__
+from ..io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -97,257 +87,6 @@ def render_dataset_card(summary: dict, source: str, synthetic: bool = False) -> 
         licence_note=_SYNTHETIC_LICENCE if synthetic else _MIMIC_LICENCE,
     )
 
-
-class ModelNotFoundError(OSError):
-    """A pretrained model named by Hub id or folder is not available here; the message says how to supply it."""
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def _looks_like_path(name_or_path: str) -> bool:
-    """An existing folder, or anything that cannot be a Hub id ("name" or "namespace/name")."""
-    return Path(name_or_path).expanduser().exists() or not _HUB_ID.fullmatch(name_or_path)
-
-
-@contextmanager
-def explain_missing_model(name_or_path: str, what: str) -> Iterator[None]:
-    """Runs a ``from_pretrained`` call and turns "not found" into one line that says how to supply the model.
-
-    transformers answers a missing Hub id (offline, or a typo) with a multi-line OSError about internet access; users
-    need to know that a local folder or a filled cache is what is wanted.
-    """
-    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ModelNotFoundError(f"{what} {name_or_path}: no such folder")
-    try:
-        yield
-    except ModelNotFoundError:
-        raise
-    except OSError as error:
-        if Path(name_or_path).expanduser().exists():
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelNotFoundError(f"{what} {name_or_path}: cannot be loaded from this folder ({detail})") from error
-        from huggingface_hub import constants
-
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ModelNotFoundError(
-            f"{what} {name_or_path!r} cannot be found locally{offline}: it is neither a folder nor in the Hugging Face "
-            f"cache {constants.HF_HUB_CACHE}; pass a local folder instead (for example one written by "
-            f"`hf download {name_or_path} --local-dir DIR`) or point HF_HOME at a cache that holds it"
-        ) from error
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` so that a reader never sees half a card."""
-    with atomic_file(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------------- remote code
-MODEL_INDEX_NAME = "model_index.json"
-# The file diffusers looks for beside model_index.json when ``_class_name`` is ``[file, class]``.
-REMOTE_PIPELINE_FILE = "pipeline"
-# What never goes to the Hub: training checkpoints, logs, the output marker and half-written temporary files.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", MARKER_NAME, "*.tmp-*"]
-# Libraries diffusers resolves by name (``LOADABLE_CLASSES``); their components need no code file.
-_LIBRARY_NAMES = {"diffusers", "transformers", "onnxruntime.training"}
-_SHIM = re.compile(r"from ([A-Za-z_][\w.]*) import ([A-Za-z_]\w*)  # noqa: F401\n")
-
-
-def shim_source(module: str, class_name: str) -> str:
-    """The one line a remote-code file holds: it imports the installed class, so loading returns that class."""
-    return f"from {module} import {class_name}  # noqa: F401\n"
-
-
-def _is_component(key: str, value: Any) -> bool:
-    """A ``model_index.json`` entry that names a component: ``[library, class]`` or ``[null, null]``."""
-    return (
-        not key.startswith("_")
-        and isinstance(value, list)
-        and len(value) == 2
-        and all(item is None or isinstance(item, str) for item in value)
-    )
-
-
-def remote_code_files(model_index: Mapping[str, Any], pipeline_module: str) -> tuple[dict, dict[str, str]]:
-    """The exported ``model_index.json`` and the shim files (relative path -> text) for a saved pipeline.
-
-    Each component recorded by full module path (``["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"]``)
-    becomes ``["ehr_autoencoder", "EHRAutoencoderModel"]`` plus ``autoencoder/ehr_autoencoder.py``; the pipeline becomes
-    ``["pipeline", class]`` plus ``pipeline.py``. Components of diffusers or transformers, ``[null, null]`` entries and
-    every other key (``schema``, ``_diffusers_version``) are kept; ``_name_or_path`` (a local path of whoever saved
-    the folder) is dropped.
-    """
-    class_name = model_index.get("_class_name")
-    if not isinstance(class_name, str):
-        raise ValueError(f"model_index.json: _class_name must be a pipeline class name, got {class_name!r}")
-    exported: dict[str, Any] = {}
-    files = {f"{REMOTE_PIPELINE_FILE}.py": shim_source(pipeline_module, class_name)}
-    for key, value in model_index.items():
-        if key == "_name_or_path":
-            continue
-        if key == "_class_name":
-            exported[key] = [REMOTE_PIPELINE_FILE, class_name]
-        elif _is_component(key, value) and value[0] is not None and "." in value[0] and value[0] not in _LIBRARY_NAMES:
-            if value[1] is None:
-                raise ValueError(f"model_index.json: component {key!r} names module {value[0]!r} but no class")
-            file_name = value[0].rsplit(".", 1)[-1]
-            files[f"{key}/{file_name}.py"] = shim_source(value[0], value[1])
-            exported[key] = [file_name, value[1]]
-        else:
-            exported[key] = value
-    return exported, files
-
-
-def _pipeline_module(class_name: str) -> str:
-    """The installed module that defines the pipeline class named in ``model_index.json``.
-
-    diffusers records only the class name of a pipeline, so the module is looked up: first among the
-    ``ehr_diffusers`` modules already imported, then in ``ehr_diffusers.pipelines``.
-    """
-    for name, module in list(sys.modules.items()):
-        candidate = getattr(module, class_name, None) if name.startswith("ehr_diffusers.") else None
-        if isinstance(candidate, type) and candidate.__module__ == name:
-            return name
-    try:
-        pipelines = importlib.import_module("ehr_diffusers.pipelines")
-    except ImportError as error:
-        raise ValueError(f"cannot find pipeline class {class_name!r}: ehr_diffusers.pipelines failed") from error
-    candidate = getattr(pipelines, class_name, None)
-    if not isinstance(candidate, type):
-        raise ValueError(f"model_index.json names pipeline class {class_name!r}, which ehr_diffusers.pipelines lacks")
-    return candidate.__module__
-
-
-def _read_model_index(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such pipeline folder")
-    path = folder / MODEL_INDEX_NAME
-    if not path.is_file():
-        raise ValueError(f"{folder}: not a saved pipeline (no {MODEL_INDEX_NAME}); save it with save_pretrained first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def _is_exported(model_index: Mapping[str, Any], folder: Path) -> bool:
-    """Already in remote-code form: ``_class_name`` is ``[file, class]`` and that file is a shim."""
-    class_name = model_index.get("_class_name")
-    if not isinstance(class_name, list):
-        return False
-    code = folder / f"{class_name[0]}.py"
-    return code.is_file() and _SHIM.fullmatch(code.read_text()) is not None
-
-
-def _hub_ignore(root: Path):
-    """``shutil.copytree`` ignore function for the top level of ``root``: what ``HUB_IGNORE_PATTERNS`` leaves out."""
-    top_level = [pattern.removesuffix("/*") for pattern in HUB_IGNORE_PATTERNS]
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        if Path(directory) != root:
-            return set()
-        return set(shutil.ignore_patterns(*top_level)(directory, names))
-
-    return ignore
-
-
-def export_for_hub(pipeline_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Copies a saved pipeline into ``out_dir`` in the form ``DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)`` loads, offline or from the Hub, returning the installed ``ehr_diffusers`` classes.
-
-    The copy holds a rewritten ``model_index.json`` (``"_class_name": ["pipeline", "EHRLatentDiffusionPipeline"]``,
-    ``"autoencoder": ["ehr_autoencoder", "EHRAutoencoderModel"]``, ...) and one-line shim files (``pipeline.py``,
-    ``autoencoder/ehr_autoencoder.py``, ...) generated from the recorded module paths. Why a copy: diffusers treats
-    any folder with ``pipeline.py`` as custom code, so the exported form no longer loads with
-    ``EHRLatentDiffusionPipeline.from_pretrained(folder)`` unless ``trust_remote_code=True`` is passed, and the
-    original form cannot be loaded from the Hub at all (diffusers wants ``<component>/<module>.py`` there for every
-    component that is not from diffusers or transformers). The original folder is left untouched.
-
-    ``out_dir`` defaults to ``<pipeline_dir>-hub`` beside the original; an existing ``out_dir`` is replaced only if it
-    is empty or an earlier ehr-diffusers output. Checkpoints, logs and temporary files are not copied. Returns
-    ``out_dir``.
-    """
-    source = Path(pipeline_dir)
-    model_index = _read_model_index(source)
-    target = Path(out_dir) if out_dir is not None else source.with_name(f"{source.name}-hub")
-    if source.resolve() in target.resolve().parents:
-        raise ValueError(f"out_dir {target} lies inside the pipeline folder {source}; choose a folder outside it")
-    if _is_exported(model_index, source):
-        exported, files = model_index, {}
-    else:
-        class_name = model_index.get("_class_name")
-        if not isinstance(class_name, str):
-            raise ValueError(f"{source / MODEL_INDEX_NAME}: _class_name {class_name!r} is not a pipeline class name")
-        exported, files = remote_code_files(model_index, _pipeline_module(class_name))
-        for relative in files:
-            component = relative.rpartition("/")[0]
-            if component and not (source / component).is_dir():
-                raise ValueError(
-                    f"{source}: model_index.json lists component {component!r} but the folder has no {component}/"
-                )
-    with atomic_directory(target, overwrite=True, inputs=[source], option="export_for_hub") as staging:
-        shutil.copytree(source, staging, ignore=_hub_ignore(source), dirs_exist_ok=True)
-        for relative, text in files.items():
-            (staging / relative).write_text(text)
-        (staging / MODEL_INDEX_NAME).write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n")
-    logger.info("exported %s for remote-code loading into %s (%d shim files)", source, target, len(files))
-    return target
-
-
-# ------------------------------------------------------------------------------------------------------------- Hub
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload with ehr-diffusers",
-    api: "HfApi | None" = None,
-    allow_public_mimic: bool = False,
-) -> str:
-    """Uploads a saved pipeline folder to the model repo ``repo_id`` (created if needed); returns the repo URL.
-
-    What goes up is a temporary :func:`export_for_hub` copy, so that the Hub copy loads with
-    ``DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)``; checkpoints, logs and temporary files
-    stay local. A folder whose card says ``license: other`` (trained on MIMIC-derived data) goes only to a private
-    repo (``private=True``): the PhysioNet Credentialed Health Data License forbids sharing with people who are not
-    credentialed. ``allow_public_mimic=True`` overrides this for users who have checked that their data use permits
-    it. ``api`` is the Hub client (default ``huggingface_hub.HfApi(token=token)``); tests pass a fake.
-    """
-    source = Path(folder)
-    _read_model_index(source)
-    metadata = _front_matter(source / "README.md")
-    if not (source / "README.md").is_file():
-        logger.warning("%s has no README.md model card; the Hub repo will have none", source)
-    if metadata.get("license") == "other" and private is not True and not allow_public_mimic:
-        raise ValueError(
-            f"{source / 'README.md'}: the model was trained on MIMIC-derived data (license: other, "
-            f"{metadata.get('license_name', 'PhysioNet credentialed')}), which the PhysioNet Credentialed Health Data "
-            "License forbids sharing publicly; push it with private=True to a repo only credentialed "
-            "users can read, or pass allow_public_mimic=True if you are sure your data use permits it"
-        )
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="ehr-diffusers-hub-") as temporary:
-        exported = export_for_hub(source, Path(temporary) / "export")
-        url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
-        api.upload_folder(
-            folder_path=str(exported),
-            repo_id=repo_id,
-            commit_message=commit_message,
-            ignore_patterns=list(HUB_IGNORE_PATTERNS),
-        )
-    logger.info("uploaded %s to %s", source, url)
-    return str(url)
-
-
-# ------------------------------------------------------------------------------------------------------ model card
 METRICS_START = "<!-- metrics:start -->"
 METRICS_END = "<!-- metrics:end -->"
 MIMIC_LICENSE_NAME = "physionet-credentialed-health-data-license-1.5.0"
@@ -357,10 +96,9 @@ _CXR_SYNTHETIC_BANNER = (
 )
 
 
+
 def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False) -> str:
     """The README.md written beside a prepared triplet dataset, filled from its ``cxr_summary.json``."""
-    from .data.cxr import CHEXPERT_LABELS
-
     template = Template(resources.files("ehr_diffusers").joinpath("templates/cxr_dataset_card.md").read_text())
     options, triplet_options = summary["options"], summary["options"]["triplets"]
     events, embeddings = summary["events"], summary.get("embeddings")
@@ -407,7 +145,7 @@ def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False)
         split_description=split_description,
         train_rows=f"{summary['splits']['train']:,}", validation_rows=f"{summary['splits']['validation']:,}",
         test_rows=f"{summary['splits']['test']:,}",
-        labels=", ".join(CHEXPERT_LABELS), embedding_lines=embedding_lines, label_changes=changes,
+        labels=", ".join(summary["label_change_rates"]), embedding_lines=embedding_lines, label_changes=changes,
         licence_note=_SYNTHETIC_LICENCE if synthetic else _MIMIC_LICENCE.replace("MIMIC-IV", "MIMIC-CXR-JPG and MIMIC-IV"),
     )
 
@@ -419,7 +157,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _front_matter(card: Path) -> dict:
+def front_matter(card: Path) -> dict:
     """The YAML metadata of a (model or dataset) card, {} when it has none or it does not parse."""
     if not card.is_file():
         return {}
@@ -441,7 +179,7 @@ def _is_synthetic(folder: Path, summary: Mapping[str, Any]) -> tuple[bool, str]:
     """
     if isinstance(summary.get("synthetic"), bool):
         return summary["synthetic"], "cohort_summary.json"
-    metadata = _front_matter(folder / "README.md")
+    metadata = front_matter(folder / "README.md")
     if metadata.get("license") == "cc0-1.0" or "synthetic" in (metadata.get("tags") or []):
         return True, "README.md metadata"
     if metadata:
@@ -609,7 +347,7 @@ def save_model_card(
     out = Path(output_dir)
     card = render_model_card(record, training_config, autoencoder_config, model_id=repo_id or out.name)
     path = out / "README.md"
-    _write_text_atomic(path, card)
+    write_text_atomic(path, card)
     logger.info("wrote model card %s", path)
     return path
 
@@ -629,4 +367,4 @@ def update_model_card_metrics(card_path: str | Path, markdown: str) -> None:
         )
     head, _, rest = text.partition(METRICS_START)
     _, _, tail = rest.partition(METRICS_END)
-    _write_text_atomic(path, f"{head}{METRICS_START}\n{markdown.strip()}\n{METRICS_END}{tail}")
+    write_text_atomic(path, f"{head}{METRICS_START}\n{markdown.strip()}\n{METRICS_END}{tail}")

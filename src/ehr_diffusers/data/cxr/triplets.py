@@ -21,7 +21,7 @@ at that admission (``anchor_age + year(admittime) - anchor_year >= 18``); for ev
 image of an *earlier study* of the *same admission* taken *less than* ``window_hours`` (48) before it is a
 candidate previous image, and each candidate makes one pair. Two studies at the same time, or exactly 48 h apart,
 make no pair. The events between the two images (``window_start`` = previous image, ``window_end`` = target) are
-added by :mod:`~ehr_diffusers.data.cxr_events`.
+added by :mod:`~ehr_diffusers.data.cxr.events`.
 
 Splits are by patient, so no patient's images sit on both sides: seeded (``split="seeded"``, fractions of
 patients) or MIMIC-CXR's own assignment (``split="mimic"``, its ``validate`` named ``validation``).
@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .mimic import MimicFormatError, MimicIVReader, find_table, scan_table
+from ..mimic import MimicFormatError, MimicIVReader, find_table, scan_table
 
 logger = logging.getLogger(__name__)
 
