@@ -1,7 +1,7 @@
 """The EHR autoencoder: a patient vector (``data.schema.EHRSchema``) to a continuous latent and back to logits.
 
 The diffusion model works in the latent space; the decoder turns generated latents back into records. Three things
-the seed system lacked are part of the model and saved with it:
+that a plain autoencoder lacks are part of the model and saved with it:
 
 * a loss per schema group that fits the group's kind: binary cross-entropy for binary fields and codes (summed over
   a group's columns), cross-entropy for one-hot groups, squared error for scaled continuous and count fields;
@@ -70,7 +70,7 @@ class EHRAutoencoderModel(ModelMixin, ConfigMixin):
 
     Args:
         groups: the schema's groups as ``{"name", "kind", "width"}`` dicts, in vector order (``from_schema`` fills it).
-        latent_dim: size of the latent (the seed system used 1024).
+        latent_dim: size of the latent (HealthForge uses 1024).
         hidden_dim: width of the hidden layers.
         num_layers: hidden layers of the encoder and of the decoder.
         dropout: dropout between hidden layers.

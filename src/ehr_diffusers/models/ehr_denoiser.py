@@ -1,7 +1,7 @@
 """The EHR denoiser: a transformer over latent tokens whose every block is conditioned on the noise level and the text.
 
-The seed system's denoiser attended over one token (so its attention did nothing) and saw the noise level only at the
-input. Here:
+A denoiser over one latent token has nothing to attend to, and one that sees the noise level only at its input loses
+it in the deeper layers. Here:
 
 * the latent (e.g. 1024 values) is cut into ``num_tokens`` tokens, so self-attention relates parts of the latent;
 * the noise level enters as a Fourier embedding of logSNR (the scheduler's lambda), and together with the pooled
@@ -173,7 +173,7 @@ class EHRDenoiserModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def seed_reference_config(cls) -> dict[str, Any]:
-        """The width, depth and heads of the seed system's denoiser (hidden 4096, 8 layers, 8 heads; about 1.96B
+        """The width, depth and heads of HealthForge's reference denoiser (hidden 4096, 8 layers, 8 heads; about 1.96B
         parameters there), for comparisons only. With adaLN and cross-attention in every block it has 2.8B here."""
         return {"latent_dim": 1024, "num_tokens": 1, "hidden_dim": 4096, "num_layers": 8, "num_heads": 8,
                 "mlp_ratio": 4.0, "condition_dim": 768}

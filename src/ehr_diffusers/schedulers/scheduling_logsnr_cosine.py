@@ -11,7 +11,7 @@ so that lambda(0) = logsnr_max and lambda(1) = logsnr_min, and
 Sampling goes from u = 1 to u = 0 over ``set_timesteps(n)`` steps; a step goes from t to s < t (lambda_s > lambda_t).
 With r = exp(lambda_t - lambda_s) = SNR(t) / SNR(s) and x_hat the model's estimate of x:
 
-* ``ancestral`` (the seed system's sampler): z_s ~ N(mu, var), with the posterior mean of q(z_s | z_t, x = x_hat)
+* ``ancestral`` (HealthForge's sampler): z_s ~ N(mu, var), with the posterior mean of q(z_s | z_t, x = x_hat)
   mu = r (alpha_s / alpha_t) z_t + (1 - r) alpha_s x_hat, and var interpolated in log space between the posterior
   variance (1 - r) sigma_s^2 and the forward variance (1 - r) sigma_t^2 with exponent ``variance_interpolation`` v:
   var = exp(v log((1 - r) sigma_t^2) + (1 - v) log((1 - r) sigma_s^2)) (Nichol & Dhariwal 2021, eq. 15).
@@ -60,8 +60,8 @@ class LogSNRCosineScheduler(SchedulerMixin, ConfigMixin):
     """Continuous-time scheduler on the logSNR-cosine schedule (see the module docstring for the math).
 
     Args:
-        logsnr_min: lambda at u = 1 (pure noise end); the seed system used -20.
-        logsnr_max: lambda at u = 0 (data end); the seed system used 20.
+        logsnr_min: lambda at u = 1 (pure noise end); HealthForge uses -20.
+        logsnr_max: lambda at u = 0 (data end); HealthForge uses 20.
         prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
         solver: "ancestral", "ddim" or "dpmsolver++".
         variance_interpolation: exponent v of the ancestral variance (0: posterior, 1: forward variance).

@@ -1,7 +1,7 @@
 """What a sentence states about a patient: sex, age, death, admissions, marital status, race and diagnoses.
 
 The rules judge checks summaries with it, and the evaluation checks prompts against generated records with it, so
-both read text the same way. It matches whole words, never substrings (the seed system counted "female" as "male"),
+both read text the same way. It matches whole words, never substrings (a substring match counts "female" as "male"),
 and it knows what it does not understand: a sentence that states nothing yields empty sets, not guesses.
 
 Diagnoses are found by phrase lookup over word n-grams (longest first), against every ICD-10-CM category title, the
