@@ -49,15 +49,22 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write; on success it gets the permissions of a plainly created
-    file and replaces ``path`` by a rename, on any error it is removed, so a reader never sees half a file."""
+    file and replaces ``path`` by a rename, on any error it is removed, so a reader never sees half a file.
+
+    ``durable`` also flushes the file to disk before the rename, so that it is whole even after a power cut (a
+    resumable cache relies on that).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
+        if durable:
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(temporary, path)
     except BaseException:

@@ -40,7 +40,7 @@ def _size_category(n: int) -> str:
 
 def render_dataset_card(summary: dict, source: str, synthetic: bool = False) -> str:
     """The README.md written beside a prepared dataset, filled from its ``cohort_summary.json``."""
-    template = Template(resources.files("ehr_diffusers").joinpath("templates/dataset_card.md").read_text())
+    template = Template(resources.files("ehr_diffusers").joinpath("templates/ehr_dataset_card.md").read_text())
     options = summary["options"]
     gem = options["gem"]
     unmapped = ", ".join(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..data.ehr.schema import SCHEMA_NAME, EHRSchema
-from ..io import MARKER_NAME, atomic_directory
+from ..io import MARKER_NAME, atomic_directory, atomic_file
 from .describe import RECORD_FIELDS, DiagnosisOrder, FactDescriber, PatientFacts, fact_text
 from .embed import SentenceEmbedder
 from .judge import DEFAULT_SCREENING_THRESHOLD, JUDGE_CATEGORIES, passes_screening
@@ -170,13 +169,9 @@ def _cache_key(summarizer: Summarizer, judge: Judge | None, embedder: SentenceEm
 
 
 def _write_atomically(table: pa.Table, path: Path) -> None:
-    """Writes a cache chunk so that it exists whole or not at all, also after a power cut (fsync before rename)."""
-    partial = path.with_suffix(".partial")
-    with open(partial, "wb") as handle:
-        pq.write_table(table, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    """Writes a cache chunk so that it exists whole or not at all, also after a power cut."""
+    with atomic_file(path, durable=True) as temporary:
+        pq.write_table(table, temporary)
 
 
 def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
