@@ -1,4 +1,4 @@
-"""Times ``ehr-diffusers prepare`` at MIMIC-IV scale against a reimplementation of the seed system's approach.
+"""Times ``ehr-diffusers prepare`` at MIMIC-IV scale against a reimplementation of the HealthForge reference implementation's approach.
 
     python benchmarks/bench_prepare.py --patients 300000 --work /tmp/bench-prepare
 
@@ -6,7 +6,7 @@ Builds a synthetic demo cohort of ``--patients`` patients (300,000 give about 5 
 then runs, each in a fresh process so that peak memory is its own:
 
 * ``prepare``: this project's polars build, the same code as the CLI, writing the DatasetDict;
-* ``seed approach``: the seed system's way, pandas tables and one query per batch of 512 patients, building the same
+* ``seed approach``: the HealthForge reference implementation's way, pandas tables and one query per batch of 512 patients, building the same
   per-patient records (demographics + ICD-10 categories through the same GEM table) in Python.
 
 Goal for ``prepare``: under 120 s and under 4 GB peak memory on 2 cores. Results go into BENCHMARKS.md.
@@ -39,7 +39,7 @@ def run_prepare(mimic: Path, out: Path) -> dict:
 
 
 def run_seed(mimic: Path, batches: int | None) -> dict:
-    """The seed's approach: pandas frames, a query per 512-patient batch, per-patient Python loops."""
+    """The HealthForge reference implementation's approach: pandas frames, a query per 512-patient batch, per-patient Python loops."""
     import numpy as np
     import pandas as pd
 

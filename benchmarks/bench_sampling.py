@@ -1,4 +1,4 @@
-"""Times EHRLatentDiffusionPipeline's default sampler against the seed system's sampler on one trained demo model.
+"""Times EHRLatentDiffusionPipeline's default sampler against HealthForge's sampler configuration on one trained demo model.
 
     python benchmarks/bench_sampling.py --model ehr-diffusers-demo/model --dataset ehr-diffusers-demo/dataset
 
@@ -7,7 +7,7 @@
 
 * the default sampler: the pipeline's scheduler as saved (DPM-Solver++(2M)), its default steps and guidance scale,
   conditional and null predictions in one batched pass, 4,096 records per batch (``ehr_diffusers.sampling``);
-* the seed system's configuration: the ancestral sampler with variance interpolation 0.1, 1,000 steps, the
+* HealthForge's configuration ("seed" below): the ancestral sampler with variance interpolation 0.1, 1,000 steps, the
   conditional and the null pass as two separate model calls, 100 records per call, the same guidance scale.
 
 Both decode with the model's calibrated thresholds and both use the learned null condition, so the comparison is
@@ -32,7 +32,7 @@ def _prevalence_r(vectors: np.ndarray, reference: np.ndarray, codes: slice) -> f
 
 
 def _seed_sampler(pipe, embeds, guidance_scale: float, steps: int, per_call: int, seed: int):
-    """The seed system's loop: ancestral steps, two unbatched passes per step, ``per_call`` records per call."""
+    """HealthForge's loop: ancestral steps, two unbatched passes per step, ``per_call`` records per call."""
     import torch
 
     from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
