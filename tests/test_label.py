@@ -157,12 +157,12 @@ def test_cli_label_and_its_errors(dataset_copy, capsys):
 
 
 def test_cli_checks_the_dataset_and_device_before_loading_models(tmp_path, capsys, monkeypatch):
-    import ehr_diffusers.cli as cli
+    from ehr_diffusers.commands import label as label_command
 
     def never(*args, **kwargs):
         raise AssertionError("models were loaded before the dataset was checked")
 
-    monkeypatch.setattr(cli, "_label_models", never)
+    monkeypatch.setattr(label_command, "_label_models", never)
     assert main(["label", "-q", "--dataset", str(tmp_path / "missing")]) == 2
     assert "not a prepared dataset" in capsys.readouterr().err
 

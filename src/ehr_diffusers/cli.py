@@ -3,7 +3,8 @@
 Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, generate, evaluate and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
-stderr naming what is wrong, exit status 2, and no partial output.
+stderr naming what is wrong, exit status 2, and no partial output. This module holds the parser and the dispatch;
+the work of each command group is in ``ehr_diffusers.commands``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Sequence
 
 from . import __version__
 
-logger = logging.getLogger("ehr_diffusers")
+# the command functions that lived here before the commands package, importable from here as they were
+from .commands.evaluate import run_evaluation
+from .commands.generate import write_records
+from .commands.train import TRAINING_PRESETS, TrainingFailedError, train_ehr
+
+__all__ = ["TRAINING_PRESETS", "TrainingFailedError", "build_parser", "main", "run_evaluation", "train_ehr",
+           "write_records"]
 
 
 def _positive_int(text: str) -> int:
@@ -42,22 +49,15 @@ def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 
-def _cohort_options(args: argparse.Namespace):
-    from .data.ehr.cohort import CohortOptions
-    from .data.ehr.icd import GemOptions
-
-    return CohortOptions(
-        holdout_fraction=args.holdout_fraction,
-        seed=args.seed,
-        min_code_count=args.min_code_count,
-        include_no_admission=not args.exclude_no_admission,
-        race_grouping=args.race_grouping,
-        gem=GemOptions(
-            include_approximate=not args.gem_exact_only,
-            combination=args.gem_combination,
-            alternatives=args.gem_alternatives,
-        ),
-    )
+def _add_training_options(parser: argparse.ArgumentParser, preset: str = "default") -> None:
+    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default=preset,
+                        help=f"model sizes and run lengths (default {preset}; demo: minutes on a CPU)")
+    parser.add_argument("--autoencoder-epochs", type=_positive_int, default=None,
+                        help="autoencoder epochs (overrides the preset)")
+    parser.add_argument("--diffusion-steps", type=_positive_int, default=None,
+                        help="diffusion optimisation steps (overrides the preset)")
+    parser.add_argument("--judge-threshold", type=float, default=None,
+                        help="train the diffusion model only on rows whose judge scores are all at least this")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,419 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
-# cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
-TRAINING_PRESETS = {
-    "demo": {
-        "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
-                        "--train_batch_size", "256", "--num_train_epochs", "30"],
-        "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
-                      "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999"],
-    },
-    "default": {"autoencoder": [], "diffusion": ["--use_ema"]},
-}
-
-
-def _add_training_options(parser: argparse.ArgumentParser, preset: str = "default") -> None:
-    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default=preset,
-                        help=f"model sizes and run lengths (default {preset}; demo: minutes on a CPU)")
-    parser.add_argument("--autoencoder-epochs", type=_positive_int, default=None,
-                        help="autoencoder epochs (overrides the preset)")
-    parser.add_argument("--diffusion-steps", type=_positive_int, default=None,
-                        help="diffusion optimisation steps (overrides the preset)")
-    parser.add_argument("--judge-threshold", type=float, default=None,
-                        help="train the diffusion model only on rows whose judge scores are all at least this")
-
-
-def _print_demo_summary(summary: dict, out: Path) -> None:
-    print(f"synthetic MIMIC-IV-shaped cohort written to {out} (synthetic data, not MIMIC-IV)")
-    for key, value in summary.items():
-        print(f"  {key:<28}{value:,}")
-
-
-def _demo_data(args: argparse.Namespace) -> None:
-    from .data.ehr.demo import write_demo_mimic
-
-    summary = write_demo_mimic(args.out, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite,
-                               show_progress=not args.quiet)
-    _print_demo_summary(summary, args.out)
-
-
-def _prepare(args: argparse.Namespace) -> None:
-    from .data.ehr.cohort import format_summary, prepare
-    from .data.ehr.demo import is_demo_cohort
-
-    synthetic = is_demo_cohort(args.mimic_dir)
-    summary = prepare(args.mimic_dir, args.out, _cohort_options(args), overwrite=args.overwrite,
-                      show_progress=not args.quiet, synthetic=synthetic)
-    print(f"prepared dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
-    print(format_summary(summary))
-
-
-def _demo_cxr_data(args: argparse.Namespace) -> None:
-    from .data.cxr.demo import write_demo_cxr
-
-    summary = write_demo_cxr(args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite,
-                             show_progress=not args.quiet, real_data=not args.no_real_data)
-    print(f"synthetic chest X-ray cohort written to {args.out}: {summary['subjects']:,} patients, "
-          f"{summary['admissions']:,} admissions, {summary['studies']:,} studies, {summary['images']:,} images "
-          f"(statistics: {summary['statistics_source']}, real lung masks: {summary['real_lung_masks']})")
-    print(f"next: ehr-diffusers prepare-cxr --cxr-dir {args.out / 'mimic-cxr-jpg'} --mimic-dir "
-          f"{args.out / 'mimic-iv'} --out DIR")
-
-
-def _prepare_cxr(args: argparse.Namespace) -> None:
-    from .data.cxr.triplets import TripletOptions
-    from .data.cxr.dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
-    from .data.cxr.demo import is_demo_cxr
-
-    triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
-                              validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                              check_images=not args.no_image_check)
-    options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items,
-                                embedder=None if args.embedder == "none" else args.embedder,
-                                batch_size=args.batch_size, retrieval=args.retrieval, retrieval_k=args.retrieval_k,
-                                retrieval_weight=args.retrieval_weight, knowledge=args.knowledge)
-    synthetic = is_demo_cxr(args.cxr_dir)
-    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
-                          show_progress=not args.quiet, synthetic=synthetic)
-    print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
-    print(format_cxr_summary(summary))
-
-
-def _device(name: str | None):
-    """The torch device named by --device (default: cuda when available), checked before any model loads."""
-    import torch
-
-    from .text.generation import default_device
-
-    try:
-        device = torch.device(name or default_device())
-    except RuntimeError as error:
-        raise ValueError(f"--device {name}: not a torch device ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def _label_models(args: argparse.Namespace):
-    """The summariser, judge and embedder named on the command line; one LLM is loaded once when both use it."""
-    from .text.embed import load_embedder
-    from .text.generation import CausalLMGenerator
-    from .text.judge import load_judge
-    from .text.summarize import load_summarizer
-
-    import torch
-
-    device = _device(args.device)
-    options = {"batch_size": args.batch_size, "seed": args.seed}
-    generators: dict[str, CausalLMGenerator] = {}
-
-    def llm(spec: str) -> CausalLMGenerator:
-        if spec not in generators:
-            generators[spec] = CausalLMGenerator(spec, device=device, trust_remote_code=args.trust_remote_code)
-        return generators[spec]
-
-    summarizer = load_summarizer("template") if args.summarizer == "template" else \
-        load_summarizer(llm(args.summarizer), **options)
-    judge = load_judge(args.judge) if args.judge in ("rules", "none") else load_judge(llm(args.judge), **options)
-    embedder = load_embedder(args.embedder, torch_dtype=getattr(torch, args.embedder_dtype),
-                             trust_remote_code=args.trust_remote_code)
-    return summarizer, judge, embedder.to(device)
-
-
-def _label(args: argparse.Namespace) -> None:
-    from .text.label import check_dataset, label_dataset
-
-    check_dataset(args.dataset)  # before loading models that may take minutes
-    if args.quiet:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    summarizer, judge, embedder = _label_models(args)
-    result = label_dataset(args.dataset, summarizer, judge, embedder, batch_size=args.batch_size,
-                           threshold=args.threshold, show_progress=not args.quiet, embedder_spec=args.embedder)
-    print(f"labelled {args.dataset} (summarizer {summarizer.name}, judge {judge.name if judge else 'none'}, "
-          f"embedder {embedder.config.source}, {embedder.dim}-d)")
-    print(result.format())
-
-
-class TrainingFailedError(RuntimeError):
-    """A training script run by ``train-ehr`` exited with an error (which it has printed)."""
-
-
-def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mixed_precision: str,
-                       quiet: bool = False) -> None:
-    """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
-    script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
-    import subprocess
-
-    import torch
-
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        if num_processes > 1:  # accelerate launch --cpu starts one process whatever --num_processes says
-            raise ValueError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
-                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
-                             "ehr_diffusers.training.train_ehr_diffusion ...")
-        launch.append("--cpu")
-    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
-    completed = subprocess.run([*launch, "-m", module, *arguments], **output)
-    if quiet:  # warnings always, the rest only when the script failed
-        lines = completed.stdout.splitlines()
-        shown = lines[-40:] if completed.returncode != 0 else [line for line in lines if "WARNING" in line]
-        if shown:
-            print("\n".join(shown), file=sys.stderr)
-    if completed.returncode != 0:
-        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {completed.returncode}); see its "
-                           "messages above")
-
-
-def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoencoder_epochs: int | None = None,
-              diffusion_steps: int | None = None, judge_threshold: float | None = None, num_processes: int = 1,
-              mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
-              quiet: bool = False) -> Path:
-    """Trains the autoencoder, then the diffusion model, each under ``accelerate launch``; returns the pipeline folder.
-
-    The dataset is checked here first, so that a wrong folder fails in a second rather than after a model loads."""
-    from .training.data import condition_dim, load_training_dataset
-
-    data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
-    condition_dim(data["train"], "embedding", dataset)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
-    autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
-    common = ["--train_data_dir", str(dataset), "--seed", str(seed)]
-    if resume:
-        common += ["--resume_from_checkpoint", "latest"]
-    autoencoder = [*common, *TRAINING_PRESETS[preset]["autoencoder"], "--output_dir", str(autoencoder_dir)]
-    if autoencoder_epochs is not None:
-        autoencoder += ["--num_train_epochs", str(autoencoder_epochs)]
-    diffusion = [*common, *TRAINING_PRESETS[preset]["diffusion"], "--autoencoder_path", str(autoencoder_dir),
-                 "--output_dir", str(model_dir)]
-    if diffusion_steps is not None:
-        diffusion += ["--max_train_steps", str(diffusion_steps)]
-    if judge_threshold is not None:
-        diffusion += ["--judge_threshold", str(judge_threshold)]
-    if push_to_hub:
-        diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
-    _accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, num_processes, mixed_precision,
-                       quiet)
-    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet)
-    return model_dir
-
-
-def _train_ehr(args: argparse.Namespace) -> None:
-    model_dir = train_ehr(args.dataset, args.output_dir, args.preset, args.autoencoder_epochs, args.diffusion_steps,
-                          args.judge_threshold, args.num_processes, args.mixed_precision, args.resume,
-                          push_to_hub=args.push_to_hub, quiet=args.quiet)
-    print(f"pipeline written to {model_dir}; generate with: ehr-diffusers generate --model {model_dir} "
-          "--prompt \"65 year old woman with heart failure and CKD\" -n 100 --out records.csv")
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str] | None:
-    prompts = list(args.prompt or [])
-    if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts-file {args.prompts_file}: holds no prompt")
-    if any(not prompt.strip() for prompt in prompts):
-        raise ValueError("--prompt: an empty prompt; leave --prompt out for unconditional records")
-    return prompts or None
-
-
-def _output_format(args: argparse.Namespace) -> str:
-    if args.format is not None:
-        return args.format
-    suffixes = {".csv": "csv", ".parquet": "parquet"}
-    if args.out.suffix in suffixes:
-        return suffixes[args.out.suffix]
-    raise ValueError(f"--out {args.out}: cannot tell the format from the suffix; pass --format csv|parquet|mimic")
-
-
-def _load_pipeline(model: str, text_embedder: str | None, device: str | None):
-    """The pipeline from a folder or Hub id, with a clear error when it is not there."""
-    from .hub.errors import explain_missing_model
-    from .pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
-    from .text.embed import load_embedder
-
-    target = _device(device)
-    extra = {"text_embedder": load_embedder(text_embedder)} if text_embedder else {}
-    with explain_missing_model(model, "pipeline"):
-        pipe = EHRLatentDiffusionPipeline.from_pretrained(model, **extra)
-    return pipe.to(target)
-
-
-def write_records(records: list[dict], prompts: list[str | None], out: Path, file_format: str) -> None:
-    """Records with their prompt as one csv or parquet file, written to a temporary name and then renamed."""
-    import polars as pl
-
-    from .io import atomic_file
-
-    # the codes' type is stated: with no code in any record polars would infer a list of nulls
-    frame = pl.DataFrame(records, schema_overrides={"icd10_categories": pl.List(pl.String)}).with_columns(
-        pl.Series("prompt", prompts, dtype=pl.String)
-    ).select(["prompt", *records[0].keys()])
-    with atomic_file(out) as temporary:
-        if file_format == "parquet":
-            frame.write_parquet(temporary)
-        else:  # codes joined by ";" so that each record stays one csv row
-            frame.with_columns(pl.col("icd10_categories").list.join(";")).write_csv(temporary)
-
-
-def _generate(args: argparse.Namespace) -> None:
-    from .io import check_output_dir
-    from .sampling import generate_records
-
-    file_format = _output_format(args)
-    prompts = _read_prompts(args)
-    if file_format == "mimic":
-        check_output_dir(args.out, args.overwrite)
-    elif args.out.exists() and (args.out.is_dir() or not args.overwrite):
-        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace the file")
-    pipe = _load_pipeline(args.model, args.text_embedder, args.device)
-    if prompts is not None and pipe.text_embedder is None:
-        raise ValueError(f"--model {args.model} was saved without its text embedder; pass --text-embedder with the "
-                         "one it was trained with (e.g. minilm)")
-    options = {"decode_mode": args.decode}
-    if args.steps is not None:
-        options["num_inference_steps"] = args.steps
-    if args.guidance_scale is not None:
-        options["guidance_scale"] = args.guidance_scale
-    result = generate_records(pipe, prompts, args.num_records, batch_size=args.batch_size, seed=args.seed,
-                              show_progress=not args.quiet, **options)
-    if file_format == "mimic":
-        summary = pipe.to_mimic_tables(result.records, args.out, seed=args.seed, overwrite=args.overwrite)
-        print(f"wrote {summary['patients']:,} synthetic patients as MIMIC-IV tables to {args.out}/hosp "
-              f"({summary['admissions']:,} admissions, {summary['diagnoses_icd']:,} diagnoses)")
-    else:
-        write_records(result.records, result.prompts, args.out, file_format)
-        print(f"wrote {len(result.records):,} synthetic records to {args.out}")
-
-
-def _baseline_names(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    if names in ((), ("none",)):
-        return ()
-    unknown = [name for name in names if name not in ("bernoulli", "holdout", "ehrdiff")]
-    if unknown:
-        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from bernoulli, holdout, "
-                         "ehrdiff, or none")
-    return names
-
-
-def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = False, model_card: bool = True,
-                   quiet: bool = False, text_embedder: str | None = None, device: str | None = None,
-                   names: tuple[str, str] | None = None, **options) -> tuple[dict, Path]:
-    """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
-    ``names`` are the model and dataset as the report states them (default: the paths given)."""
-    from .evaluation.data import load_real_data
-    from .evaluation.report import REPORT_NAME, model_card_markdown, write_report
-    from .evaluation.suite import evaluate_pipeline
-    from .hub.cards import update_model_card_metrics
-    from .io import atomic_directory, check_output_dir
-
-    check_output_dir(out, overwrite)
-    real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet)
-    pipe = _load_pipeline(model, text_embedder, device)
-    model_name, dataset_name = names or (model, str(dataset))
-    metrics, plots = evaluate_pipeline(pipe, real, model_name=model_name, dataset_name=dataset_name,
-                                       show_progress=not quiet, **options)
-    with atomic_directory(out, overwrite) as work:
-        write_report(metrics, plots, work)
-    card = Path(model) / "README.md"
-    if model_card and card.is_file():
-        update_model_card_metrics(card, model_card_markdown(metrics))
-    return metrics, out / REPORT_NAME
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation.report import model_card_markdown
-
-    generation = {"decode_mode": "threshold"}
-    if args.steps is not None:
-        generation["num_inference_steps"] = args.steps
-    if args.guidance_scale is not None:
-        generation["guidance_scale"] = args.guidance_scale
-    metrics, report = run_evaluation(
-        args.model, args.dataset, args.out, overwrite=args.overwrite, model_card=not args.no_model_card,
-        quiet=args.quiet, text_embedder=args.text_embedder, device=args.device, n_records=args.n_records,
-        seed=args.seed, n_prompts=args.n_prompts, records_per_prompt=args.records_per_prompt,
-        baselines=_baseline_names(args.baselines), ehrdiff_steps=args.ehrdiff_steps, bootstrap_reps=args.bootstrap,
-        fidelity_bootstrap_reps=args.fidelity_bootstrap,
-        batch_size=args.batch_size, generation=generation)
-    print(model_card_markdown(metrics))
-    print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from .data.ehr.cohort import CohortOptions, format_summary, prepare
-    from .data.ehr.demo import write_demo_mimic
-    from .io import atomic_directory
-    from .text.embed import load_embedder
-    from .text.judge import load_judge
-    from .text.label import label_dataset
-    from .text.summarize import load_summarizer
-
-    # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
-    with atomic_directory(args.out, args.overwrite) as work:
-        generated = write_demo_mimic(work / "mimic-iv-demo", n_patients=args.patients, seed=args.seed,
-                                     show_progress=not args.quiet)
-        prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
-                           show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
-        labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
-                                 show_progress=not args.quiet, embedder_spec="minilm")
-        _print_demo_summary(generated, args.out / "mimic-iv-demo")
-        print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
-        print(format_summary(prepared))
-        print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
-        print(labelled.format())
-        print(f"training the autoencoder and the diffusion model ({args.preset} preset) with accelerate launch ...",
-              flush=True)
-        train_ehr(work / "dataset", work, args.preset, args.autoencoder_epochs, args.diffusion_steps,
-                  args.judge_threshold, seed=args.seed, quiet=args.quiet)
-        samples = _demo_samples(work / "model", work / "dataset", args.seed)
-        print("evaluating the model against the holdout and the baselines ...", flush=True)
-        metrics, _ = run_evaluation(str(work / "model"), work / "dataset", work / "evaluation", quiet=args.quiet,
-                                    device="cpu", names=(str(args.out / "model"), str(args.out / "dataset")),
-                                    seed=args.seed)
-    from .evaluation.report import model_card_markdown
-
-    print(samples)
-    print(model_card_markdown(metrics))
-    print(f"demo finished in {args.out}: the dataset (datasets.load_from_disk({str(args.out / 'dataset')!r})), the "
-          f"pipeline (EHRLatentDiffusionPipeline.from_pretrained({str(args.out / 'model')!r}); "
-          f"ehr-diffusers generate --model {args.out / 'model'} ...) and the evaluation report "
-          f"({args.out / 'evaluation' / 'report.html'}, metrics in {args.out / 'evaluation' / 'metrics.json'})")
-
-
-def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:
-    """A few generated records, each stated as a one-sentence summary, under the prompt it was generated from: three
-    holdout patients' summaries and one free-text prompt."""
-    from datasets import load_from_disk
-
-    from .sampling import generate_records
-    from .text.describe import DiagnosisOrder, FactDescriber, template_summary
-    from .text.label import load_label_metadata
-
-    holdout = load_from_disk(str(dataset_dir))["holdout"]
-    prompts = list(holdout.shuffle(seed=seed).select(range(min(3, len(holdout))))["summary"])
-    prompts.append("65 year old woman with heart failure and chronic kidney disease")
-    pipe = _load_pipeline(str(model_dir), None, "cpu")
-    result = generate_records(pipe, prompts, records_per_prompt, seed=seed, show_progress=False)
-    # the order the labels used (principal diagnoses first), so generated records read like the prompts
-    describer = FactDescriber(DiagnosisOrder(load_label_metadata(dataset_dir)["diagnosis_order"]["ranked_codes"]))
-    lines = ["synthetic records (each stated as a summary) under the prompt they were generated from:"]
-    for index, prompt in enumerate(prompts):
-        lines.append(f"  prompt: {prompt}")
-        for record in result.records[index * records_per_prompt : (index + 1) * records_per_prompt]:
-            lines.append(f"    -> {template_summary(describer.facts(record))}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -655,13 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
+    from .commands import cxr_data, demo, ehr_data, evaluate, generate, label, train
     from .data.mimic import MimicFormatError
     from .io import OutputExistsError
 
-    handlers = {"demo-data": _demo_data, "demo-cxr-data": _demo_cxr_data, "prepare": _prepare,
-                "prepare-cxr": _prepare_cxr, "label": _label,
-                "train-ehr": _train_ehr,
-                "generate": _generate, "evaluate": _evaluate, "demo": _demo}
+    handlers = {"demo-data": ehr_data.run_demo_data, "demo-cxr-data": cxr_data.run_demo_data,
+                "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
+                "train-ehr": train.run, "generate": generate.run, "evaluate": evaluate.run, "demo": demo.run}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:

@@ -1,0 +1,37 @@
+"""``demo-cxr-data`` and ``prepare-cxr``: the synthetic longitudinal chest X-ray cohort, and MIMIC-CXR-JPG +
+MIMIC-IV -> EHRXDiff triplet dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_demo_data(args: argparse.Namespace) -> None:
+    from ..data.cxr.demo import write_demo_cxr
+
+    summary = write_demo_cxr(args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite,
+                             show_progress=not args.quiet, real_data=not args.no_real_data)
+    print(f"synthetic chest X-ray cohort written to {args.out}: {summary['subjects']:,} patients, "
+          f"{summary['admissions']:,} admissions, {summary['studies']:,} studies, {summary['images']:,} images "
+          f"(statistics: {summary['statistics_source']}, real lung masks: {summary['real_lung_masks']})")
+    print(f"next: ehr-diffusers prepare-cxr --cxr-dir {args.out / 'mimic-cxr-jpg'} --mimic-dir "
+          f"{args.out / 'mimic-iv'} --out DIR")
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from ..data.cxr.dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
+    from ..data.cxr.demo import is_demo_cxr
+    from ..data.cxr.triplets import TripletOptions
+
+    triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
+                              validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                              check_images=not args.no_image_check)
+    options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items,
+                                embedder=None if args.embedder == "none" else args.embedder,
+                                batch_size=args.batch_size, retrieval=args.retrieval, retrieval_k=args.retrieval_k,
+                                retrieval_weight=args.retrieval_weight, knowledge=args.knowledge)
+    synthetic = is_demo_cxr(args.cxr_dir)
+    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
+                          show_progress=not args.quiet, synthetic=synthetic)
+    print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
+    print(format_cxr_summary(summary))

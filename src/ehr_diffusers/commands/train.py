@@ -1,0 +1,93 @@
+"""``train-ehr``: the autoencoder, then the diffusion model, each trained by its script under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
+# cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
+TRAINING_PRESETS = {
+    "demo": {
+        "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
+                        "--train_batch_size", "256", "--num_train_epochs", "30"],
+        "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
+                      "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999"],
+    },
+    "default": {"autoencoder": [], "diffusion": ["--use_ema"]},
+}
+
+
+class TrainingFailedError(RuntimeError):
+    """A training script run by ``train-ehr`` exited with an error (which it has printed)."""
+
+
+def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mixed_precision: str,
+                       quiet: bool = False) -> None:
+    """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
+    script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
+    import subprocess
+
+    import torch
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        if num_processes > 1:  # accelerate launch --cpu starts one process whatever --num_processes says
+            raise ValueError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
+                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
+                             "ehr_diffusers.training.train_ehr_diffusion ...")
+        launch.append("--cpu")
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
+    completed = subprocess.run([*launch, "-m", module, *arguments], **output)
+    if quiet:  # warnings always, the rest only when the script failed
+        lines = completed.stdout.splitlines()
+        shown = lines[-40:] if completed.returncode != 0 else [line for line in lines if "WARNING" in line]
+        if shown:
+            print("\n".join(shown), file=sys.stderr)
+    if completed.returncode != 0:
+        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {completed.returncode}); see its "
+                                  "messages above")
+
+
+def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoencoder_epochs: int | None = None,
+              diffusion_steps: int | None = None, judge_threshold: float | None = None, num_processes: int = 1,
+              mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
+              quiet: bool = False) -> Path:
+    """Trains the autoencoder, then the diffusion model, each under ``accelerate launch``; returns the pipeline folder.
+
+    The dataset is checked here first, so that a wrong folder fails in a second rather than after a model loads."""
+    from ..training.data import condition_dim, load_training_dataset
+
+    data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
+    condition_dim(data["train"], "embedding", dataset)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
+    autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
+    common = ["--train_data_dir", str(dataset), "--seed", str(seed)]
+    if resume:
+        common += ["--resume_from_checkpoint", "latest"]
+    autoencoder = [*common, *TRAINING_PRESETS[preset]["autoencoder"], "--output_dir", str(autoencoder_dir)]
+    if autoencoder_epochs is not None:
+        autoencoder += ["--num_train_epochs", str(autoencoder_epochs)]
+    diffusion = [*common, *TRAINING_PRESETS[preset]["diffusion"], "--autoencoder_path", str(autoencoder_dir),
+                 "--output_dir", str(model_dir)]
+    if diffusion_steps is not None:
+        diffusion += ["--max_train_steps", str(diffusion_steps)]
+    if judge_threshold is not None:
+        diffusion += ["--judge_threshold", str(judge_threshold)]
+    if push_to_hub:
+        diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
+    _accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, num_processes, mixed_precision,
+                       quiet)
+    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet)
+    return model_dir
+
+
+def run(args: argparse.Namespace) -> None:
+    model_dir = train_ehr(args.dataset, args.output_dir, args.preset, args.autoencoder_epochs, args.diffusion_steps,
+                          args.judge_threshold, args.num_processes, args.mixed_precision, args.resume,
+                          push_to_hub=args.push_to_hub, quiet=args.quiet)
+    print(f"pipeline written to {model_dir}; generate with: ehr-diffusers generate --model {model_dir} "
+          "--prompt \"65 year old woman with heart failure and CKD\" -n 100 --out records.csv")
