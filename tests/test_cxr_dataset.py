@@ -1,9 +1,11 @@
 """prepare-cxr end to end on a hand-made cohort: triplets with their events, event embeddings (one per distinct
-event content, float16), retrieval on and off, the card and summary, the command and its errors."""
+event content, float16) from the text layer's EventEmbedder, retrieval on and off, the card and summary, the command
+and its errors."""
 
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,12 +13,13 @@ import numpy as np
 import polars as pl
 import pytest
 from datasets import load_from_disk
-from test_cxr import T0, cohort  # noqa: F401  (the fixture)
 
 from ehr_diffusers.cli import main
-from ehr_diffusers.data.cxr.triplets import TripletOptions
-from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, build_cxr_dataset, prepare_cxr
+from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, build_cxr_dataset, prepare_cxr
 from ehr_diffusers.data.cxr.events import event_content
+from ehr_diffusers.data.cxr.triplets import TripletOptions
+from ehr_diffusers.text.event_embeddings import EventEmbedder
+from test_cxr import T0, cohort  # noqa: F401  (the fixture)
 
 
 def _stamp(hours: float) -> str:
@@ -37,14 +40,18 @@ def _add_events(mimic: Path) -> None:
                  schema=columns, orient="row").write_csv(mimic / "hosp" / "labevents.csv.gz", compression="gzip")
 
 
-def _options(**kwargs) -> CXRDatasetOptions:
-    return CXRDatasetOptions(triplets=TripletOptions(validation_fraction=0.0, test_fraction=0.0), **kwargs)
+def _options() -> CXRDatasetOptions:
+    return CXRDatasetOptions(triplets=TripletOptions(validation_fraction=0.0, test_fraction=0.0))
+
+
+def _embedder(embedder: str = "minilm", **kwargs) -> EventEmbedder:
+    return EventEmbedder(EventEmbeddingOptions(embedder, **kwargs))
 
 
 def test_triplets_carry_their_events_and_one_vector_per_event(cohort) -> None:  # noqa: F811
     cxr, mimic = cohort
     _add_events(mimic)
-    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(), show_progress=False)
     train = dataset["train"]
     assert train.num_rows == 2 and list(dataset) == ["train"]  # empty splits are left out
     assert train[0]["event_texts"] == ["prescriptions, drug Furosemide, dose_val_rx 40, dose_unit_rx mg, route IV, "
@@ -66,10 +73,12 @@ def test_triplets_carry_their_events_and_one_vector_per_event(cohort) -> None:  
 def test_retrieval_changes_the_vectors_not_their_shape(cohort) -> None:  # noqa: F811
     cxr, mimic = cohort
     _add_events(mimic)
-    plain, _ = build_cxr_dataset(cxr, mimic, _options(), show_progress=False)
-    enriched, summary = build_cxr_dataset(cxr, mimic, _options(retrieval=True, retrieval_k=1, retrieval_weight=0.5),
+    plain, _ = build_cxr_dataset(cxr, mimic, _options(), _embedder(), show_progress=False)
+    enriched, summary = build_cxr_dataset(cxr, mimic, _options(),
+                                          _embedder(retrieval=True, retrieval_k=1, retrieval_weight=0.5),
                                           show_progress=False)
     assert summary["embeddings"]["retrieval"] == {"source": "events:train", "corpus": 2, "k": 1, "weight": 0.5}
+    assert summary["options"]["retrieval"] is True and summary["options"]["retrieval_k"] == 1
     before = np.asarray(plain["train"][1]["event_embeddings"], dtype=np.float32)
     after = np.asarray(enriched["train"][1]["event_embeddings"], dtype=np.float32)
     assert before.shape == after.shape
@@ -83,8 +92,12 @@ def test_prepare_cxr_writes_the_dataset_summary_and_card(cohort, tmp_path: Path)
     cxr, mimic = cohort
     _add_events(mimic)
     out = tmp_path / "triplets"
-    summary = prepare_cxr(cxr, mimic, out, _options(embedder=None), show_progress=False)
+    summary = prepare_cxr(cxr, mimic, out, _options(), show_progress=False)
     assert summary["embeddings"] is None
+    # the embedding settings are recorded under the same keys with or without an embedder
+    assert list(summary["options"]) == ["max_events", "item_lists", "embedder", "batch_size", "retrieval",
+                                        "retrieval_k", "retrieval_weight", "knowledge", "triplets"]
+    assert summary["options"]["embedder"] is None
     loaded = load_from_disk(str(out))
     assert "event_embeddings" not in loaded["train"].column_names
     assert json.loads((out / "cxr_summary.json").read_text())["triplets"] == 2
@@ -121,6 +134,39 @@ def test_prepare_cxr_errors_name_the_option(cohort, tmp_path: Path, capsys, extr
                  *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_embedding_options_are_checked_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """The checks that need no model run in the data layer, faiss is checked when the embedder is built."""
+    with pytest.raises(ValueError, match="--retrieval-k must be at least 1"):
+        EventEmbeddingOptions("minilm", retrieval=True, retrieval_k=0)
+    with pytest.raises(ValueError, match="needs options.embedder"):
+        EventEmbedder(EventEmbeddingOptions())
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ValueError, match="--retrieval needs faiss"):
+        _embedder(retrieval=True)
+    _embedder()  # no retrieval, no faiss needed
+
+
+def test_the_old_embedding_keywords_point_to_the_embedder() -> None:
+    """CXRDatasetOptions still takes its former embedding keywords; asking for embeddings there says where they went."""
+    CXRDatasetOptions(embedder=None, batch_size=256, retrieval=False, retrieval_k=4, retrieval_weight=0.5)
+    for kwargs in ({"embedder": "minilm"}, {"retrieval": True}, {"knowledge": "k.txt"}):
+        with pytest.raises(ValueError, match="EventEmbedder"):
+            CXRDatasetOptions(**kwargs)
+
+
+def test_retrieval_over_a_knowledge_list(cohort, tmp_path: Path) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    knowledge = tmp_path / "knowledge.txt"
+    knowledge.write_text("# loop diuretics\nFurosemide treats fluid overload\nLow pO2 means hypoxaemia\n")
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(retrieval=True, knowledge=str(knowledge)),
+                                         show_progress=False)
+    assert summary["embeddings"]["retrieval"] == {"source": str(knowledge), "corpus": 2, "k": 4, "weight": 0.5}
+    vectors = np.asarray(dataset["train"][1]["event_embeddings"], dtype=np.float32)
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
 
 
 def test_missing_cxr_table_leaves_no_output(cohort, tmp_path: Path, capsys) -> None:  # noqa: F811
@@ -182,7 +228,7 @@ def test_a_plain_modernbert_folder_embeds_events_mean_pooled(cohort, tmp_path: P
     cxr, mimic = cohort
     _add_events(mimic)
     folder = _tiny_modernbert(tmp_path / "modernbert")
-    dataset, summary = build_cxr_dataset(cxr, mimic, _options(embedder=str(folder)), show_progress=False)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(str(folder)), show_progress=False)
     assert summary["embeddings"]["dim"] == 32 and summary["embeddings"]["pooling"] == "mean"
     text = pl.select(event_content(pl.lit(dataset["train"][0]["event_texts"][0]))).item()
     tokens = AutoTokenizer.from_pretrained(folder)([text], return_tensors="pt")

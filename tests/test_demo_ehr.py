@@ -250,7 +250,7 @@ def test_a_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(frame, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(demo_ehr, "_write_csv_gz", broken)
+    monkeypatch.setattr(demo_ehr, "write_csv_gz", broken)
     with pytest.raises(OSError, match="disk full"):
         write_demo_mimic(tmp_path / "demo", n_patients=300, show_progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -19,19 +19,25 @@ def run_demo_data(args: argparse.Namespace) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from ..data.cxr.dataset import CXRDatasetOptions, format_cxr_summary, prepare_cxr
+    from ..data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, format_cxr_summary, prepare_cxr
     from ..data.cxr.demo import is_demo_cxr
     from ..data.cxr.triplets import TripletOptions
 
     triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
                               check_images=not args.no_image_check)
-    options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items,
-                                embedder=None if args.embedder == "none" else args.embedder,
-                                batch_size=args.batch_size, retrieval=args.retrieval, retrieval_k=args.retrieval_k,
-                                retrieval_weight=args.retrieval_weight, knowledge=args.knowledge)
+    options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items)
+    embedding = EventEmbeddingOptions(embedder=None if args.embedder == "none" else args.embedder,
+                                      batch_size=args.batch_size, retrieval=args.retrieval,
+                                      retrieval_k=args.retrieval_k, retrieval_weight=args.retrieval_weight,
+                                      knowledge=args.knowledge)
+    embed_events = None
+    if embedding.embedder is not None:  # the text layer (torch, transformers) loads only when it is needed
+        from ..text.event_embeddings import EventEmbedder
+
+        embed_events = EventEmbedder(embedding)  # checks that faiss is there for --retrieval, before any work
     synthetic = is_demo_cxr(args.cxr_dir)
-    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
+    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, embed_events, overwrite=args.overwrite,
                           show_progress=not args.quiet, synthetic=synthetic)
     print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))

@@ -1,16 +1,14 @@
 """From MIMIC-CXR-JPG + MIMIC-IV to the split ``datasets.DatasetDict`` that EHRXDiff trains on.
 
 One row per triplet (previous image, events between the two images, target image): the pair columns of
-:func:`~ehr_diffusers.data.cxr.triplets.build_triplets`, the events of :func:`~ehr_diffusers.data.cxr.events.render_events`
-(``event_texts``, ``event_hours``, ``event_tables``, oldest first) and, with an embedder, ``event_embeddings``: one
-float16 vector per event, ``(n_events, dim)``, by the named sentence embedder (the offline MiniLM by default; the
-reproduction's ``thomas-sounack/BioClinical-ModernBERT-base``, mean pooled, by its id or folder). What is embedded
-is the event's text without its relative time (:func:`~ehr_diffusers.data.cxr.events.event_content`; the time is
-``event_hours``), and each distinct such text once: with the time in it nearly every event would be distinct, and
-at MIMIC's size (up to 1,024 events for each of ~150,000 triplets) embedding them all is out of reach on a CPU.
-With ``retrieval``, each event vector is enriched with its nearest neighbours among the *train* split's event
-contents (or a supplied knowledge list), as :mod:`~ehr_diffusers.text.retrieval` defines; the neighbours never come
-from validation or test events.
+:func:`~ehr_diffusers.data.cxr.triplets.build_triplets`, the events of
+:func:`~ehr_diffusers.data.cxr.events.render_events` (``event_texts``, ``event_hours``, ``event_tables``, oldest
+first) and, given an event embedder, ``event_embeddings``: one float16 vector per event, ``(n_events, dim)``. What is
+embedded is the event's text without its relative time (:func:`~ehr_diffusers.data.cxr.events.event_content`; the
+time is ``event_hours``). The embedder itself belongs to the text layer
+(:class:`~ehr_diffusers.text.event_embeddings.EventEmbedder`: a sentence embedder, optionally with retrieval
+augmentation); this module only defines what it must do (:class:`EmbedEvents`) and how its settings are recorded
+(:class:`EventEmbeddingOptions`), so that the data layer never imports the text layer.
 
 Images are not copied: ``previous_image`` and ``target_image`` are paths relative to the MIMIC-CXR-JPG folder,
 recorded in the summary, so the dataset is small and the credentialed images stay where they are.
@@ -20,31 +18,33 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from ...io import atomic_directory, check_output_dir
-from .triplets import SPLITS, TripletOptions, build_triplets
 from .events import event_content, load_item_lists, render_events
+from .triplets import SPLITS, TripletOptions, build_triplets
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "cxr_summary.json"
 
 
-@dataclass
-class CXRDatasetOptions:
-    """Everything that changes the prepared dataset beyond the pair rules; recorded in its summary and card."""
+@dataclass(frozen=True)
+class EventEmbeddingOptions:
+    """How the event vectors are made (``embedder`` None: not at all), recorded in the summary.
 
-    triplets: TripletOptions = field(default_factory=TripletOptions)
-    max_events: int = 1024
-    item_lists: str | None = None
-    embedder: str | None = "minilm"
+    Checked on construction, so that a bad combination fails before hours of events and embeddings; what needs the
+    text layer (faiss, the model) is checked by the embedder built from these options.
+    """
+
+    embedder: str | None = None
     batch_size: int = 256
     retrieval: bool = False
     retrieval_k: int = 4
@@ -52,26 +52,64 @@ class CXRDatasetOptions:
     knowledge: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_events < 1:
-            raise ValueError(f"--max-events must be at least 1, got {self.max_events}")
         if self.retrieval and self.embedder is None:
             raise ValueError("--retrieval needs event embeddings: give --embedder")
         if self.knowledge is not None and not self.retrieval:
             raise ValueError("--knowledge is the retrieval corpus: it needs --retrieval")
-        if self.retrieval:  # checked now, not after hours of events and embeddings
+        if self.retrieval:
             if self.retrieval_k < 1:
                 raise ValueError(f"--retrieval-k must be at least 1, got {self.retrieval_k}")
             if not 0 <= self.retrieval_weight <= 1:
                 raise ValueError(f"--retrieval-weight must be in [0, 1], got {self.retrieval_weight}")
             if self.knowledge is not None and not Path(self.knowledge).is_file():
                 raise ValueError(f"--knowledge {self.knowledge}: no such file")
-            try:
-                import faiss  # noqa: F401
-            except ImportError:
-                raise ValueError("--retrieval needs faiss: pip install 'ehr-diffusers[retrieval]'") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in self.__dict__.items() if k != "triplets"}, "triplets": self.triplets.to_dict()}
+
+class EmbedEvents(Protocol):
+    """What :func:`build_cxr_dataset` needs to add ``event_embeddings``; the text layer's ``EventEmbedder`` is one."""
+
+    options: EventEmbeddingOptions
+
+    def __call__(self, contents: Mapping[str, pl.Series], show_progress: bool = True
+                 ) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+        """Per split, the event contents of each triplet (a list of strings per row) -> one float16
+        ``(n_events, dim)`` array per triplet, and the facts recorded as the summary's ``embeddings``."""
+        ...
+
+
+@dataclass
+class CXRDatasetOptions:
+    """Everything that changes the prepared dataset beyond the pair rules and the event embeddings; recorded in its
+    summary and card.
+
+    The embedding keywords of earlier versions (``embedder``, ``batch_size``, ``retrieval``, ``retrieval_k``,
+    ``retrieval_weight``, ``knowledge``) are still accepted; asking for embeddings through them is an error that says
+    where they went, since the data layer cannot build an embedder.
+    """
+
+    triplets: TripletOptions = field(default_factory=TripletOptions)
+    max_events: int = 1024
+    item_lists: str | None = None
+    embedder: InitVar[str | None] = None
+    batch_size: InitVar[int | None] = None
+    retrieval: InitVar[bool | None] = None
+    retrieval_k: InitVar[int | None] = None
+    retrieval_weight: InitVar[float | None] = None
+    knowledge: InitVar[str | None] = None
+
+    def __post_init__(self, embedder: str | None, batch_size: int | None, retrieval: bool | None,
+                      retrieval_k: int | None, retrieval_weight: float | None, knowledge: str | None) -> None:
+        if self.max_events < 1:
+            raise ValueError(f"--max-events must be at least 1, got {self.max_events}")
+        if embedder is not None or retrieval or knowledge is not None:
+            raise ValueError("event embeddings are made by ehr_diffusers.text.event_embeddings.EventEmbedder: pass "
+                             "embed_events=EventEmbedder(EventEmbeddingOptions(...)) instead of CXRDatasetOptions("
+                             "embedder=..., retrieval=..., knowledge=...)")
+
+    def to_dict(self, embeddings: EventEmbeddingOptions | None = None) -> dict[str, Any]:
+        """The summary's ``options``: these and the embedding options (the defaults when there is no embedder)."""
+        return {"max_events": self.max_events, "item_lists": self.item_lists,
+                **asdict(embeddings or EventEmbeddingOptions()), "triplets": self.triplets.to_dict()}
 
 
 def _features(dim: int | None):
@@ -90,50 +128,11 @@ def _features(dim: int | None):
     return Features(columns)
 
 
-def _embed_events(splits: dict[str, pl.DataFrame], options: CXRDatasetOptions, show_progress: bool
-                  ) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
-    """Per split, one float16 ``(n_events, dim)`` array per triplet; each distinct text embedded once."""
-    from ...text.embed import load_embedder
-
-    embedder = load_embedder(options.embedder)
-    contents = {name: frame.select("triplet_id", pl.col("event_texts").list.eval(event_content(pl.element()))
-                                   .alias("text")) for name, frame in splits.items()}
-    texts = pl.concat([frame["text"].explode().drop_nulls() for frame in contents.values()]).unique().sort()
-    vectors = embedder.encode(texts.to_list(), batch_size=options.batch_size, show_progress=show_progress)
-    vectors = vectors.float().cpu().numpy()
-    info: dict[str, Any] = {"model": embedder.config.source, "dim": embedder.dim, "distinct_texts": len(texts),
-                            "pooling": embedder.config.pooling, "retrieval": None}
-    lookup = pl.DataFrame({"text": texts, "row": np.arange(len(texts), dtype=np.int64)})
-    if options.retrieval:
-        from ...text.retrieval import RetrievalIndex, augment, build_event_index, load_knowledge
-
-        if options.knowledge is not None:
-            index = build_event_index(load_knowledge(options.knowledge), embedder, batch_size=options.batch_size,
-                                      show_progress=show_progress, source=str(options.knowledge))
-        elif "train" not in contents:
-            raise ValueError("--retrieval over events needs a train split with triplets (or give --knowledge)")
-        else:  # train events only, so no validation or test event informs another
-            train = contents["train"]["text"].explode().drop_nulls().unique().sort()
-            rows = lookup.join(pl.DataFrame({"text": train}), on="text", maintain_order="right")["row"].to_numpy()
-            index = RetrievalIndex.build(train.to_list(), vectors[rows], source="events:train")
-        # an event of the corpus itself is not its own neighbour; a knowledge entry equal to an event may be
-        vectors = augment(vectors, index, k=options.retrieval_k, weight=options.retrieval_weight,
-                          exclude_self=options.knowledge is None)
-        info["retrieval"] = {"source": index.source, "corpus": len(index), "k": options.retrieval_k,
-                             "weight": options.retrieval_weight}
-    vectors = vectors.astype(np.float16)
-    out: dict[str, list[np.ndarray]] = {}
-    for name, frame in contents.items():
-        rows = frame.explode("text").join(lookup, on="text", how="left", maintain_order="left")
-        counts = frame["text"].list.len().to_numpy()
-        flat = rows.drop_nulls("row")["row"].to_numpy()
-        out[name] = np.split(vectors[flat], np.cumsum(counts)[:-1]) if len(counts) else []
-    return out, info
-
-
 def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDatasetOptions | None = None,
-                      show_progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The triplets with their events (and embeddings), as a DatasetDict (train, validation, test) and a summary."""
+                      embed_events: EmbedEvents | None = None, show_progress: bool = True
+                      ) -> tuple[Any, dict[str, Any]]:
+    """The triplets with their events (and, with ``embed_events``, their embeddings), as a DatasetDict (train,
+    validation, test) and a summary."""
     from datasets import Dataset, DatasetDict
 
     options = options or CXRDatasetOptions()
@@ -157,8 +156,10 @@ def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDa
                   [pl.col(column).fill_null(pl.lit([], dtype=pl.List(dtype))) for column, dtype in empty.items()])
               for name, frame in splits.items()}
     embeddings, embedding_info = ({}, None)
-    if options.embedder is not None:
-        embeddings, embedding_info = _embed_events(splits, options, show_progress)
+    if embed_events is not None:  # without the relative time (event_hours has it) most events repeat a few texts
+        contents = {name: frame.select(pl.col("event_texts").list.eval(event_content(pl.element()))).to_series()
+                    for name, frame in splits.items()}
+        embeddings, embedding_info = embed_events(contents, show_progress=show_progress)
     features = _features(None if embedding_info is None else embedding_info["dim"])
     datasets = {}
     for name in tqdm(list(splits), desc="datasets", unit="split", disable=not show_progress):
@@ -167,18 +168,20 @@ def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDa
         if embedding_info is not None:
             table["event_embeddings"] = embeddings[name]
         datasets[name] = Dataset.from_dict(table, features=features)
-    summary.update({"events": event_summary, "embeddings": embedding_info, "options": options.to_dict(),
+    recorded = options.to_dict(None if embed_events is None else embed_events.options)
+    summary.update({"events": event_summary, "embeddings": embedding_info, "options": recorded,
                     "cxr_dir": str(cxr_dir)})
     return DatasetDict(datasets), summary
 
 
 def prepare_cxr(cxr_dir: str | Path, mimic_dir: str | Path, out: str | Path, options: CXRDatasetOptions | None = None,
-                overwrite: bool = False, show_progress: bool = True, synthetic: bool = False) -> dict[str, Any]:
+                embed_events: EmbedEvents | None = None, overwrite: bool = False, show_progress: bool = True,
+                synthetic: bool = False) -> dict[str, Any]:
     """Builds the dataset and saves it (``save_to_disk`` + ``cxr_summary.json`` + card) atomically into ``out``."""
     from ...hub.cards import render_cxr_dataset_card
 
     check_output_dir(out, overwrite, inputs=[cxr_dir, mimic_dir])
-    dataset, summary = build_cxr_dataset(cxr_dir, mimic_dir, options, show_progress=show_progress)
+    dataset, summary = build_cxr_dataset(cxr_dir, mimic_dir, options, embed_events, show_progress=show_progress)
     summary["synthetic"] = synthetic
     with atomic_directory(out, overwrite, inputs=[cxr_dir, mimic_dir]) as staging:
         dataset.save_to_disk(str(staging))

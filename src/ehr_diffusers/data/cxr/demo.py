@@ -71,10 +71,19 @@ from tqdm.auto import tqdm
 
 from ... import __version__
 from ...io import atomic_directory
-from .triplets import CHEXPERT_LABELS
+from ..demo import (
+    ANCHOR_YEAR_GROUPS,
+    MARITAL,
+    MARITAL_AGE_BANDS,
+    RACES,
+    categorical,
+    is_integer,
+    provider_ids,
+    readme_opens_with,
+    write_csv_gz,
+)
 from .phantom import SIDES, ZONES, PhantomParams, lung_masks, render, torchxrayvision_data
-from ..ehr.demo import ANCHOR_YEAR_GROUPS, MARITAL, MARITAL_AGE_BANDS, RACES, _categorical, _provider_ids
-from ..ehr.demo import _is_integer, _write_csv_gz, readme_opens_with
+from .triplets import CHEXPERT_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +202,6 @@ ADMISSION_TYPES = {"EW EMER.": 0.55, "URGENT": 0.2, "DIRECT EMER.": 0.1, "SURGIC
                    "ELECTIVE": 0.05}
 HOSP_TABLES = ("patients", "admissions", "d_labitems", "labevents", "prescriptions", "microbiologyevents")
 ICU_TABLES = ("icustays", "d_items", "chartevents", "inputevents", "outputevents", "procedureevents")
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 HOUR = 3600
 
 
@@ -291,10 +299,10 @@ def _new_state(rng: np.random.Generator, codes: np.ndarray) -> _State:
     level, hedged = {}, {}
     for index, finding in enumerate(FINDINGS):
         code = int(codes[index])
-        start = 0 if code == 0 else 1 if code == 2 else 1 + int(_categorical(rng, np.array(INITIAL_LEVELS), 1)[0])
+        start = 0 if code == 0 else 1 if code == 2 else 1 + int(categorical(rng, np.array(INITIAL_LEVELS), 1)[0])
         hedged[finding] = code == 2 or bool(rng.random() < HEDGED_SHARE)
         if finding == "effusion":
-            sides = ((1, 1), (1, 0), (0, 1))[int(_categorical(rng, np.array([0.45, 0.3, 0.25]), 1)[0])]
+            sides = ((1, 1), (1, 0), (0, 1))[int(categorical(rng, np.array([0.45, 0.3, 0.25]), 1)[0])]
             level["effusion_right"], level["effusion_left"] = start * sides[0], start * sides[1]
         else:
             level[finding] = start
@@ -483,7 +491,7 @@ class _Events:
         """Writes one event of ``kind`` (see ``EXPLANATIONS``) between ``t0`` and ``t1``."""
         r, time = self.rng, self._minute(t0 + 0.1 * (t1 - t0), t0 + 0.8 * (t1 - t0))
         if kind == "fluid":
-            choice = int(_categorical(r, np.array([0.6, 0.25, 0.15]), 1)[0])
+            choice = int(categorical(r, np.array([0.6, 0.25, 0.15]), 1)[0])
             item, amount = ((225158, float(r.choice([500, 1000]))), (225828, float(r.choice([500, 1000]))),
                             (225168, 350.0))[choice]
             self.infusion(stay, time, item, amount, int(r.integers(30, 120)))
@@ -795,7 +803,7 @@ def _generate(n_subjects: int, seed: int, real_data: bool) -> tuple[dict[str, pl
     chexpert = folder / CHEXPERT_FILE if folder is not None and (folder / CHEXPERT_FILE).is_file() else None
     stats = _chexpert_statistics(str(chexpert) if chexpert else None)
     n_masks = len(lung_masks()) if real_data else 0
-    providers = _provider_ids(rng, 400)
+    providers = provider_ids(rng, 400)
     events = _Events(rng)
     subject_ids = np.sort(rng.choice(10_000_000, n_subjects, replace=False) + 10_000_000)
     hadm_pool = rng.choice(10_000_000, 3 * n_subjects, replace=False) + 20_000_000
@@ -816,11 +824,11 @@ def _generate(n_subjects: int, seed: int, real_data: bool) -> tuple[dict[str, pl
             rows, age, male = range(0), int(18 + 80 * rng.beta(1.8, 1.7)), bool(rng.random() < 0.52)
         anchor_year = int(rng.integers(2110, 2200))
         anatomy = _anatomy(rng, male, n_masks)
-        race = race_names[int(_categorical(rng, np.array([share for share, _, _ in RACES.values()]), 1)[0])]
+        race = race_names[int(categorical(rng, np.array([share for share, _, _ in RACES.values()]), 1)[0])]
         band = int(np.searchsorted(MARITAL_AGE_BANDS, age, side="right"))
-        marital = list(MARITAL)[int(_categorical(rng, np.array(list(MARITAL.values())).T, np.array([band]))[0])]
+        marital = list(MARITAL)[int(categorical(rng, np.array(list(MARITAL.values())).T, np.array([band]))[0])]
         time = _year_start(anchor_year) + int(rng.integers(0, 300 * 24 * HOUR))
-        n_admissions = 1 + int(_categorical(rng, np.array(ADMISSION_COUNTS), 1)[0])
+        n_admissions = 1 + int(categorical(rng, np.array(ADMISSION_COUNTS), 1)[0])
         died = rng.random() < 0.1
         for k in range(n_admissions):
             hadm_id, stay_id = int(hadm_pool[len(admissions)]), int(stay_pool[len(admissions)])
@@ -835,7 +843,7 @@ def _generate(n_subjects: int, seed: int, real_data: bool) -> tuple[dict[str, pl
             outtime = times[-1] + int(rng.uniform(6, 48) * HOUR)
             discharge = outtime + int(rng.uniform(12, 96) * HOUR)
             expire = died and k == n_admissions - 1
-            admission_type = type_names[int(_categorical(rng, np.array(list(ADMISSION_TYPES.values())), 1)[0])]
+            admission_type = type_names[int(categorical(rng, np.array(list(ADMISSION_TYPES.values())), 1)[0])]
             emergency = admission_type == "EW EMER."
             admissions.append((subject_id, hadm_id, admit, discharge, discharge if expire else None, admission_type,
                                providers[rng.integers(len(providers))],
@@ -935,7 +943,7 @@ def _cxr_tables(rng: np.random.Generator, studies: list[_Study]) -> tuple[dict[s
     subjects = sorted({study.subject_id for study in studies})
     split_names = list(SPLIT_SHARES)
     split_of = dict(zip(subjects, (split_names[i] for i in
-                                   _categorical(rng, np.array(list(SPLIT_SHARES.values())), len(subjects)))))
+                                   categorical(rng, np.array(list(SPLIT_SHARES.values())), len(subjects)))))
     metadata, chexpert, images = [], [], []
     for study, study_id in zip(studies, study_ids):
         moment = np.datetime64(study.time, "s").astype(object)
@@ -1037,9 +1045,9 @@ def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: in
     written whole or not at all: an existing ``out`` raises ``OutputExistsError`` before any work unless
     ``overwrite``, and an error leaves nothing half-written.
     """
-    if not _is_integer(n_subjects) or not 1 <= n_subjects <= MAX_SUBJECTS:
+    if not is_integer(n_subjects) or not 1 <= n_subjects <= MAX_SUBJECTS:
         raise ValueError(f"n_subjects must be an integer between 1 and {MAX_SUBJECTS:,}, got {n_subjects!r}")
-    if not _is_integer(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(real_data, bool):
         raise ValueError(f"real_data must be True or False, got {real_data!r}")
@@ -1052,10 +1060,10 @@ def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: in
         for module, names in (("hosp", HOSP_TABLES), ("icu", ICU_TABLES)):
             (mimic_dir / module).mkdir(parents=True)
             for name in names:
-                _write_csv_gz(tables[name], mimic_dir / module / f"{name}.csv.gz")
+                write_csv_gz(tables[name], mimic_dir / module / f"{name}.csv.gz")
         cxr_dir.mkdir()
         for name, frame in cxr.items():
-            _write_csv_gz(frame, cxr_dir / f"mimic-cxr-2.0.0-{name}.csv.gz")
+            write_csv_gz(frame, cxr_dir / f"mimic-cxr-2.0.0-{name}.csv.gz")
         for relative, params in tqdm(images, desc="demo-cxr-data", unit="image", disable=not show_progress):
             path = cxr_dir / relative
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,6 @@ The data is for demos and tests only: it is not suitable for any clinical conclu
 
 from __future__ import annotations
 
-import gzip
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,8 +69,19 @@ from tqdm.auto import tqdm
 
 from ... import __version__
 from ...io import atomic_directory
-from .icd import GemMapper, icd9_code_titles, icd10_code_titles, read_gem
+from ..demo import (
+    ANCHOR_YEAR_GROUPS,
+    MARITAL,
+    MARITAL_AGE_BANDS,
+    RACES,
+    categorical,
+    is_integer,
+    provider_ids,
+    readme_opens_with,
+    write_csv_gz,
+)
 from ..mimic import ADMISSION_TYPES
+from .icd import GemMapper, icd9_code_titles, icd10_code_titles, read_gem
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +107,11 @@ RACE_UNRECORDED = 0.04
 NO_MAP_SHARE = 0.002  # ICD-9 rows whose code the GEM flags "no map"
 # Real dates before this are coded in ICD-9-CM, as in MIMIC-IV (the US switch to ICD-10-CM).
 ICD10_START = np.datetime64("2015-10-01T00:00", "m")
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 # First line of the README.md beside the tables: how `prepare` knows that it is reading the demo cohort.
 README_TITLE = "# SYNTHETIC DATA: not MIMIC-IV, describes no real person"
 TABLE_ORDER = ("patients", "admissions", "diagnoses_icd", "d_icd_diagnoses")
 GENERATION_STEPS = ("patients", "conditions", "admissions", "diagnoses")  # the progress bar's first steps
 
-ANCHOR_YEAR_GROUPS = {
-    "2008 - 2010": 0.24, "2011 - 2013": 0.23, "2014 - 2016": 0.22, "2017 - 2019": 0.20, "2020 - 2022": 0.11
-}
 # Shares of MIMIC-IV's admission types, in the reader's (alphabetical) order.
 ADMISSION_TYPE_WEIGHTS = dict(zip(ADMISSION_TYPES, (0.017, 0.044, 0.045, 0.024, 0.219, 0.346, 0.121, 0.08, 0.11)))
 ED_ADMISSION_TYPES = ("EW EMER.", "EU OBSERVATION", "OBSERVATION ADMIT")
@@ -151,46 +157,6 @@ DISCHARGE_LOCATIONS = {
     None: (0.233, 0.185),
 }
 INSURANCE = {"Medicare": (0.13, 0.85), "Medicaid": (0.25, 0.05), "Private": (0.42, 0.07), "Other": (0.2, 0.03)}
-# Marital status by age band (18-29, 30-49, 50-69, 70+).
-MARITAL_AGE_BANDS = (30, 50, 70)
-MARITAL = {
-    "SINGLE": (0.8, 0.4, 0.25, 0.15),
-    "MARRIED": (0.15, 0.45, 0.5, 0.42),
-    "DIVORCED": (0.04, 0.13, 0.17, 0.1),
-    "WIDOWED": (0.01, 0.02, 0.08, 0.33),
-}
-# Race as MIMIC-IV writes it, with a rough share and the language spoken by some of that group.
-RACES: dict[str, tuple[float, str | None, float]] = {
-    "WHITE": (0.63, None, 0.0),
-    "BLACK/AFRICAN AMERICAN": (0.135, None, 0.0),
-    "OTHER": (0.035, "SPANISH", 0.1),
-    "WHITE - OTHER EUROPEAN": (0.018, None, 0.0),
-    "HISPANIC/LATINO - PUERTO RICAN": (0.018, "SPANISH", 0.35),
-    "ASIAN": (0.014, "CHINESE", 0.2),
-    "ASIAN - CHINESE": (0.013, "CHINESE", 0.45),
-    "BLACK/CAPE VERDEAN": (0.012, "PORTUGUESE", 0.3),
-    "WHITE - RUSSIAN": (0.011, "RUSSIAN", 0.45),
-    "HISPANIC/LATINO - DOMINICAN": (0.01, "SPANISH", 0.4),
-    "HISPANIC OR LATINO": (0.01, "SPANISH", 0.35),
-    "BLACK/CARIBBEAN ISLAND": (0.008, "HAITIAN", 0.35),
-    "UNKNOWN": (0.02, None, 0.0),
-    "UNABLE TO OBTAIN": (0.006, None, 0.0),
-    "PATIENT DECLINED TO ANSWER": (0.004, None, 0.0),
-    "ASIAN - SOUTH EAST ASIAN": (0.005, "VIETNAMESE", 0.35),
-    "PORTUGUESE": (0.005, "PORTUGUESE", 0.4),
-    "WHITE - EASTERN EUROPEAN": (0.004, "RUSSIAN", 0.1),
-    "ASIAN - ASIAN INDIAN": (0.004, None, 0.0),
-    "HISPANIC/LATINO - GUATEMALAN": (0.003, "SPANISH", 0.5),
-    "HISPANIC/LATINO - SALVADORAN": (0.003, "SPANISH", 0.5),
-    "WHITE - BRAZILIAN": (0.003, "PORTUGUESE", 0.4),
-    "BLACK/AFRICAN": (0.003, None, 0.0),
-    "MULTIPLE RACE/ETHNICITY": (0.002, None, 0.0),
-    "AMERICAN INDIAN/ALASKA NATIVE": (0.002, None, 0.0),
-    "SOUTH AMERICAN": (0.001, "SPANISH", 0.4),
-    "HISPANIC/LATINO - MEXICAN": (0.001, "SPANISH", 0.5),
-    "ASIAN - KOREAN": (0.001, None, 0.0),
-    "NATIVE HAWAIIAN OR OTHER PACIFIC ISLANDER": (0.001, None, 0.0),
-}
 UNRECORDED_RACES = ("UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER")
 
 CM, RESP, SEPSIS, CANCER, OBSTETRIC = "cardiometabolic", "respiratory", "sepsis", "cancer", "obstetric"
@@ -436,18 +402,6 @@ class _Items:
         )
 
 
-def _categorical(rng: np.random.Generator, weights: np.ndarray, group: np.ndarray | int) -> np.ndarray:
-    """Draws value indices; ``weights`` is (groups, values) and ``group`` picks each draw's row (or is a size)."""
-    weights = np.atleast_2d(np.asarray(weights, dtype=float))
-    cumulative = np.cumsum(weights / weights.sum(1, keepdims=True), axis=1)
-    group = np.zeros(group, dtype=np.int64) if np.isscalar(group) else group
-    draws = rng.random(len(group))
-    index = np.zeros(len(group), dtype=np.int64)
-    for column in range(weights.shape[1] - 1):  # a loop over values, not rows
-        index += draws >= cumulative[group, column]
-    return index
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -489,7 +443,7 @@ def _draw_patients(rng: np.random.Generator, n: int) -> _Patients:
     """Demographics, shifted anchor years and the number of admissions of every patient."""
     age = np.floor(18 + 80 * rng.beta(1.8, 1.7, n)).astype(np.int64)
     anchor_age = np.where(age > 89, 91, age)
-    year_group = _categorical(rng, np.array(list(ANCHOR_YEAR_GROUPS.values())), n)
+    year_group = categorical(rng, np.array(list(ANCHOR_YEAR_GROUPS.values())), n)
     real_anchor_year = 2008 + 3 * year_group + rng.integers(0, 3, n)
     frailty = rng.gamma(FRAILTY_SHAPE, 1.0 / FRAILTY_SHAPE, n)
     admitted = rng.random(n) >= NO_ADMISSION_SHARE
@@ -595,13 +549,6 @@ def _gather(vocabulary: list, index: np.ndarray) -> pl.Series:
     return pl.Series(vocabulary, dtype=pl.String).gather(index)
 
 
-def _provider_ids(rng: np.random.Generator, size: int) -> list[str]:
-    """MIMIC-IV-like admitting provider ids: ``P`` and five base-36 characters."""
-    alphabet = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    letters = alphabet[rng.integers(0, 36, (size, 5))]
-    return sorted({"P" + "".join(row) for row in letters})
-
-
 @dataclass
 class _Schedule:
     """Admission times in minutes since 1970 (shifted, as written) and what depends on the real calendar."""
@@ -671,18 +618,18 @@ def _admissions_frame(
     n, n_people = len(person), len(people.subject_id)
     type_names = list(ADMISSION_TYPE_WEIGHTS)
     from_ed = np.isin(admission_type, [type_names.index(name) for name in ED_ADMISSION_TYPES])
-    ed_location = _categorical(rng, np.array(list(ED_LOCATIONS.values())), n)
-    other_location = _categorical(rng, np.array(list(OTHER_LOCATIONS.values())), n)
+    ed_location = categorical(rng, np.array(list(ED_LOCATIONS.values())), n)
+    other_location = categorical(rng, np.array(list(OTHER_LOCATIONS.values())), n)
     location = np.where(from_ed, ed_location, len(ED_LOCATIONS) + other_location)
     in_emergency_room = from_ed & (ed_location == 0)
 
     elderly = (times.age >= 75).astype(np.int64)
-    discharge_location = _categorical(rng, np.array(list(DISCHARGE_LOCATIONS.values())).T, elderly)
+    discharge_location = categorical(rng, np.array(list(DISCHARGE_LOCATIONS.values())).T, elderly)
     discharge_location = np.where(expire, len(DISCHARGE_LOCATIONS), discharge_location)
-    insurance = _categorical(rng, np.array(list(INSURANCE.values())).T, (times.age >= 65).astype(np.int64))
+    insurance = categorical(rng, np.array(list(INSURANCE.values())).T, (times.age >= 65).astype(np.int64))
 
     race_names = list(RACES)
-    race = _categorical(rng, np.array([share for share, _, _ in RACES.values()]), n_people)
+    race = categorical(rng, np.array([share for share, _, _ in RACES.values()]), n_people)
     languages = ["ENGLISH"] + sorted({language for _, language, _ in RACES.values() if language})
     second = np.array([languages.index(language) if language else 0 for _, language, _ in RACES.values()])
     speaks_second = rng.random(n_people) < np.array([share for _, _, share in RACES.values()])[race]
@@ -692,9 +639,9 @@ def _admissions_frame(
     race = np.where(unrecorded, unrecorded_race, race[person])
 
     band = np.searchsorted(MARITAL_AGE_BANDS, people.anchor_age, side="right")
-    marital = _categorical(rng, np.array(list(MARITAL.values())).T, band)[person]
+    marital = categorical(rng, np.array(list(MARITAL.values())).T, band)[person]
     marital = np.where(rng.random(n) < MARITAL_MISSING, len(MARITAL), marital)
-    providers = _provider_ids(rng, 1500)
+    providers = provider_ids(rng, 1500)
 
     return pl.DataFrame(
         {
@@ -803,7 +750,7 @@ def generate_tables(n_patients: int, seed: int, bar: tqdm | None = None) -> dict
     n_total = int(n_adm.sum())
     person = np.repeat(admitted, n_adm)
     last = np.cumsum(n_adm) - 1
-    admission_type = _categorical(rng, np.array(list(ADMISSION_TYPE_WEIGHTS.values())), n_total)
+    admission_type = categorical(rng, np.array(list(ADMISSION_TYPE_WEIGHTS.values())), n_total)
     median_days = np.array([MEDIAN_STAY_DAYS[name] for name in ADMISSION_TYPE_WEIGHTS])[admission_type]
     severity = np.minimum(np.bincount(row_admission, weights=items.stay[row_item], minlength=n_total), 1.2)
     stay_minutes = median_days * np.exp(rng.normal(0.0, 0.75, n_total) + severity) * 1440
@@ -856,13 +803,6 @@ def _summary(tables: dict[str, pl.DataFrame]) -> dict:
     }
 
 
-def _write_csv_gz(frame: pl.DataFrame, path: Path) -> None:
-    """gzip with mtime 0 and no file name in the header, so that the same frame always gives the same bytes."""
-    with open(path, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as stream:
-            frame.write_csv(stream, datetime_format=TIME_FORMAT, date_format="%Y-%m-%d")
-
-
 def _readme(n_patients: int, seed: int, summary: dict) -> str:
     figures = "\n".join(f"| {key.replace('_', ' ')} | {value:,} |" for key, value in summary.items())
     return f"""{README_TITLE}
@@ -885,22 +825,9 @@ Files: `hosp/patients.csv.gz`, `hosp/admissions.csv.gz`, `hosp/diagnoses_icd.csv
 """
 
 
-def readme_opens_with(folder: str | Path, title: str) -> bool:
-    """Whether ``folder/README.md`` exists and its first line is ``title``: how the demo writers mark their output."""
-    readme = Path(folder) / "README.md"
-    if not readme.is_file():
-        return False
-    with open(readme, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\n") == title
-
-
 def is_demo_cohort(folder: str | Path) -> bool:
     """True when ``folder`` was written by ``write_demo_mimic`` (its README.md opens with ``README_TITLE``)."""
     return readme_opens_with(folder, README_TITLE)
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def write_demo_mimic(
@@ -911,9 +838,9 @@ def write_demo_mimic(
     The folder is written whole or not at all: an existing ``out`` raises ``OutputExistsError`` before any work
     unless ``overwrite``, and an error leaves nothing half-written.
     """
-    if not _is_integer(n_patients) or not 1 <= n_patients <= MAX_PATIENTS:
+    if not is_integer(n_patients) or not 1 <= n_patients <= MAX_PATIENTS:
         raise ValueError(f"n_patients must be an integer between 1 and {MAX_PATIENTS:,}, got {n_patients!r}")
-    if not _is_integer(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     steps = len(GENERATION_STEPS) + len(TABLE_ORDER) + 1  # + README.md
     logger.info("generating %d synthetic patients with seed %d", n_patients, seed)
@@ -925,7 +852,7 @@ def write_demo_mimic(
             hosp.mkdir()
             for name in TABLE_ORDER:
                 bar.set_postfix_str(f"{name}.csv.gz")
-                _write_csv_gz(tables[name], hosp / f"{name}.csv.gz")
+                write_csv_gz(tables[name], hosp / f"{name}.csv.gz")
                 bar.update()
             bar.set_postfix_str("README.md")
             summary = _summary(tables)
