@@ -31,14 +31,18 @@ TINY_DENOISER = ["--num_tokens", "2", "--hidden_dim", "16", "--num_layers", "1",
                  "--train_batch_size", "64", "--report_to", "none", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def _reset_accelerate_state() -> None:
     """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    yield
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    _reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +51,7 @@ def autoencoder_run(labelled_demo_dataset, tmp_path_factory):
     run = train_autoencoder(["--train_data_dir", str(labelled_demo_dataset), "--output_dir", str(out),
                              "--num_train_epochs", "3", "--use_ema", "--field_loss_weight", "20",
                              *TINY_AUTOENCODER])
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    _reset_accelerate_state()
     return run
 
 
@@ -93,7 +94,7 @@ def test_autoencoder_run_saves_a_calibrated_model_with_metrics(autoencoder_run, 
     real_prevalence, decoded_prevalence = vectors[:, codes_slice].mean(0), decoded[:, codes_slice].mean(0)
     assert (real_prevalence - decoded_prevalence).abs().max() < 0.01
     assert metrics["train"]["groups"]["icd10_categories"]["mean_prevalence_error"] < 1e-3
-    assert not list(out.glob(".final.tmp-*"))
+    assert not list(out.glob(".merge.*"))
 
 
 # ---------------------------------------------------------------------------------------------------- diffusion
@@ -117,7 +118,7 @@ def test_diffusion_run_saves_a_pipeline_that_generates(autoencoder_run, labelled
     # Half the conditions were the learned null embedding: it was trained (it starts at zero).
     assert pipe.denoiser.null_condition.abs().sum() > 0
     assert (out / "README.md").is_file() and (out / "autoencoder_metrics.json").is_file()
-    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".final.tmp-*"))  # --checkpointing_steps 500
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".merge.*"))  # --checkpointing_steps 500
 
 
 def test_condition_dropout_uses_the_null_embedding() -> None:
@@ -286,13 +287,38 @@ def test_accelerate_launch_checkpoints_then_resume_latest(autoencoder_run, label
     ema = load_file(out / "checkpoint-4" / "denoiser_ema" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == ema.keys() and all(torch.equal(saved[key], ema[key]) for key in saved)
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    _reset_accelerate_state()
     resumed = train_diffusion([*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
     assert resumed.first_step == 4 and resumed.global_step == 6 and len(resumed.losses) == 2
     assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-6"]
+
+
+@pytest.mark.parametrize("script", ["autoencoder", "diffusion"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(script, autoencoder_run, labelled_demo_dataset,
+                                                                      tmp_path) -> None:
+    """Stopped after checkpoint-13 and resumed from it, a run ends with the uninterrupted run's losses and saved
+    weights (the EMA's) bit for bit. Step 13 ends the first epoch (800 rows in batches of 64): an epoch's shuffle
+    order is drawn when it starts, so a resume in the middle of an epoch goes on in another order."""
+    flags = ["--use_ema", "--max_train_steps", "20", "--checkpointing_steps", "13"]
+
+    def run(out: Path, *extra: str):
+        if script == "autoencoder":
+            return train_autoencoder(["--train_data_dir", str(labelled_demo_dataset), "--output_dir", str(out),
+                                      *TINY_AUTOENCODER, *flags, *extra])
+        return train_diffusion(_diffusion_args(labelled_demo_dataset, autoencoder_run.output_dir, out,
+                                               "--text_embedder", "none", "--condition_dropout", "0.3", *flags, *extra))
+
+    whole = run(tmp_path / "whole")
+    _reset_accelerate_state()
+    shutil.copytree(whole.output_dir / "checkpoint-13", tmp_path / "stopped" / "checkpoint-13")
+    resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
+    assert resumed.first_step == 13 and resumed.global_step == whole.global_step == 20
+    assert resumed.losses == whole.losses[13:]
+    weights = Path("denoiser" if script == "diffusion" else ".", "diffusion_pytorch_model.safetensors")
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(whole.output_dir / weights), load_file(resumed.output_dir / weights)
+    assert actual.keys() == expected.keys() and all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
 def test_push_to_hub_is_called_with_the_output(autoencoder_run, labelled_demo_dataset, tmp_path, monkeypatch) -> None:

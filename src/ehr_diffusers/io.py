@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 # Every folder written through ``atomic_directory`` holds this file; ``--overwrite`` replaces only such folders
 # (or empty ones), so that a mistyped --out can never delete a user's data.
@@ -18,27 +18,51 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and may not be replaced."""
 
 
+class OutputArgumentError(OutputExistsError, ValueError):
+    """The output folder a command-line argument names may not be written: bad input, hence also a ValueError."""
+
+
 def check_output_dir(
-    out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (), option: str = "--overwrite"
+    out: str | Path,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] | Mapping[str, str | Path | None] = (),
+    option: str = "--overwrite",
+    *,
+    argument: str | None = None,
+    merge: bool = False,
 ) -> Path:
     """Fails early, before any work, when ``out`` may not be written.
 
     ``out`` may not be, or contain, one of ``inputs``; an existing ``out`` is replaced only with ``overwrite`` and
-    only when it is empty or an earlier ehr-diffusers output.
+    only when it is empty or an earlier ehr-diffusers output. With ``merge`` (output added to ``out`` by
+    :func:`atomic_merge`, beside what it holds, as a training run's checkpoints and model) an existing folder is fine
+    and ``out`` may instead not be, or lie inside, an input, which would mix output into it.
+
+    ``inputs`` may map argument names to paths (None: not given) and ``argument`` names ``out``'s own, so that the
+    error, then an :class:`OutputArgumentError`, tells the user which argument to change.
     """
     out = Path(out)
+    where = f"{argument} {out}" if argument else str(out)
+    error = OutputArgumentError if argument else OutputExistsError
+    named = inputs.items() if isinstance(inputs, Mapping) else ((None, source) for source in inputs)
     resolved = out.resolve()
-    for source in inputs:
+    for name, source in named:
+        if source is None:
+            continue
         source = Path(source).resolve()
-        if source == resolved or resolved in source.parents:
-            raise OutputExistsError(f"{out}: output folder would replace the input {source}; choose another --out")
-    if out.exists():
+        label = f"{name} {source}" if name else str(source)
+        if merge and (source == resolved or source in resolved.parents):
+            raise error(f"{where}: is, or lies inside, the input {label}; choose another output folder")
+        if not merge and (source == resolved or resolved in source.parents):
+            raise error(f"{where}: output folder would replace the input {label}; choose another {argument or '--out'}")
+    if merge:
+        if out.exists() and not out.is_dir():
+            raise error(f"{where}: exists and is not a folder")
+    elif out.exists():
         if not overwrite:
-            raise OutputExistsError(f"{out}: output folder exists; pass {option} to replace it")
+            raise error(f"{where}: output folder exists; pass {option} to replace it")
         if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER_NAME).is_file()):
-            raise OutputExistsError(
-                f"{out}: exists and was not written by ehr-diffusers; {option} only replaces earlier outputs"
-            )
+            raise error(f"{where}: exists and was not written by ehr-diffusers; {option} only replaces earlier outputs")
     return out
 
 
@@ -99,6 +123,32 @@ def atomic_directory(
             os.replace(trash / out.name, out)
         raise
     finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_merge(out: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder inside ``out``; on success each entry written there replaces the entry of the
+    same name in ``out`` by a rename; on an error while writing it is removed and ``out`` is left as it was.
+
+    For a folder that holds more than one writer's output (a training run's checkpoints beside its final model), which
+    :func:`atomic_directory` would replace whole.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".merge.tmp-", dir=out))
+    trash: Path | None = None
+    try:
+        yield staging
+        trash = Path(tempfile.mkdtemp(prefix=".merge.old-", dir=out))
+        for item in sorted(staging.iterdir()):
+            target = out / item.name
+            if target.exists() or target.is_symlink():
+                os.replace(target, trash / item.name)  # a rename, not a slow delete, between old and new
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 

@@ -8,7 +8,7 @@ its latent space and saves the whole pipeline. Both run under ``accelerate launc
         --output_dir MODEL
 
 They live inside the package (not only in the top-level ``training_scripts/``) so that an installed wheel can run them.
-``data`` and ``checkpointing`` hold the helpers the two scripts share. This module imports nothing heavy.
+``common``, ``data`` and ``checkpointing`` hold the helpers the scripts share. This module imports nothing heavy.
 """
 
 from __future__ import annotations

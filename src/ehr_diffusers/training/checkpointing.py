@@ -1,22 +1,30 @@
 """Checkpoints of the training scripts: diffusers-format model folders inside accelerate's ``save_state`` folders,
 pruning old ``checkpoint-N`` folders, and resolving ``--resume_from_checkpoint``.
 
-A checkpoint folder ``OUTPUT/checkpoint-N`` holds accelerate's optimizer, LR scheduler and RNG states plus the model
-saved with ``save_pretrained`` in a subfolder (``OUTPUT/checkpoint-N/denoiser``) and, with EMA, the averaged weights
-beside it (``denoiser_ema``), so that a checkpoint's model loads on its own with ``from_pretrained(dir, subfolder=...)``.
+A checkpoint folder ``OUTPUT/checkpoint-N`` holds accelerate's optimizer, LR scheduler and RNG states plus every trained
+model saved with ``save_pretrained`` in its own subfolder (``OUTPUT/checkpoint-N/denoiser``) and, with EMA, the averaged
+weights beside it (``denoiser_ema``), so that each model loads on its own with ``from_pretrained(dir, subfolder=...)``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from diffusers import ModelMixin
+    from diffusers.training_utils import EMAModel
 
 CHECKPOINT_PREFIX = "checkpoint-"
+EMA_SUFFIX = "_ema"
+MODEL_CONFIG_NAME = "config.json"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -52,12 +60,13 @@ def resolve_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: st
         path = Path(output_dir) / path
     if not path.is_dir():
         raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (nor "
-                         f"{Path(output_dir) / resume_from_checkpoint}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder")
+                         f"{Path(output_dir) / resume_from_checkpoint}); pass 'latest' or a {CHECKPOINT_PREFIX}N "
+                         "folder")
     checkpoint_step(path)
     return path
 
 
-def resume_state(accelerator: Any, resume_from: Path | None, requested: str | None, steps_per_epoch: int,
+def resume_state(accelerator: Accelerator, resume_from: Path | None, requested: str | None, steps_per_epoch: int,
                  gradient_accumulation_steps: int, logger: Any) -> tuple[int, int, int]:
     """Loads ``resume_from`` (when there is one) and returns (global step, first epoch, batches of that epoch to
     skip), so that a resumed run continues where the checkpoint left off."""
@@ -87,62 +96,111 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None, logger: A
     return removed
 
 
-def register_diffusers_hooks(
-    accelerator: Any,
-    model_cls: type,
-    subfolder: str,
-    ema_model: Any = None,
+def register_checkpoint_hooks(
+    accelerator: Accelerator,
+    models: Mapping[str, ModelMixin],
+    ema: Mapping[str, EMAModel] | None = None,
 ) -> None:
-    """Makes ``accelerator.save_state(dir)`` write the prepared model as ``dir/<subfolder>`` (``save_pretrained``) and
-    the EMA weights as ``dir/<subfolder>_ema``, and ``accelerator.load_state(dir)`` read them back, instead of
-    accelerate's anonymous ``model.safetensors``."""
+    """Makes ``accelerator.save_state(dir)`` write each of ``models`` as ``dir/<subfolder>`` (``save_pretrained``) and
+    each of ``ema`` as ``dir/<subfolder>_ema``, and ``accelerator.load_state(dir)`` read them back, instead of
+    accelerate's anonymous ``model_<i>.safetensors``: a checkpoint's models then load with ``from_pretrained``.
 
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for model in models:
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, subfolder))
-            if weights:
-                weights.pop()  # saved above; accelerate must not save it again
-        if ema_model is not None and accelerator.is_main_process:
-            ema_model.save_pretrained(os.path.join(output_dir, f"{subfolder}_ema"))
+    Both map a subfolder name to a model (``ema``: to the ``EMAModel`` of the model of that name). Accelerate hands the
+    hooks the prepared models as a list; each is matched to its subfolder by identity once unwrapped (DDP,
+    ``torch.compile``), so the order of ``accelerator.prepare`` does not matter. Every model of ``models`` is saved and
+    loaded, prepared or not; prepared models not in ``models`` are left to accelerate. Loading a checkpoint that lacks
+    one of these subfolders, or holds another model subfolder, is a ValueError naming the subfolder and the
+    checkpoint: it was written by another training set-up.
+    """
+    models, ema = dict(models), dict(ema or {})
+    folders = {name: Path(name).name for name in [*models, *(f"{name}{EMA_SUFFIX}" for name in ema)]}
+    if any(name != folder or folder in ("", ".", "..") for name, folder in folders.items()):
+        raise ValueError(f"checkpoint subfolder names must be plain folder names, got {list(folders)}")
+    if len(folders) != len(models) + len(ema):
+        raise ValueError(f"a model name ends with {EMA_SUFFIX!r} like an EMA subfolder: {list(models)}")
+    if set(ema) - set(models):
+        raise ValueError(f"EMA for {sorted(set(ema) - set(models))} but no model of that name in {list(models)}")
 
-    def load_hook(models: list, input_dir: str) -> None:
-        if ema_model is not None and models:
-            load_ema_state(ema_model, accelerator.unwrap_model(models[0]), os.path.join(input_dir, f"{subfolder}_ema"))
+    def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    def registered(passed: list[torch.nn.Module]) -> list[int]:
+        """Positions in accelerate's list of the models these hooks save, so that accelerate skips them."""
+        targets = [unwrap(model) for model in models.values()]
+        return [index for index, model in enumerate(passed) if any(unwrap(model) is target for target in targets)]
+
+    def save_hook(passed: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        for index in reversed(registered(passed)):
+            if weights:  # empty where accelerate saves models its own way (DeepSpeed, FSDP)
+                del weights[index]
+        if accelerator.is_main_process:
+            for name, model in models.items():
+                unwrap(model).save_pretrained(os.path.join(output_dir, name))
+            for name, ema_model in ema.items():
+                ema_model.save_pretrained(os.path.join(output_dir, f"{name}{EMA_SUFFIX}"))
+
+    def load_hook(passed: list[torch.nn.Module], input_dir: str) -> None:
+        _check_subfolders(input_dir, list(folders))
+        for index in reversed(registered(passed)):
+            del passed[index]
+        for name, model in models.items():
+            load_model_state(unwrap(model), input_dir, name)
+        for name, ema_model in ema.items():
+            load_ema_state(ema_model, unwrap(models[name]), os.path.join(input_dir, f"{name}{EMA_SUFFIX}"))
             ema_model.to(accelerator.device)
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            loaded = model_cls.from_pretrained(input_dir, subfolder=subfolder)
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
-            del loaded
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def load_ema_state(ema_model: Any, model: Any, folder: str | Path) -> None:
+def _check_subfolders(checkpoint: str | Path, expected: list[str]) -> None:
+    """A ValueError naming the checkpoint and its subfolders when they are not the model subfolders (folders with a
+    ``config.json``) that ``expected`` names: loading part of a checkpoint would resume a different training."""
+    folder = Path(checkpoint)
+    present = {path.name for path in folder.iterdir() if (path / MODEL_CONFIG_NAME).is_file()}
+    missing = [name for name in expected if name not in present]
+    extra = sorted(present - set(expected))
+    problems = [f"no {name!r} subfolder" for name in missing]
+    problems += [f"a {name!r} subfolder this run does not train" for name in extra]
+    if problems:
+        raise ValueError(f"checkpoint {folder}: {'; '.join(problems)}. This run's checkpoints hold "
+                         f"{', '.join(map(repr, expected))}: resume with the models (and --use_ema) of the run that "
+                         "wrote it, or from another checkpoint")
+
+
+def load_model_state(model: ModelMixin, checkpoint: str | Path, subfolder: str) -> None:
+    """Loads ``checkpoint/subfolder`` into ``model`` in place (the prepared model and its optimizer keep their
+    tensors); a ValueError naming the folder when its weights do not fit ``model``."""
+    loaded = type(model).from_pretrained(checkpoint, subfolder=subfolder)
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {Path(checkpoint) / subfolder}: does not fit this run's "
+                         f"{type(model).__name__} ({error})") from None
+    model.register_to_config(**loaded.config)
+
+
+def load_ema_state(ema_model: EMAModel, model: ModelMixin, folder: str | Path) -> None:
     """Restores an ``EMAModel`` from the folder its ``save_pretrained`` wrote: the averaged weights (in ``model``'s
     parameter order) and the EMA counters recorded in ``config.json``. ``EMAModel.from_pretrained`` does the same
     through a deprecated ``from_config(path)`` call and warns about the counters as unknown config keys."""
-    import json
-
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / MODEL_CONFIG_NAME).read_text())
     weights = load_file(str(folder / SAFETENSORS_WEIGHTS_NAME))
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in weights]
     if missing:
-        raise ValueError(f"{folder}: EMA weights lack parameter(s) {missing[:5]}; the checkpoint belongs to another model")
+        raise ValueError(f"{folder}: EMA weights lack parameter(s) {missing[:5]}; the checkpoint belongs to another "
+                         "model")
     state = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params" and key in config}
     state["shadow_params"] = [weights[name] for name in names]
     ema_model.load_state_dict(state)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, global_step: int, total_limit: int | None,
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, global_step: int, total_limit: int | None,
                     logger: Any = None) -> Path:
     """Prunes old checkpoints (main process) and saves ``output_dir/checkpoint-<global_step>`` on every process (each
     saves its own RNG state; only the main process writes models and optimizer)."""
@@ -155,39 +213,3 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, global_step: int, 
     if logger is not None:
         logger.info(f"saved state to {path}")
     return path
-
-
-@contextmanager
-def staged_output(output_dir: str | Path) -> Iterator[Path]:
-    """Yields an empty temporary folder inside ``output_dir``; on success every entry written there is moved into
-    ``output_dir`` (replacing entries of the same name), on error it is removed. A run that fails while saving never
-    leaves half a model next to its checkpoints."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
-    try:
-        yield staging
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_output_dir(output_dir: str | Path, inputs: dict[str, str | Path | None]) -> Path:
-    """``--output_dir`` must be a folder (or not exist yet) and must not be, or lie inside, an input folder:
-    ``inputs`` maps each input's flag to its path. A ValueError names the argument."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {out}: exists and is not a folder")
-    resolved = out.resolve()
-    for flag, source in inputs.items():
-        if source is None:
-            continue
-        source = Path(source).resolve()
-        if resolved == source or source in resolved.parents:
-            raise ValueError(f"--output_dir {out}: is, or lies inside, the input {flag} {source}; choose another "
-                             "output folder")
-    return out

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ehr_diffusers.io import write_text_atomic
+
 DEFAULT_REPORT_TO = "tensorboard"
 TOKEN_ARGUMENTS = ("hub_token",)
 
@@ -181,5 +183,6 @@ def log_text(accelerator: Any, tag: str, text: str, step: int) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Writes ``data`` as indented JSON through ``write_text_atomic``: a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 

@@ -17,23 +17,23 @@ state for ``--resume_from_checkpoint``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ehr_diffusers.data.ehr.schema import EHRSchema
+from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
-    check_output_dir,
-    register_diffusers_hooks,
+    register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
     save_checkpoint,
-    staged_output,
 )
 from ehr_diffusers.training.common import (
     add_common_arguments,
@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     args = parse_args(argv)
     # Every input is checked before the accelerator starts and before any training.
     dataset, schema = load_training_dataset(args.train_data_dir)
-    output_dir = check_output_dir(args.output_dir, {"--train_data_dir": args.train_data_dir})
+    output_dir = check_output_dir(args.output_dir, inputs={"--train_data_dir": args.train_data_dir},
+                                  argument="--output_dir", merge=True)
     resume_from = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
 
     from accelerate.utils import set_seed
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     if args.use_ema:
         ema_model = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=EHRAutoencoderModel,
                              model_config=model.config)
-    register_diffusers_hooks(accelerator, EHRAutoencoderModel, SUBFOLDER, ema_model)
+    register_checkpoint_hooks(accelerator, {SUBFOLDER: model}, {SUBFOLDER: ema_model} if args.use_ema else None)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -296,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         metrics_file = {"description": "reconstruction of real records by the trained autoencoder (decoded with the "
                                        "thresholds calibrated on the train split); each block names its split",
                         "global_step": global_step, **metrics}
-        with staged_output(output_dir) as staging:
+        with atomic_merge(output_dir) as staging:
             model.to("cpu").save_pretrained(staging)
             schema.save(staging)
             write_json(staging / METRICS_NAME, metrics_file)

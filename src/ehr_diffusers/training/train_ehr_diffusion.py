@@ -4,7 +4,8 @@
 
     accelerate launch -m ehr_diffusers.training.train_ehr_diffusion \\
         --train_data_dir demo/dataset --autoencoder_path demo/autoencoder --output_dir demo/model \\
-        --denoiser_config demo --max_train_steps 2000 --use_ema --validation_prompts "70 year old man with heart failure"
+        --denoiser_config demo --max_train_steps 2000 --use_ema \\
+        --validation_prompts "70 year old man with heart failure"
 
 The (optionally judge-screened) train split is encoded once by the frozen autoencoder into normalised latents, kept
 in memory beside the text embeddings (``--condition_column``). Each step draws u ~ U[0, 1) per record (stratified),
@@ -20,8 +21,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +31,16 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ehr_diffusers.data.ehr.schema import EHRSchema
+from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel
 from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
-    check_output_dir,
-    register_diffusers_hooks,
+    register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
     save_checkpoint,
-    staged_output,
 )
 from ehr_diffusers.training.common import (
     add_common_arguments,
@@ -301,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     # Every input is checked before the accelerator starts and before any training.
     dataset, schema = load_training_dataset(args.train_data_dir)
     embedding_dim = condition_dim(dataset[TRAIN_SPLIT], args.condition_column, args.train_data_dir)
-    output_dir = check_output_dir(args.output_dir, {"--train_data_dir": args.train_data_dir,
-                                                    "--autoencoder_path": args.autoencoder_path})
+    output_dir = check_output_dir(args.output_dir, inputs={"--train_data_dir": args.train_data_dir,
+                                                           "--autoencoder_path": args.autoencoder_path},
+                                  argument="--output_dir", merge=True)
     autoencoder = load_autoencoder(args.autoencoder_path, schema)
     config = denoiser_config(args, autoencoder.config.latent_dim, embedding_dim)
     resume_from = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -347,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     if args.use_ema:
         ema_model = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=EHRDenoiserModel,
                              model_config=denoiser.config)
-    register_diffusers_hooks(accelerator, EHRDenoiserModel, SUBFOLDER, ema_model)
+    register_checkpoint_hooks(accelerator, {SUBFOLDER: denoiser}, {SUBFOLDER: ema_model} if args.use_ema else None)
 
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
@@ -460,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         training_config, autoencoder_config = card_configs(args, config, len(train_dataset), dropped, global_step,
                                                            losses, autoencoder)
         repo_id = args.hub_model_id or output_dir.resolve().name
-        with staged_output(output_dir) as staging:
+        with atomic_merge(output_dir) as staging:
             pipeline.save_pretrained(str(staging))
             metrics_file = Path(args.autoencoder_path) / AUTOENCODER_METRICS_NAME
             if metrics_file.is_file():
