@@ -57,7 +57,7 @@ SUBFOLDER = "autoencoder"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the EHR autoencoder of ehr-diffusers on a prepared dataset.")
     add_common_arguments(parser, learning_rate=1e-3, num_train_epochs=50, tracker_project_name="ehr-autoencoder")
-    parser.add_argument("--latent_dim", type=int, default=1024, help="Size of the latent (the seed system used 1024).")
+    parser.add_argument("--latent_dim", type=int, default=1024, help="Size of the latent (HealthForge uses 1024).")
     parser.add_argument("--hidden_dim", type=int, default=2048, help="Width of the hidden layers.")
     parser.add_argument("--num_layers", type=int, default=2, help="Hidden layers of the encoder and of the decoder.")
     parser.add_argument("--dropout", type=float, default=0.1, help="Dropout between hidden layers.")

@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Folder written by train_ehr_autoencoder (config.json, weights, schema.json).")
     add("--denoiser_config", type=str, default="default", choices=sorted(DENOISER_PRESETS),
         help="Named denoiser size: default (the class defaults), demo (small, for the demo cohort on a CPU) or "
-             "seed_reference (the seed system's width, depth and heads); the flags below override it.")
+             "seed_reference (HealthForge's width, depth and heads); the flags below override it.")
     add("--num_tokens", type=int, default=None, help="Tokens the latent is cut into (a divisor of the latent size).")
     add("--hidden_dim", type=int, default=None, help="Transformer width.")
     add("--num_layers", type=int, default=None, help="Transformer blocks.")
