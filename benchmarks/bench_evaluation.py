@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates (default: the suite's)")
     args = parser.parse_args()
 
-    from ehr_diffusers.evaluation.data import RealData
-    from ehr_diffusers.evaluation.suite import score_sets
+    from ehr_diffusers.evaluation.ehr.data import RealData
+    from ehr_diffusers.evaluation.ehr.suite import score_sets
 
     schema = make_schema(args.codes)
     started = time.perf_counter()

@@ -1,9 +1,10 @@
-"""The baseline table: the model against independent marginals, the real holdout, an EHRDiff-style model and the
-seed system's sampler, each figure as the mean over seeds with a 95% t interval, written into BENCHMARKS.md.
+"""The baseline table: the model against independent marginals, the real holdout, an EHRDiff-style model and
+HealthForge's sampler configuration ("seed"), each figure as the mean over seeds with a 95% t interval, written into
+BENCHMARKS.md.
 
 Every seed redoes everything that is random: the cut of the holdout into its evaluation and reference halves, the
 train sample, the model's records, the marginals' records and the EHRDiff-style model's training and records. The
-seed system's configuration is its sampler (ancestral, variance interpolation 0.1, 1,000 steps) on this model: its
+seed sampler is HealthForge's (ancestral, variance interpolation 0.1, 1,000 steps) run on this model: HealthForge's
 2.8B-parameter denoiser (``EHRDenoiserModel.seed_reference_config()``) cannot be trained on a CPU.
 
     python benchmarks/fidelity_table.py --model ehr-diffusers-demo/model --dataset ehr-diffusers-demo/dataset \
@@ -39,8 +40,9 @@ def _seed_sampler_vectors(pipe, n: int, seed: int, batch_size: int) -> np.ndarra
 
 def run(model: str, dataset: Path, seeds: list[int], methods: tuple[str, ...], ehrdiff_steps: int,
         batch_size: int) -> tuple[dict, dict, float]:
-    from ehr_diffusers.evaluation.data import load_real_data
-    from ehr_diffusers.evaluation.suite import baseline_vectors, score_sets
+    from ehr_diffusers.evaluation.ehr.baselines import baseline_vectors
+    from ehr_diffusers.evaluation.ehr.data import load_real_data
+    from ehr_diffusers.evaluation.ehr.suite import score_sets
     from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
     from ehr_diffusers.sampling import generate_records
 
@@ -76,7 +78,7 @@ def run(model: str, dataset: Path, seeds: list[int], methods: tuple[str, ...], e
 def _cell(key: str, samples: list[float] | None, runs: int) -> str:
     """mean [95% t interval over seeds, cut to the figure's range]; a figure missing in some seeds says in how many
     it exists."""
-    from ehr_diffusers.evaluation.suite import figure_support
+    from ehr_diffusers.evaluation.ehr.figures import figure_support
 
     if not samples:
         return "n/a"
@@ -91,7 +93,7 @@ def _cell(key: str, samples: list[float] | None, runs: int) -> str:
 
 
 def table(values: dict, seeds: list[int], methods: tuple[str, ...]) -> str:
-    from ehr_diffusers.evaluation.suite import COMPARISON, METHOD_LABELS
+    from ehr_diffusers.evaluation.ehr.presentation import COMPARISON, METHOD_LABELS
 
     extra = (("fidelity", "codes_per_patient_synthetic_mean", "Codes per patient (real holdout: see that column)",
               "close to real"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.evaluation.baselines import (
+from ehr_diffusers.evaluation.ehr.baselines import (
     BernoulliMarginals,
     continuous_columns,
     edm_loss,

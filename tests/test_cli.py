@@ -3,6 +3,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from datasets import load_from_disk
 
 from conftest import PATIENTS, write_tiny_mimic
@@ -53,6 +55,7 @@ def test_readme_opens_with_the_demo_and_test_commands():
     assert demo.startswith("pip install torch==2.13.0") and tests.startswith("pip install torch==2.13.0")
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     """demo cohort -> prepare -> label -> train both models under accelerate launch -> generate (short training)."""
     out = tmp_path / "demo"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.evaluation.clinical import RULES, compare_plausibility, plausibility, rule_columns
-from ehr_diffusers.evaluation.intervals import wilson_interval
+from ehr_diffusers.evaluation.ehr.clinical import RULES, compare_plausibility, plausibility, rule_columns
+from ehr_diffusers.evaluation.stats import wilson_interval
 
 CODES = ["C53", "C60", "C61", "D25", "D29", "I10", "N40", "N80", "O80", "O99", "O9A", "P07", "Z38", "Z3A"]
 

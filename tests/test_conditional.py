@@ -1,4 +1,5 @@
-"""Prompt faithfulness: hand-counted cases, tolerances, contradictions, and the seed system's substring bug."""
+"""Prompt faithfulness: hand-counted cases, tolerances, contradictions, and the substring bug ("female"
+contains "male")."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 
 from ehr_diffusers.data.ehr.icd import all_categories
-from ehr_diffusers.evaluation import conditional
-from ehr_diffusers.evaluation.conditional import extraction_agreement, prompt_faithfulness
-from ehr_diffusers.evaluation.intervals import wilson_interval
+from ehr_diffusers.evaluation.ehr import conditional
+from ehr_diffusers.evaluation.ehr.conditional import extraction_agreement, prompt_faithfulness
+from ehr_diffusers.evaluation.stats import wilson_interval
 from ehr_diffusers.text.describe import FactDescriber, template_summary
 from ehr_diffusers.text.extract import extract_facts
 
@@ -25,7 +26,7 @@ def _attribute(result: dict, name: str) -> tuple[int, int]:
 
 
 def test_female_prompt_and_male_record_is_wrong_and_vice_versa() -> None:
-    # the seed system matched "male" inside "female" and counted these as right
+    # a substring match finds "male" inside "female" and counts these as right
     prompts = ["A 72-year-old female with hypertension.", "A 72-year-old male with hypertension.",
                "A 72-year-old female with hypertension.", "A 72-year-old male with hypertension."]
     records = [_record("M", 72, codes=("I10",)), _record("F", 72, codes=("I10",)),

@@ -14,10 +14,12 @@ import torch
 from ehr_diffusers import EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline, LogSNRCosineScheduler
 from ehr_diffusers.cli import main
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.evaluation.data import RealData, check_same_schema, load_real_data
+from ehr_diffusers.evaluation.ehr.baselines import baseline_vectors
+from ehr_diffusers.evaluation.ehr.data import RealData, check_same_schema, load_real_data
+from ehr_diffusers.evaluation.ehr.figures import figure_support
+from ehr_diffusers.evaluation.ehr.presentation import COMPARISON
+from ehr_diffusers.evaluation.ehr.suite import build_metrics, score_set, score_sets
 from ehr_diffusers.evaluation.report import SECTIONS, model_card_markdown, render_html, write_metrics
-from ehr_diffusers.evaluation.suite import COMPARISON, baseline_vectors, build_metrics, figure_support, score_set
-from ehr_diffusers.evaluation.suite import score_sets
 from ehr_diffusers.hub import METRICS_END, METRICS_START
 
 CODES = [f"{letter}{number:02d}" for letter in "EIJKN" for number in range(10, 22)]
@@ -176,6 +178,51 @@ def test_different_schemas_are_named() -> None:
     with pytest.raises(ValueError, match="'icd10_categories' differs in categories"):
         check_same_schema(schema, other, "--dataset D", "--model M")
     check_same_schema(schema, _schema(), "--dataset D", "--model M")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("ehr_diffusers.evaluation.fidelity", "ehr_diffusers.evaluation.ehr.fidelity"),
+    ("ehr_diffusers.evaluation.privacy", "ehr_diffusers.evaluation.ehr.privacy"),
+    ("ehr_diffusers.evaluation.conditional", "ehr_diffusers.evaluation.ehr.conditional"),
+    ("ehr_diffusers.evaluation.clinical", "ehr_diffusers.evaluation.ehr.clinical"),
+    ("ehr_diffusers.evaluation.baselines", "ehr_diffusers.evaluation.ehr.baselines"),
+    ("ehr_diffusers.evaluation.data", "ehr_diffusers.evaluation.ehr.data"),
+    ("ehr_diffusers.evaluation.suite", "ehr_diffusers.evaluation.ehr.suite"),
+    ("ehr_diffusers.evaluation.intervals", "ehr_diffusers.evaluation.stats"),
+])
+def test_old_module_paths_are_the_new_modules(old: str, new: str) -> None:
+    import importlib
+
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_names_that_moved_stay_importable_from_their_old_modules() -> None:
+    from ehr_diffusers.data.ehr import dataset
+    from ehr_diffusers.evaluation import stats
+    from ehr_diffusers.evaluation.ehr import baselines, figures, presentation
+    from ehr_diffusers.evaluation.fidelity import roc_auc as fidelity_roc_auc
+    from ehr_diffusers.evaluation.privacy import roc_auc as privacy_roc_auc
+    from ehr_diffusers.evaluation.privacy import tpr_at_fpr
+    from ehr_diffusers.evaluation.suite import (
+        DEFINITIONS,
+        FIDELITY_FIGURES,
+        LABELS,
+        METHOD_LABELS,
+        figure,
+        figure_support,
+    )
+    from ehr_diffusers.evaluation.suite import baseline_vectors as suite_baseline_vectors
+    from ehr_diffusers.training import data as training_data
+
+    assert fidelity_roc_auc is privacy_roc_auc is stats.roc_auc and tpr_at_fpr is stats.tpr_at_fpr
+    assert suite_baseline_vectors is baselines.baseline_vectors
+    assert (figure, figure_support, FIDELITY_FIGURES) == (figures.figure, figures.figure_support,
+                                                          figures.FIDELITY_FIGURES)
+    assert (DEFINITIONS, LABELS, METHOD_LABELS) == (presentation.DEFINITIONS, presentation.LABELS,
+                                                    presentation.METHOD_LABELS)
+    for name in ("HOLDOUT_SPLIT", "TRAIN_SPLIT", "iter_vectors", "load_training_dataset", "record_columns",
+                 "vector_dataset"):
+        assert getattr(training_data, name) is getattr(dataset, name), name
 
 
 # ------------------------------------------------------------------------------------------------ the command

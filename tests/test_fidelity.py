@@ -1,4 +1,5 @@
-"""Fidelity metrics on hand-computed cases, identical data, and the seed system's mistakes."""
+"""Fidelity metrics on hand-computed cases, identical data, and mistakes that evaluation code for synthetic EHR is
+known to make."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import scipy.sparse as sp
 from scipy import stats
 
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.evaluation.fidelity import (
+from ehr_diffusers.evaluation.ehr.fidelity import (
+    NO_CATEGORY,
     code_matrix,
     code_moments,
     codes_per_patient,
     correlation_distance,
     correlation_matrix,
     demographics,
-    NO_CATEGORY,
     dimension_wise_prediction,
     fidelity,
     field_categories,
@@ -95,7 +96,8 @@ def test_identical_data_is_perfect_and_demographics_use_real_units() -> None:
     assert result["correlation"]["frobenius"] == 0.0 and result["codes_per_patient"]["wasserstein"] == 0.0
     assert all(value.get("wasserstein", value.get("total_variation")) == 0.0
                for value in result["demographics"]["fields"].values())
-    # ages compared in years on both sides (the seed compared de-normalised synthetic ages with normalised real ones)
+    # ages compared in years on both sides (comparing de-normalised synthetic ages with normalised
+    # real ones is a known mistake)
     older = [{**record, "age": min(record["age"] + 5, 90)} for record in _records(300, 1)]
     shifted = fidelity(real, schema.encode(older), schema)["demographics"]["fields"]["age"]
     assert 4.0 < shifted["wasserstein"] <= 5.0 and shifted["synthetic_mean"] > shifted["real_mean"]
@@ -183,7 +185,7 @@ def _sklearn_models(train: np.ndarray, columns: np.ndarray, C: float = 1.0):
 def test_joint_fit_is_each_per_code_logistic_regression() -> None:
     """The batched fit equals scikit-learn's LogisticRegression (same C, L2, unpenalised intercept) per code, with
     the target's own column left out."""
-    from ehr_diffusers.evaluation.fidelity import _fit_logistic
+    from ehr_diffusers.evaluation.ehr.fidelity import _fit_logistic
 
     train = _related(800, 0)
     features = sp.csr_matrix(train)
@@ -226,7 +228,8 @@ def test_dimension_wise_matches_sklearn_auroc_and_f1_on_the_holdout() -> None:
             expected = f1_score(labels, scores >= threshold)
             assert row[key]["f1"] == pytest.approx(expected, abs=0.01)
             if row["holdout_prevalence"] < 0.2:
-                # seed bug: micro-F1 on one binary target is accuracy; ours is the positive class's F1
+                # micro-F1 on one binary target is accuracy (a known mistake);
+                # ours is the positive class's F1
                 assert abs(row[key]["f1"] - accuracy_score(labels, scores >= threshold)) > 0.2
                 imbalanced += 1
     assert imbalanced >= 2
@@ -235,7 +238,8 @@ def test_dimension_wise_matches_sklearn_auroc_and_f1_on_the_holdout() -> None:
 def test_threshold_and_auroc_helpers_by_hand() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from ehr_diffusers.evaluation.fidelity import _auroc, _f1, _f1_thresholds
+    from ehr_diffusers.evaluation.ehr.fidelity import _auroc, _f1_thresholds
+    from ehr_diffusers.evaluation.stats import binary_f1
 
     scores = np.array([[0.1], [0.4], [0.35], [0.8]], dtype=np.float32)
     labels = np.array([[0], [0], [1], [1]], dtype=np.float32)
@@ -249,7 +253,7 @@ def test_threshold_and_auroc_helpers_by_hand() -> None:
     # 90 negatives, 10 positives, nothing predicted positive: accuracy 0.9, F1 0
     imbalanced = np.zeros((100, 1), dtype=bool)
     imbalanced[:10] = True
-    assert _f1(np.zeros_like(imbalanced), imbalanced)[0] == 0.0
+    assert binary_f1(np.zeros_like(imbalanced), imbalanced)[0] == 0.0
 
 
 def test_trtr_is_measured_on_the_holdout_not_on_train_rows() -> None:
@@ -275,7 +279,7 @@ def test_identical_sources_give_tstr_equal_to_trtr_and_means_of_per_code_numbers
     means = result["means"]
     assert means["auroc_ratio"] == 1.0 and means["f1_ratio"] == 1.0 and means["codes"] == 8
     assert result["agreement"]["pearson_auroc"]["value"] == pytest.approx(1.0)
-    # the seed averaged (mean, std) tuples; ours are plain means of per-code numbers
+    # averaging (mean, std) tuples is a known mistake; ours are plain means of per-code numbers
     aurocs = [row["trtr"]["auroc"] for row in result["per_code"]]
     assert all(isinstance(value, float) for value in aurocs)
     assert means["trtr_auroc"] == pytest.approx(np.mean(aurocs))
@@ -283,8 +287,9 @@ def test_identical_sources_give_tstr_equal_to_trtr_and_means_of_per_code_numbers
 
 
 def test_tstr_is_trained_on_the_synthetic_records() -> None:
-    """The seed's "F1 alignment" used no synthetic data at all. Synthetic records whose columns are shuffled
-    independently keep every prevalence but no dependence: TSTR must fall to chance while TRTR does not."""
+    """An "F1 alignment" that compares real-data models only uses no synthetic data at all. Synthetic records
+    whose columns are shuffled independently keep every prevalence but no dependence: TSTR must fall to chance while
+    TRTR does not."""
     schema = _wide_schema()
     train, holdout = _related(1000, 20), _related(1000, 21)
     rng = np.random.default_rng(22)
@@ -383,10 +388,10 @@ def test_sparse_input_gives_the_dense_figures() -> None:
     assert soft.max() == pytest.approx(0.7)
 
 
-# ---------------------------------------------------------------------------------------------------- seed bugs
+# ------------------------------------------------------------------------------------------------- known mistakes
 def test_age_distance_is_in_years_on_both_sides() -> None:
-    """The seed compared de-normalised synthetic ages with normalised real ones; both sides go through the schema,
-    so ten years older is a distance of ten."""
+    """Comparing de-normalised synthetic ages with normalised real ones is a known mistake; here both
+    sides go through the schema, so ten years older is a distance of ten."""
     schema = _schema()
     records = [{**record, "age": min(record["age"], 80)} for record in _records(300, 17)]
     real = schema.encode(records)
@@ -437,7 +442,7 @@ def test_cross_check_against_sdmetrics() -> None:
 
 
 def test_side_by_side_fits_give_the_sequential_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ehr_diffusers.evaluation import fidelity as module
+    from ehr_diffusers.evaluation.ehr import fidelity as module
 
     schema = _wide_schema()
     train, holdout, synthetic = _related(500, 22), _related(500, 23), _related(500, 24)

@@ -1,4 +1,5 @@
-"""Confidence intervals against published values and scipy."""
+"""The shared statistics: confidence intervals against published values and scipy, ROC figures and F1 against
+sklearn."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ehr_diffusers.evaluation import intervals
-from ehr_diffusers.evaluation.intervals import fisher_z_interval, mean_interval, percentile_bootstrap, wilson_interval
+from ehr_diffusers.evaluation import stats as evaluation_stats
+from ehr_diffusers.evaluation.stats import (
+    binary_f1,
+    bootstrap_interval,
+    cut_to_range,
+    fisher_z_interval,
+    mean_interval,
+    normal_interval,
+    percentile_bootstrap,
+    roc_curve,
+    two_sample_bootstrap,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +104,7 @@ def test_percentile_bootstrap_in_blocks_and_close_to_t(monkeypatch: pytest.Monke
     whole = percentile_bootstrap(statistic, len(values), reps=1000, vectorized=True)
     t_low, t_high = mean_interval(values)
     assert whole[0] == pytest.approx(t_low, abs=0.05) and whole[1] == pytest.approx(t_high, abs=0.05)
-    monkeypatch.setattr(intervals, "BOOTSTRAP_BLOCK_INDICES", 400 * 64)  # blocks of 64 resamples
+    monkeypatch.setattr(evaluation_stats, "BOOTSTRAP_BLOCK_INDICES", 400 * 64)  # blocks of 64 resamples
     blocked_vectorised = percentile_bootstrap(statistic, len(values), reps=1000, vectorized=True)
     blocked_loop = percentile_bootstrap(lambda idx: values[idx].mean(), len(values), reps=1000)
     assert blocked_vectorised == pytest.approx(blocked_loop)
@@ -109,3 +121,49 @@ def test_percentile_bootstrap_rejects_bad_input() -> None:
         percentile_bootstrap(lambda idx: 1.0, 0)
     with pytest.raises(ValueError, match="alpha"):
         percentile_bootstrap(lambda idx: 1.0, 5, alpha=1.5)
+
+
+def test_binary_f1_is_sklearns_per_column_and_nan_without_positives() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(5)
+    predicted, labels = rng.random((200, 4)) < 0.3, rng.random((200, 4)) < [0.05, 0.2, 0.5, 0.0]
+    predicted[:, 3] = False
+    result = binary_f1(predicted, labels)
+    for j in range(3):
+        assert result[j] == pytest.approx(f1_score(labels[:, j], predicted[:, j]))
+    assert np.isnan(result[3])
+    # one target: the F1 of the positive class, not micro-F1 (accuracy)
+    assert float(binary_f1(np.zeros(100, bool), np.arange(100) < 10)) == 0.0
+
+
+def test_roc_curve_is_sklearns() -> None:
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+    rng = np.random.default_rng(6)
+    positive, negative = rng.integers(0, 8, 60).astype(float), rng.integers(2, 10, 80).astype(float)
+    fpr, tpr = roc_curve(positive, negative)
+    expected_fpr, expected_tpr, _ = sklearn_roc_curve(np.r_[np.ones(60), np.zeros(80)], np.r_[positive, negative],
+                                                      drop_intermediate=False)
+    np.testing.assert_allclose(fpr, expected_fpr)
+    np.testing.assert_allclose(tpr, expected_tpr)
+
+
+def test_normal_interval_is_centred_and_cut_to_the_range() -> None:
+    replicates = [0.1, 0.3, 0.2, 0.25]
+    spread = evaluation_stats.Z_95 * np.std(replicates, ddof=1)
+    assert normal_interval(0.2, replicates) == pytest.approx((0.2 - spread, 0.2 + spread))
+    assert normal_interval(0.05, replicates, (0.0, 1.0)) == (0.0, pytest.approx(0.05 + spread))
+    assert normal_interval(0.2, [0.1, None]) is None and normal_interval(0.2, [0.1]) is None
+    assert cut_to_range((-0.5, 1.5), (0.0, 1.0)) == (0.0, 1.0)
+
+
+def test_bootstrap_helpers_give_none_instead_of_a_partial_interval() -> None:
+    values = np.arange(30, dtype=float)
+    assert bootstrap_interval(lambda i: values[i].mean(), 30, 50, 0) == percentile_bootstrap(
+        lambda i: values[i].mean(), 30, reps=50, seed=0)
+    assert bootstrap_interval(lambda i: None if values[i].min() > 0 else 1.0, 30, 50, 0) is None
+    assert bootstrap_interval(lambda i: 1.0, 1, 50, 0) is None
+    low, high = two_sample_bootstrap(lambda a, b: a.mean() - b.mean(), values, values + 5, 200, 0)
+    assert low < -5 < high
+    assert two_sample_bootstrap(lambda a, b: 0.0, values[:1], values, 200, 0) is None

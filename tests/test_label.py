@@ -55,6 +55,7 @@ class FailingEmbedder:
         return self.embedder.encode(texts, batch_size=batch_size)
 
 
+@pytest.mark.slow
 def test_label_adds_the_columns_to_every_split_with_metadata(dataset_copy, embedder):
     from datasets import load_from_disk
 
@@ -102,6 +103,7 @@ def test_relabelling_replaces_the_columns(dataset_copy, embedder):
     assert (dataset_copy / "README.md").read_text().count("## Text labels") == 1
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_leaves_the_dataset_and_resumes(dataset_copy, embedder):
     from datasets import load_from_disk
 

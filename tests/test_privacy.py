@@ -11,19 +11,20 @@ from scipy import stats
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
-from ehr_diffusers.evaluation.privacy import (
+from ehr_diffusers.evaluation.ehr.privacy import (
     attribute_bootstrap,
     attribute_f1,
     attribute_inference,
     binary_entropy,
     distance_to_closest_record,
+    membership_f1,
     membership_inference,
     nearest_distances,
     nearest_neighbours,
     privacy,
-    roc_auc,
-    tpr_at_fpr,
 )
+from ehr_diffusers.evaluation.ehr.vectors import as_csr
+from ehr_diffusers.evaluation.stats import roc_auc, tpr_at_fpr
 
 
 def _population(n: int, seed: int, d: int = 60) -> np.ndarray:
@@ -293,3 +294,38 @@ def test_too_few_rows_are_skipped_with_a_reason() -> None:
     flat[:, 3:] = 0.0
     result = attribute_inference(flat, holdout, synthetic, schema, known_codes=3)
     assert result["f1"] is None and result["weighted_codes"] == 0 and "every weight is 0" in result["reason"]
+
+
+# ------------------------------------------------------------------------------------ the helpers shared with fidelity
+def test_membership_f1_is_sklearns_f1_with_members_as_positives() -> None:
+    rng = np.random.default_rng(40)
+    members, nonmembers = rng.integers(0, 12, 300).astype(np.float64), rng.integers(2, 14, 250).astype(np.float64)
+    labels = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    for theta in (0, 3, 5, 20):
+        called = np.r_[members, nonmembers] <= theta
+        assert membership_f1(members, nonmembers, theta) == pytest.approx(f1_score(labels, called))
+        # the count form it replaced, to the last digit: 2 TP / (2 TP + FP + FN)
+        true_positive, false_positive = (members <= theta).sum(), (nonmembers <= theta).sum()
+        denominator = 2 * true_positive + false_positive + len(members) - true_positive
+        assert membership_f1(members, nonmembers, theta) == float(2 * true_positive / denominator)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, bool])
+def test_as_csr_equals_scipys_conversion(dtype: type) -> None:
+    dense = (_population(500, 41, d=40) * np.random.default_rng(42).integers(1, 4, (500, 40))).astype(dtype)
+    matrix = as_csr(dense, "x")
+    expected = sp.csr_matrix(dense.astype(np.float32))
+    assert matrix.dtype == np.float32 and matrix.has_canonical_format and matrix.shape == dense.shape
+    np.testing.assert_array_equal(matrix.indptr, expected.indptr)
+    np.testing.assert_array_equal(matrix.indices, expected.indices)
+    np.testing.assert_array_equal(matrix.data, expected.data)
+    assert as_csr(np.zeros((0, 5)), "x").shape == (0, 5)
+    with pytest.raises(ValueError, match="x must be a 2-D matrix"):
+        as_csr(np.zeros(5), "x")
+
+
+def test_as_csr_copies_sparse_input_only_when_asked() -> None:
+    source = sp.csr_matrix(_population(50, 43))
+    assert np.shares_memory(as_csr(source, "x").data, source.data)
+    copied = as_csr(source, "x", copy=True)
+    assert not np.shares_memory(copied.data, source.data) and (copied != source).nnz == 0

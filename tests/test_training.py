@@ -262,6 +262,7 @@ def test_report_to_falls_back_without_tensorboard(monkeypatch) -> None:
     assert resolve_report_to("wandb") == ("wandb", None)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_checkpoints_then_resume_latest(autoencoder_run, labelled_demo_dataset, tmp_path) -> None:
     from safetensors.torch import load_file
 

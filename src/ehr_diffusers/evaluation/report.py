@@ -2,7 +2,7 @@
 self-contained HTML page (plots embedded as PNG data, no external files or scripts), plus the model card's metrics
 block.
 
-The report only renders what :mod:`ehr_diffusers.evaluation.suite` computed: ``metrics`` is the JSON document and
+The report only renders what :mod:`ehr_diffusers.evaluation.ehr.suite` computed: ``metrics`` is the JSON document and
 ``plots`` holds the arrays behind the figures (prevalences, ages, distances), which are too large for the JSON.
 """
 
@@ -13,12 +13,14 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..io import atomic_file
+from .stats import roc_curve
 
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
@@ -49,7 +51,8 @@ def _json_default(value: Any) -> Any:
 def _finite(value: Any) -> Any:
     """NaN or infinity would be invalid JSON; the suite states reasons instead, so meeting one here is a bug."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("metrics hold a non-finite number; a figure that cannot be computed must be None with a reason")
+        raise ValueError("metrics hold a non-finite number; a figure that cannot be computed must be None with a "
+                         "reason")
     if isinstance(value, Mapping):
         return {key: _finite(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -168,14 +171,7 @@ def plot_histograms(real: np.ndarray, synthetic: np.ndarray, label: str, split: 
 
 def plot_roc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> str:
     """ROC of the membership attack whose score is minus the distance to the nearest synthetic record."""
-    scores = np.concatenate([member_scores, nonmember_scores])
-    labels = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    # one point per distinct threshold (tied scores move together)
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
-    tpr = np.r_[0, np.cumsum(sorted_labels)[last_of_tie] / max(len(member_scores), 1)]
-    fpr = np.r_[0, np.cumsum(1 - sorted_labels)[last_of_tie] / max(len(nonmember_scores), 1)]
+    fpr, tpr = roc_curve(member_scores, nonmember_scores)
     fig, ax = _axes(4.0, 3.6)
     ax.plot([0, 1], [0, 1], color="#999", lw=1)
     ax.plot(fpr, tpr)
