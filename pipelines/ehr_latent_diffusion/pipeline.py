@@ -1,1 +1,1 @@
-from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline  # noqa: F401
+from ehr_diffusers import EHRLatentDiffusionPipeline  # noqa: F401

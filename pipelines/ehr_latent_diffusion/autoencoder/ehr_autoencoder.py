@@ -1,1 +1,1 @@
-from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel  # noqa: F401
+from ehr_diffusers import EHRAutoencoderModel  # noqa: F401

@@ -1,1 +1,1 @@
-from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel  # noqa: F401
+from ehr_diffusers import EHRDenoiserModel  # noqa: F401

@@ -1,1 +1,1 @@
-from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler  # noqa: F401
+from ehr_diffusers import LogSNRCosineScheduler  # noqa: F401

@@ -1,1 +1,1 @@
-from ehr_diffusers.text.embed import SentenceEmbedder  # noqa: F401
+from ehr_diffusers import SentenceEmbedder  # noqa: F401

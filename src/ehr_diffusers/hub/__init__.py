@@ -1,5 +1,6 @@
 """Everything that touches the Hugging Face Hub, split by job: ``errors`` (a model that cannot be found), ``cards``
-(dataset and model cards), ``export`` (the remote-code form of a saved pipeline) and ``push`` (uploads).
+(dataset and model cards), ``export`` (the remote-code form pipelines save, and the export of folders saved before
+it) and ``push`` (uploads).
 
 hub/ is a leaf: it imports nothing of the project above ``io``, so that every layer may use it. ``ehr_diffusers.hub``
 was once one module; its names stay importable from here.
@@ -17,7 +18,15 @@ from .cards import (
     update_model_card_metrics,
 )
 from .errors import ModelNotFoundError, explain_missing_model
-from .export import HUB_IGNORE_PATTERNS, MODEL_INDEX_NAME, export_for_hub, remote_code_files, shim_source
+from .export import (
+    HUB_IGNORE_PATTERNS,
+    MODEL_INDEX_NAME,
+    export_for_hub,
+    is_remote_code_form,
+    parse_shim,
+    remote_code_files,
+    shim_source,
+)
 from .push import push_to_hub
 
 __all__ = [
@@ -29,6 +38,8 @@ __all__ = [
     "ModelNotFoundError",
     "explain_missing_model",
     "export_for_hub",
+    "is_remote_code_form",
+    "parse_shim",
     "push_to_hub",
     "remote_code_files",
     "render_cxr_dataset_card",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cards import front_matter
-from .export import HUB_IGNORE_PATTERNS, export_for_hub, read_model_index
+from .export import HUB_IGNORE_PATTERNS, export_for_hub, is_remote_code_form, read_model_index
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -23,20 +23,21 @@ def push_to_hub(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload with ehr-diffusers",
-    api: "HfApi | None" = None,
+    api: HfApi | None = None,
     allow_public_mimic: bool = False,
 ) -> str:
     """Uploads a saved pipeline folder to the model repo ``repo_id`` (created if needed); returns the repo URL.
 
-    What goes up is a temporary :func:`export_for_hub` copy, so that the Hub copy loads with
-    ``DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)``; checkpoints, logs and temporary files
-    stay local. A folder whose card says ``license: other`` (trained on MIMIC-derived data) goes only to a private
-    repo (``private=True``): the PhysioNet Credentialed Health Data License forbids sharing with people who are not
+    The Hub copy loads with ``DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`` as well as with the
+    pipeline class: a folder saved by a pipeline is already in that remote-code form and goes up as it is, one saved
+    before goes up as a temporary :func:`export_for_hub` copy. Checkpoints, logs and temporary files stay local.
+    A folder whose card says ``license: other`` (trained on MIMIC-derived data) goes only to a private repo
+    (``private=True``): the PhysioNet Credentialed Health Data License forbids sharing with people who are not
     credentialed. ``allow_public_mimic=True`` overrides this for users who have checked that their data use permits
     it. ``api`` is the Hub client (default ``huggingface_hub.HfApi(token=token)``); tests pass a fake.
     """
     source = Path(folder)
-    read_model_index(source)
+    model_index = read_model_index(source)
     metadata = front_matter(source / "README.md")
     if not (source / "README.md").is_file():
         logger.warning("%s has no README.md model card; the Hub repo will have none", source)
@@ -52,10 +53,11 @@ def push_to_hub(
 
         api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="ehr-diffusers-hub-") as temporary:
-        exported = export_for_hub(source, Path(temporary) / "export")
+        exported = is_remote_code_form(model_index, source)
+        upload = source if exported else export_for_hub(source, Path(temporary) / "export")
         url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
         api.upload_folder(
-            folder_path=str(exported),
+            folder_path=str(upload),
             repo_id=repo_id,
             commit_message=commit_message,
             ignore_patterns=list(HUB_IGNORE_PATTERNS),

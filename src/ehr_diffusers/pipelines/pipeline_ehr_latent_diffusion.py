@@ -13,9 +13,10 @@ batched pass. Without a prompt the pipeline samples unconditionally, from the nu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from ..models.ehr_autoencoder import EHRAutoencoderModel
 from ..models.ehr_denoiser import EHRDenoiserModel
 from ..schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
 from ..text.embed import SentenceEmbedder
+from .pipeline_utils import RemoteCodePipelineMixin
 
 OutputType = Literal["records", "pd", "np", "pt", "latent"]
 OUTPUT_TYPES = ("records", "pd", "np", "pt", "latent")
@@ -53,19 +55,24 @@ class EHRLatentDiffusionPipelineOutput(BaseOutput):
     prompts: list[str | None]
 
 
-class EHRLatentDiffusionPipeline(DiffusionPipeline):
+class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
     r"""Generates synthetic MIMIC-IV-shaped patient records from text.
+
+    A saved folder loads with ``EHRLatentDiffusionPipeline.from_pretrained(folder)`` and with
+    ``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (see
+    :class:`~ehr_diffusers.pipelines.pipeline_utils.RemoteCodePipelineMixin`).
 
     Args:
         autoencoder ([`EHRAutoencoderModel`]): maps record vectors to latents and back, with the latent statistics
             and calibrated decoding thresholds fitted on the training split.
-        denoiser ([`EHRDenoiserModel`]): predicts the noise (or v, or x) of a latent at a noise level, given a condition.
+        denoiser ([`EHRDenoiserModel`]): predicts the noise (or v, or x) of a latent at a noise level, given a
+            condition.
         scheduler ([`LogSNRCosineScheduler`]): the logSNR-cosine schedule and its samplers.
         text_embedder ([`SentenceEmbedder`], *optional*): embeds prompts; it is saved as None when left out, and can
             be passed at load time (``from_pretrained(dir, text_embedder=...)``) or replaced by ``prompt_embeds``.
-        schema (`dict`, *optional*): the record schema (``EHRSchema.to_dict()``) the autoencoder was trained on; saved in
-            ``model_index.json`` so that the pipeline decodes records on its own. Default: the one the autoencoder's
-            config carries.
+        schema (`dict`, *optional*): the record schema (``EHRSchema.to_dict()``) the autoencoder was trained on;
+            saved in ``model_index.json`` so that the pipeline decodes records on its own. Default: the one the
+            autoencoder's config carries.
     """
 
     model_cpu_offload_seq = "text_embedder->denoiser->autoencoder"
@@ -294,6 +301,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self._check_callback_outputs(callback_outputs, {"latents": latents, "prompt_embeds": prompt_embeds,
+                                                                    "negative_prompt_embeds": negative_prompt_embeds})
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -331,6 +340,21 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
                              f"{self._callback_tensor_inputs}")
 
+    def _check_callback_outputs(self, outputs: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """A callback's replacements must fit where they go: a misfit would fail steps later, far from its cause."""
+        if not isinstance(outputs, dict):
+            raise ValueError(f"callback_on_step_end must return a dict of tensors (keys among {list(tensors)}), got "
+                             f"{type(outputs).__name__}")
+        for name, value in outputs.items():
+            if name not in tensors:
+                raise ValueError(f"callback_on_step_end returned {name!r}, which is none of the tensors it may "
+                                 f"replace: {list(tensors)}")
+            expected = tuple(tensors[name].shape)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"callback_on_step_end returned {name} with {got}; expected a tensor of shape "
+                                 f"{expected}")
+
     @torch.no_grad()
     def decode_latents(
         self,
@@ -365,7 +389,8 @@ class EHRLatentDiffusionPipeline(DiffusionPipeline):
         overwrite: bool = False,
     ) -> dict[str, int]:
         """Writes records as a synthetic MIMIC-IV ``hosp/`` folder (patients, admissions, diagnoses_icd,
-        d_icd_diagnoses) with synthetic ids and a README saying so; see :mod:`ehr_diffusers.data.ehr.synthetic_tables`."""
+        d_icd_diagnoses) with synthetic ids and a README saying so; see
+        :mod:`ehr_diffusers.data.ehr.synthetic_tables`."""
         from ..data.ehr.synthetic_tables import write_mimic_tables
 
         return write_mimic_tables(records, out, file_format=file_format, seed=seed, overwrite=overwrite)

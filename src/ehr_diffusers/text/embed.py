@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -212,15 +213,33 @@ class SentenceEmbedder(ModelMixin, ConfigMixin):
         result[torch.tensor(order, device=out_device)] = sorted_embeddings
         return result
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Saves config, weights (safetensors) and the tokenizer into one folder."""
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Saves config, weights and the tokenizer into one folder.
+
+        Takes ``ModelMixin.save_pretrained``'s arguments by name, as ``DiffusionPipeline.save_pretrained`` passes only
+        those a signature lists (``variant`` and ``max_shard_size`` would be dropped otherwise). Weights are
+        safetensors only: ``safe_serialization=False`` is refused, since pickled weights run code when loaded.
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: SentenceEmbedder saves weights as safetensors only (pickle "
+                             "files can run code when loaded); leave safe_serialization at True")
         if self.tokenizer is None:
             raise RuntimeError("this SentenceEmbedder has no tokenizer to save")
-        if kwargs.get("is_main_process", True):
+        if is_main_process:
             Path(save_directory).mkdir(parents=True, exist_ok=True)
             # Before super(): with push_to_hub=True it uploads the folder as its last step.
             self.tokenizer.save_pretrained(save_directory)
-        super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, safe_serialization=True,
+                                variant=variant, max_shard_size=max_shard_size, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> SentenceEmbedder:
