@@ -410,7 +410,7 @@ def test_model_card_for_mimic_data(datasets_dir, tmp_path) -> None:
     assert "| `learning_rate` | 0.0001 |" in text and "| `lr_scheduler` | cosine |" in text
     assert "hf_SECRET" not in text and "| `hub_token` | (redacted) |" in text and "| `num_tokens` | 2 |" in text
     assert '| `groups` | [{"name": "a\\|b"}] |' in text  # a pipe inside a value does not break the table
-    assert 'EHRLatentDiffusionPipeline.from_pretrained("me/ehr-model", trust_remote_code=True)' in text
+    assert 'EHRLatentDiffusionPipeline.from_pretrained("me/ehr-model")' in text
     assert 'num_records_per_prompt=100' in text and "ehr-diffusers generate --model DIR" in text
     assert 'DiffusionPipeline.from_pretrained("me/ehr-model", trust_remote_code=True)' in text
     assert "Trained on MIMIC-IV" in text and "membership-inference" in text and "clinical decision" in text
