@@ -98,7 +98,8 @@ def main() -> None:
     started = time.perf_counter()
     embedder.encode(sample, batch_size=256)
     seconds = time.perf_counter() - started
-    rows.append((f"MiniLM embedding of {len(sample):,} distinct contents", seconds, f"{len(sample) / seconds:,.0f} texts/s"))
+    rows.append((f"MiniLM embedding of {len(sample):,} distinct contents", seconds,
+                 f"{len(sample) / seconds:,.0f} texts/s"))
     print(f"{args.triplets:,} triplets, {args.events:,} events in the tables; {kept:,} (triplet, event) pairs kept, "
           f"{summary['events_per_triplet_mean']:.1f} per triplet; {len(contents):,} distinct contents")
     print(f"{'step':<50}{'seconds':>9}  throughput")

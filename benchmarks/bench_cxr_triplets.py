@@ -74,7 +74,8 @@ def make_release(root: Path, n_images: int, n_subjects: int, seed: int) -> None:
     start = pl.Series(adm_start * 3600e6).cast(pl.Int64).cast(pl.Duration("us")) + moments
     end = pl.Series((adm_start + adm_length) * 3600e6).cast(pl.Int64).cast(pl.Duration("us")) + moments
     pl.DataFrame({"subject_id": adm_subject, "hadm_id": 20_000_000 + np.arange(len(adm_subject)),
-                  "admittime": start.dt.strftime("%Y-%m-%d %H:%M:%S"), "dischtime": end.dt.strftime("%Y-%m-%d %H:%M:%S"),
+                  "admittime": start.dt.strftime("%Y-%m-%d %H:%M:%S"),
+                  "dischtime": end.dt.strftime("%Y-%m-%d %H:%M:%S"),
                   "deathtime": None, "admission_type": "URGENT", "marital_status": "MARRIED", "race": "WHITE",
                   "hospital_expire_flag": 0}).write_csv(hosp / "admissions.csv.gz", compression="gzip")
 

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in timings:
         print(f"| {name:<40} | {seconds:8.2f} | {_rate(n, seconds):>10} |")
     for name, seconds in end_to_end:
-        print(f"| {name + ' (batch ' + str(args.batch_sizes[0]) + ')':<40} | {seconds:8.2f} | {_rate(n, seconds):>10} |")
+        print(f"| {name + ' (batch ' + str(args.batch_sizes[0]) + ')':<40} | {seconds:8.2f} "
+              f"| {_rate(n, seconds):>10} |")
 
     if args.llm:
         from ehr_diffusers.text.generation import CausalLMGenerator

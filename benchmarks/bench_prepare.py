@@ -1,4 +1,5 @@
-"""Times ``ehr-diffusers prepare`` at MIMIC-IV scale against a reimplementation of the HealthForge reference implementation's approach.
+"""Times ``ehr-diffusers prepare`` at MIMIC-IV scale against a reimplementation of the HealthForge reference
+implementation's approach.
 
     python benchmarks/bench_prepare.py --patients 300000 --work /tmp/bench-prepare
 
@@ -6,8 +7,9 @@ Builds a synthetic demo cohort of ``--patients`` patients (300,000 give about 5 
 then runs, each in a fresh process so that peak memory is its own:
 
 * ``prepare``: this project's polars build, the same code as the CLI, writing the DatasetDict;
-* ``seed approach``: the HealthForge reference implementation's way, pandas tables and one query per batch of 512 patients, building the same
-  per-patient records (demographics + ICD-10 categories through the same GEM table) in Python.
+* ``seed approach``: the HealthForge reference implementation's way, pandas tables and one query per batch of 512
+  patients, building the same per-patient records (demographics + ICD-10 categories through the same GEM table) in
+  Python.
 
 Goal for ``prepare``: under 120 s and under 4 GB peak memory on 2 cores. Results go into BENCHMARKS.md.
 """
@@ -39,7 +41,8 @@ def run_prepare(mimic: Path, out: Path) -> dict:
 
 
 def run_seed(mimic: Path, batches: int | None) -> dict:
-    """The HealthForge reference implementation's approach: pandas frames, a query per 512-patient batch, per-patient Python loops."""
+    """The HealthForge reference implementation's approach: pandas frames, a query per 512-patient batch, per-patient
+    Python loops."""
     import numpy as np
     import pandas as pd
 
@@ -56,7 +59,7 @@ def run_seed(mimic: Path, batches: int | None) -> dict:
     done = chunks if batches is None else chunks[:batches]
     loaded = time.perf_counter() - start
     rows = []
-    for batch in done:
+    for batch in done:  # noqa: B007  (read by DataFrame.query's "@batch")
         dx = diagnoses.query("subject_id in @batch")
         adm = admissions.query("subject_id in @batch")
         pat = patients.query("subject_id in @batch")
@@ -74,7 +77,8 @@ def run_seed(mimic: Path, batches: int | None) -> dict:
                     "age": patient["anchor_age"],
                     "death": not pd.isna(patient["dod"]),
                     "num_admissions": len(p_adm),
-                    "marital_status": p_adm["marital_status"].dropna().iloc[-1] if p_adm["marital_status"].notna().any() else None,
+                    "marital_status": (p_adm["marital_status"].dropna().iloc[-1]
+                                       if p_adm["marital_status"].notna().any() else None),
                     "race": p_adm["race"].iloc[-1] if len(p_adm) else None,
                     "codes": sorted(categories),
                 }
@@ -101,7 +105,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-prepare"))
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ours, seed = results["prepare"], results["seed"]
     seed_seconds = seed.get("extrapolated_seconds", seed["seconds"])
-    note = "" if "extrapolated_seconds" not in seed else f" ({seed['batches_run']}/{seed['batches_total']} batches, extrapolated)"
+    note = ("" if "extrapolated_seconds" not in seed
+            else f" ({seed['batches_run']}/{seed['batches_total']} batches, extrapolated)")
     print(f"\ninput: {ours['patients']:,} patients, {ours['diagnosis_rows']:,} diagnosis rows\n")
     print(f"| {'':<28} | {'prepare (polars)':>18} | {'seed approach (pandas, 512/batch)':>34} |")
     print(f"|{'-' * 30}|{'-' * 20}|{'-' * 36}|")

@@ -1,4 +1,5 @@
-"""Times EHRLatentDiffusionPipeline's default sampler against HealthForge's sampler configuration on one trained demo model.
+"""Times EHRLatentDiffusionPipeline's default sampler against HealthForge's sampler configuration on one trained demo
+model.
 
     python benchmarks/bench_sampling.py --model ehr-diffusers-demo/model --dataset ehr-diffusers-demo/dataset
 
@@ -58,7 +59,7 @@ def _seed_sampler(pipe, embeds, guidance_scale: float, steps: int, per_call: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="trained pipeline folder")
     parser.add_argument("--dataset", type=Path, required=True, help="the labelled dataset it was trained on")
     parser.add_argument("--records", type=int, default=10_000)

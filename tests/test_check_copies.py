@@ -30,7 +30,8 @@ def _tree(tmp_path: Path, copy: str) -> Path:
 
 def test_equal_copy_with_renames_passes(tmp_path) -> None:
     copy = ('# Copied from ehr_diffusers.mixing.Mixer.mix with first->a, second->b\n'
-            '@staticmethod\ndef mix(a, b, weight=0.5):\n    """Linear mix."""\n    return (1 - weight) * a + weight * b\n')
+            '@staticmethod\ndef mix(a, b, weight=0.5):\n'
+            '    """Linear mix."""\n    return (1 - weight) * a + weight * b\n')
     script = _tree(tmp_path, copy)
     assert check_copies.check_file(script, root=tmp_path / "src") == []
 

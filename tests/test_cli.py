@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from datasets import load_from_disk
 
 from conftest import PATIENTS, write_tiny_mimic
@@ -40,7 +39,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    script = shutil.which("ehr-diffusers") or str((__import__("pathlib").Path(sys.executable).parent / "ehr-diffusers"))
+    script = shutil.which("ehr-diffusers") or str(__import__("pathlib").Path(sys.executable).parent / "ehr-diffusers")
     finished = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert finished.stdout.startswith("ehr-diffusers ")
 

@@ -8,8 +8,8 @@ from datasets import load_from_disk
 
 from conftest import ADMISSIONS, DIAGNOSES, PATIENTS, write_tiny_mimic
 from ehr_diffusers.data.ehr.cohort import CohortOptions, build_cohort, prepare
-from ehr_diffusers.data.mimic import MimicFormatError, MimicIVReader
 from ehr_diffusers.data.ehr.schema import EHRSchema
+from ehr_diffusers.data.mimic import MimicFormatError, MimicIVReader
 from ehr_diffusers.io import OutputExistsError
 
 
@@ -35,10 +35,12 @@ def test_records_follow_mimic_tables(tiny_mimic):
     assert rows[10000006]["race"] == "UNKNOWN"
     summary = cohort.summary
     assert summary["patients"] == 10 and summary["admissions"] == 9 and summary["diagnosis_rows"] == 16
-    assert summary["icd9_unmapped_rows"] == 1 and summary["icd9_unmapped_by_reason"] == {"no_map": {"codes": 1, "rows": 1}}
+    assert summary["icd9_unmapped_rows"] == 1
+    assert summary["icd9_unmapped_by_reason"] == {"no_map": {"codes": 1, "rows": 1}}
     schema = cohort.schema
     for row in rows.values():
-        assert [schema.codes[i] for i in row["code_indices"]] == [c for c in row["icd10_categories"] if c in schema.codes]
+        assert ([schema.codes[i] for i in row["code_indices"]]
+                == [c for c in row["icd10_categories"] if c in schema.codes])
 
 
 def test_split_is_disjoint_by_subject_and_reproducible(tiny_mimic):
@@ -94,7 +96,8 @@ def test_reader_accepts_gzip_and_parquet(tmp_path, tiny_mimic):
         (hosp / f"{name}.csv").unlink()
         with gzip.open(hosp / f"{name}.csv.gz", "wb") as handle:
             handle.write(text)
-    pl.read_csv(hosp / "diagnoses_icd.csv", schema_overrides={"icd_code": pl.String}).write_parquet(hosp / "diagnoses_icd.parquet")
+    pl.read_csv(hosp / "diagnoses_icd.csv",
+                schema_overrides={"icd_code": pl.String}).write_parquet(hosp / "diagnoses_icd.parquet")
     (hosp / "diagnoses_icd.csv").unlink()
     reader = MimicIVReader(tiny_mimic)
     assert reader.path("patients").name == "patients.csv.gz"
@@ -180,7 +183,7 @@ def test_overwrite_never_replaces_the_input_or_foreign_folders(tiny_mimic, tmp_p
 
 
 def test_a_failure_while_writing_keeps_the_earlier_output(tiny_mimic, tmp_path, monkeypatch):
-    import ehr_diffusers.hub
+    import ehr_diffusers.hub.cards
 
     out = tmp_path / "prepared"
     prepare(tiny_mimic, out, show_progress=False)
@@ -189,7 +192,7 @@ def test_a_failure_while_writing_keeps_the_earlier_output(tiny_mimic, tmp_path, 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ehr_diffusers.hub, "render_dataset_card", broken)
+    monkeypatch.setattr(ehr_diffusers.hub.cards, "render_dataset_card", broken)
     with pytest.raises(KeyboardInterrupt):
         prepare(tiny_mimic, out, overwrite=True, show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == before

@@ -136,7 +136,8 @@ def test_every_frontal_image_of_each_study_pairs(tmp_path: Path) -> None:
     mimic = _write_mimic(tmp_path, [(10000009, "F", 50, 2150)],
                          [(10000009, 301, T0 - timedelta(hours=1), T0 + timedelta(days=2))])
     images = [("x1", 10000009, 601, "PA", T0), ("x2", 10000009, 601, "AP", T0),
-              ("y1", 10000009, 602, "AP", T0 + timedelta(hours=4)), ("y2", 10000009, 602, "PA", T0 + timedelta(hours=4))]
+              ("y1", 10000009, 602, "AP", T0 + timedelta(hours=4)),
+              ("y2", 10000009, 602, "PA", T0 + timedelta(hours=4))]
     splits, _ = build_triplets(_write_cxr(tmp_path, images), mimic, TripletOptions(validation_fraction=0,
                                                                                    test_fraction=0),
                                show_progress=False)
@@ -184,7 +185,8 @@ def test_study_time_without_leading_zeros_and_bad_tables(tmp_path: Path) -> None
                           "StudyDate": [21500301], "StudyTime": [4530.5]})
     frame.write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
     assert MimicCXRReader(cxr).metadata()["study_time"][0] == datetime(2150, 3, 1, 0, 45, 30, 500000)
-    frame.with_columns(pl.lit(None, dtype=pl.Float64).alias("StudyTime")).write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
+    frame.with_columns(pl.lit(None, dtype=pl.Float64).alias("StudyTime")).write_csv(
+        cxr / "mimic-cxr-2.0.0-metadata.csv")
     assert MimicCXRReader(cxr).metadata()["study_time"][0] is None  # not midnight: it cannot be ordered
     frame.drop("StudyTime").write_csv(cxr / "mimic-cxr-2.0.0-metadata.csv")
     with pytest.raises(MimicFormatError, match=r"metadata.csv: missing required column\(s\) StudyTime"):

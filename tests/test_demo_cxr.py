@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from ehr_diffusers.data.cxr import demo as demo_cxr
-from ehr_diffusers.data.cxr.triplets import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
-from ehr_diffusers.data.cxr.phantom import PhantomParams, render
 from ehr_diffusers.data.cxr.demo import SMALL_SUBJECTS, is_demo_cxr, write_demo_cxr
+from ehr_diffusers.data.cxr.phantom import PhantomParams, render
+from ehr_diffusers.data.cxr.triplets import CHEXPERT_LABELS, MimicCXRReader, TripletOptions, build_triplets
 from ehr_diffusers.data.mimic import MimicIVReader
 from ehr_diffusers.io import OutputExistsError
 

@@ -39,7 +39,8 @@ def judge():
 def woman(**changes) -> PatientFacts:
     fields = dict(sex="F", age=67, death=False, num_admissions=3, marital_status="MARRIED", race="WHITE",
                   diagnoses=(Diagnosis("I50", "Heart failure"), Diagnosis("N18", "Chronic kidney disease (CKD)"),
-                             Diagnosis("I10", "Essential (primary) hypertension"), Diagnosis("Z66", "Do not resuscitate")))
+                             Diagnosis("I10", "Essential (primary) hypertension"),
+                             Diagnosis("Z66", "Do not resuscitate")))
     fields.update(changes)
     return PatientFacts(**fields)
 
@@ -49,7 +50,8 @@ def test_facts_and_text_agree_with_every_demo_record(demo_records):
     assert {f.sex for f in facts} == {"F", "M"}
     for record, patient in zip(records, facts):
         assert patient.sex == record["sex"]
-        assert (patient.age, patient.death, patient.num_admissions) == (record["age"], record["death"], record["num_admissions"])
+        assert ((patient.age, patient.death, patient.num_admissions)
+                == (record["age"], record["death"], record["num_admissions"]))
         assert patient.marital_status == (None if record["marital_status"] == "MISSING" else record["marital_status"])
         assert patient.race == (None if record["race"] == "MISSING" else record["race"])
         assert sorted(patient.codes) == sorted(record["icd10_categories"])
@@ -88,7 +90,8 @@ def test_template_summaries_state_the_record_and_pass_the_rules_judge(demo_recor
         (lambda s: s.replace("67-year-old", "45-year-old"), "factual_agreement", "age"),
         (lambda s: s.replace("no recorded death", "died"), "factual_agreement", "death"),
         (lambda s: s.replace("3 admissions", "one hospital admission"), "factual_agreement", "admissions"),
-        (lambda s: s.replace("heart failure", "heart failure, prostate cancer"), "unsupported_claims", "prostate cancer"),
+        (lambda s: s.replace("heart failure", "heart failure, prostate cancer"), "unsupported_claims",
+         "prostate cancer"),
         (lambda s: s.replace("heart failure", "COPD"), "unsupported_claims", "copd"),
     ],
 )
@@ -189,7 +192,8 @@ def test_short_names_and_order():
 def test_facts_name_what_is_missing():
     describer = FactDescriber()
     with pytest.raises(ValueError, match="icd10_categories"):
-        describer.facts({"sex": "F", "age": 1, "death": False, "num_admissions": 0, "marital_status": None, "race": None})
+        describer.facts({"sex": "F", "age": 1, "death": False, "num_admissions": 0, "marital_status": None,
+                         "race": None})
     with pytest.raises(ValueError, match="sex must be"):
         describer.facts({"sex": "female", "age": 1, "death": False, "num_admissions": 0, "marital_status": None,
                          "race": None, "icd10_categories": []})

@@ -73,7 +73,8 @@ def test_label_adds_the_columns_to_every_split_with_metadata(dataset_copy, embed
     train = dataset["train"]
     describer = FactDescriber(DiagnosisOrder.from_code_lists(train["icd10_categories"]))
     assert train[7]["facts_text"] == fact_text(describer.facts(train[7]))
-    assert embedder.encode([train[7]["summary"]])[0].numpy() == pytest.approx(np.asarray(train[7]["embedding"]), abs=1e-5)
+    assert embedder.encode([train[7]["summary"]])[0].numpy() == pytest.approx(np.asarray(train[7]["embedding"]),
+                                                                               abs=1e-5)
     metadata = load_label_metadata(dataset_copy)
     assert metadata == result.metadata == json.loads((dataset_copy / LABELS_NAME).read_text())
     assert "all-MiniLM-L6-v2" in metadata["embedder"]["source"] and metadata["embedder"]["dtype"] == "float32"

@@ -2,7 +2,9 @@
 
 The pipeline, models and scheduler are importable from here; they load lazily so that ``ehr-diffusers --help`` and
 the data commands do not pay for importing diffusers and transformers. Importing the pipeline imports every component
-module it records in ``model_index.json``, which is what ``from_pretrained`` needs.
+module it records in ``model_index.json``, which is what ``from_pretrained`` needs. Saved pipelines hold one-line
+remote-code shims (``from ehr_diffusers import EHRAutoencoderModel``) that import these names from here: every pipeline
+and component class stays exported at the package root.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
 
@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo_data = commands.add_parser("demo-data", parents=[common], help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
+    demo_data = commands.add_parser("demo-data", parents=[common],
+                                    help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
     demo_data.add_argument("--patients", type=_positive_int, default=5000, help="number of patients (default 5000)")
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     demo_data.add_argument("--out", type=Path, required=True, help="folder to create (holds hosp/)")
     demo_data.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
-    prepare = commands.add_parser("prepare", parents=[common], help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
+    prepare = commands.add_parser("prepare", parents=[common],
+                                  help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
     prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     _add_cohort_options(prepare)
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     label = commands.add_parser("label", parents=[common],
-                                help="add facts_text, summary, judge_scores and embedding columns to a prepared dataset")
+                                help="add facts_text, summary, judge_scores and embedding columns to a prepared "
+                                     "dataset")
     label.add_argument("--dataset", type=Path, required=True, help="prepared dataset folder (rewritten in place)")
     label.add_argument("--summarizer", default="template",
                        help="'template' (deterministic, offline; default) or a causal LM Hub id or folder, e.g. "
@@ -150,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow model code from the Hub (off by default; only for models you have read)")
 
     train = commands.add_parser("train-ehr", parents=[common],
-                                help="train the autoencoder and the diffusion model with accelerate launch and save the pipeline")
+                                help="train the autoencoder and the diffusion model with accelerate launch and save "
+                                     "the pipeline")
     train.add_argument("--dataset", type=Path, required=True, help="labelled dataset folder (prepare, then label)")
     train.add_argument("--output-dir", type=Path, required=True,
                        help="run folder: autoencoder-training/ and model/ (the pipeline) are written inside")
@@ -165,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "the training data allow it)")
 
     generate = commands.add_parser("generate", parents=[common],
-                                   help="synthetic patient records from a trained pipeline, as csv, parquet or MIMIC-IV tables")
+                                   help="synthetic patient records from a trained pipeline, as csv, parquet or "
+                                        "MIMIC-IV tables")
     generate.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-ehr")
     generate.add_argument("--prompt", action="append", default=None,
                           help="text describing the patients (repeat for several prompts); none: unconditional")
@@ -223,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
-    demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"), help="working folder (default ./ehr-diffusers-demo)")
-    demo.add_argument("--patients", type=_positive_int, default=5000, help="number of synthetic patients (default 5000)")
+    demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"),
+                      help="working folder (default ./ehr-diffusers-demo)")
+    demo.add_argument("--patients", type=_positive_int, default=5000,
+                      help="number of synthetic patients (default 5000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace the working folder if it exists")
     _add_training_options(demo, preset="demo")
@@ -233,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         import datasets
 

@@ -25,8 +25,8 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
     ``names`` are the model and dataset as the report states them (default: the paths given)."""
     from ..evaluation.ehr.data import load_real_data
-    from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
     from ..evaluation.ehr.suite import evaluate_pipeline
+    from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
     from ..hub.cards import update_model_card_metrics
     from ..io import atomic_directory, check_output_dir
 

@@ -9,9 +9,9 @@ it is needed; column names, types and value vocabularies follow MIMIC-IV v2.x/v3
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import polars as pl
 

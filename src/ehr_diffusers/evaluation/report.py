@@ -26,16 +26,20 @@ METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
 SECTIONS = ("summary", "fidelity", "utility", "privacy", "prompt-faithfulness", "plausibility", "definitions")
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
-th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.note { color: #555; font-size: .92em; } .warn { background: #fff4e0; padding: .5em 1em; border-left: 4px solid #e8a000; }
-figure { display: inline-block; margin: .5em 1em .5em 0; } figcaption { font-size: .85em; color: #555; max-width: 480px; }
-nav a { margin-right: 1em; }
-"""
+_STYLE = (
+    "\n"
+    "body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; "
+    "color: #222; line-height: 1.45; }\n"
+    "h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }\n"
+    "table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }\n"
+    "th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: left; vertical-align: top; }\n"
+    "th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }\n"
+    ".note { color: #555; font-size: .92em; } "
+    ".warn { background: #fff4e0; padding: .5em 1em; border-left: 4px solid #e8a000; }\n"
+    "figure { display: inline-block; margin: .5em 1em .5em 0; } "
+    "figcaption { font-size: .85em; color: #555; max-width: 480px; }\n"
+    "nav a { margin-right: 1em; }\n"
+)
 
 
 def _json_default(value: Any) -> Any:

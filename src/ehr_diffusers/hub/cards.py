@@ -9,10 +9,11 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping
+from typing import Any
 
 from .. import __version__
 from ..io import write_text_atomic
@@ -141,12 +142,14 @@ def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False)
         triplets=f"{summary['triplets']:,}", triplet_subjects=f"{summary['triplet_subjects']:,}",
         triplet_admissions=f"{summary['triplet_admissions']:,}",
         hours_between_median="n/a" if hours is None else f"{hours:.1f}",
-        events_mean=f"{events['events_per_triplet_mean']:.1f}", events_median=f"{events['events_per_triplet_median']:.0f}",
+        events_mean=f"{events['events_per_triplet_mean']:.1f}",
+        events_median=f"{events['events_per_triplet_median']:.0f}",
         split_description=split_description,
         train_rows=f"{summary['splits']['train']:,}", validation_rows=f"{summary['splits']['validation']:,}",
         test_rows=f"{summary['splits']['test']:,}",
         labels=", ".join(summary["label_change_rates"]), embedding_lines=embedding_lines, label_changes=changes,
-        licence_note=_SYNTHETIC_LICENCE if synthetic else _MIMIC_LICENCE.replace("MIMIC-IV", "MIMIC-CXR-JPG and MIMIC-IV"),
+        licence_note=(_SYNTHETIC_LICENCE if synthetic
+                      else _MIMIC_LICENCE.replace("MIMIC-IV", "MIMIC-CXR-JPG and MIMIC-IV")),
     )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
 
 class ModelNotFoundError(OSError):
     """A pretrained model named by Hub id or folder is not available here; the message says how to supply it."""

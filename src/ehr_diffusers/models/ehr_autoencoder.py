@@ -14,8 +14,9 @@ that a plain autoencoder lacks are part of the model and saved with it:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,8 @@ def _uniform(like: torch.Tensor, generator: torch.Generator | list[torch.Generat
     return torch.rand(like.shape, generator=generator, device=device).to(like)
 
 
-def _categorical(probabilities: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+def _categorical(probabilities: torch.Tensor,
+                 generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """One category per row, drawn by inverting the cumulative probabilities at a uniform draw."""
     cumulative = probabilities.cumsum(dim=1)
     draw = _uniform(probabilities[:, :1], generator) * cumulative[:, -1:]
@@ -104,7 +106,7 @@ class EHRAutoencoderModel(ModelMixin, ConfigMixin):
         self.register_buffer("thresholds", torch.full((self.input_dim,), 0.5))
 
     @classmethod
-    def from_schema(cls, schema: EHRSchema, **kwargs: Any) -> "EHRAutoencoderModel":
+    def from_schema(cls, schema: EHRSchema, **kwargs: Any) -> EHRAutoencoderModel:
         """A fresh model for vectors of ``schema``; its config keeps the schema's groups (categories and ranges, not
         the code titles), so that the model can decode records on its own (:meth:`schema`)."""
         groups = [{key: value for key, value in group.to_dict().items() if key != "titles"} for group in schema.groups]

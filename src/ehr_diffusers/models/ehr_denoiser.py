@@ -30,7 +30,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 

@@ -14,9 +14,10 @@ labels (``text_labels.json``) so that prompts made later use the same one.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from functools import cache
+from typing import Any
 
 import polars as pl
 
@@ -43,13 +44,13 @@ PREFERRED_NAMES = {
     "D50": "iron deficiency anemia", "D62": "acute blood loss anemia", "D64": "anemia", "D68": "coagulopathy",
     "E03": "hypothyroidism", "E10": "type 1 diabetes", "E11": "type 2 diabetes", "E43": "severe malnutrition",
     "E46": "malnutrition", "E66": "obesity", "E78": "hyperlipidemia", "E86": "volume depletion",
-    "E87": "fluid and electrolyte disorder", "F03": "dementia", "F10": "alcohol use disorder", "F17": "nicotine dependence",
-    "F32": "depression", "F41": "anxiety", "G47": "sleep disorder", "I10": "hypertension", "I21": "myocardial infarction",
-    "I25": "coronary artery disease", "I26": "pulmonary embolism", "I34": "mitral valve disease",
-    "I48": "atrial fibrillation", "I50": "heart failure", "I63": "ischemic stroke", "J18": "pneumonia", "J44": "COPD",
-    "J45": "asthma", "J69": "aspiration pneumonitis", "J90": "pleural effusion", "J91": "pleural effusion",
-    "J96": "respiratory failure", "K21": "GERD", "K74": "liver cirrhosis", "M81": "osteoporosis",
-    "N17": "acute kidney injury", "N18": "chronic kidney disease", "N19": "kidney failure",
+    "E87": "fluid and electrolyte disorder", "F03": "dementia", "F10": "alcohol use disorder",
+    "F17": "nicotine dependence", "F32": "depression", "F41": "anxiety", "G47": "sleep disorder", "I10": "hypertension",
+    "I21": "myocardial infarction", "I25": "coronary artery disease", "I26": "pulmonary embolism",
+    "I34": "mitral valve disease", "I48": "atrial fibrillation", "I50": "heart failure", "I63": "ischemic stroke",
+    "J18": "pneumonia", "J44": "COPD", "J45": "asthma", "J69": "aspiration pneumonitis", "J90": "pleural effusion",
+    "J91": "pleural effusion", "J96": "respiratory failure", "K21": "GERD", "K74": "liver cirrhosis",
+    "M81": "osteoporosis", "N17": "acute kidney injury", "N18": "chronic kidney disease", "N19": "kidney failure",
     "N40": "benign prostatic hyperplasia", "Z66": "do not resuscitate status",
 }
 RECORD_FIELDS = ("sex", "age", "death", "num_admissions", "marital_status", "race", "icd10_categories")
@@ -119,12 +120,12 @@ class DiagnosisOrder:
         self._rank = {code: i for i, code in enumerate(self.ranked_codes)}
 
     @classmethod
-    def from_counts(cls, counts: Mapping[str, int]) -> "DiagnosisOrder":
+    def from_counts(cls, counts: Mapping[str, int]) -> DiagnosisOrder:
         """Ranks categories by ``counts`` (patients per category in the training split), R and Z chapters last."""
         return cls(sorted(counts, key=lambda code: (code[:1] in "RZ", -counts[code], code)))
 
     @classmethod
-    def from_code_lists(cls, code_lists: Iterable[Sequence[str]]) -> "DiagnosisOrder":
+    def from_code_lists(cls, code_lists: Iterable[Sequence[str]]) -> DiagnosisOrder:
         counts: dict[str, int] = {}
         for codes in code_lists:
             for code in set(codes):
@@ -185,7 +186,7 @@ class FactDescriber:
         return [self.facts({name: batch[name][i] for name in RECORD_FIELDS}) for i in range(n)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def coarse_race_group(race: str | None) -> str | None:
     """A MIMIC-IV race string, coarse or raw ("WHITE - RUSSIAN"), -> its coarse group by the cohort's own rules
     (``data.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""

@@ -5,18 +5,18 @@ both read text the same way. It matches whole words, never substrings (a substri
 and it knows what it does not understand: a sentence that states nothing yields empty sets, not guesses.
 
 Diagnoses are found by phrase lookup over word n-grams (longest first), against every ICD-10-CM category title, the
-short name ``describe.short_name`` makes of it, ``describe.PREFERRED_NAMES`` and ``SYNONYMS``: the names and abbreviations clinicians use for
-common conditions, each mapped to the category ranges it covers ("diabetes" covers E08-E13). Words are lower-cased
-and a plural "s" is dropped on both sides. A mention preceded within three words of the same clause by a negation
-("no", "without", "denies", ...) is kept but marked negated.
+short name ``describe.short_name`` makes of it, ``describe.PREFERRED_NAMES`` and ``SYNONYMS``: the names and
+abbreviations clinicians use for common conditions, each mapped to the category ranges it covers ("diabetes" covers
+E08-E13). Words are lower-cased and a plural "s" is dropped on both sides. A mention preceded within three words of the
+same clause by a negation ("no", "without", "denies", ...) is kept but marked negated.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable, Mapping
 
 from ..data.ehr.icd import all_categories
 from .describe import PREFERRED_NAMES, short_name
@@ -117,8 +117,9 @@ _RACE = re.compile(
 )
 _RACE_VALUES = {"white": "WHITE", "caucasian": "WHITE", "black": "BLACK", "african american": "BLACK",
                 "african-american": "BLACK", "asian": "ASIAN", "hispanic": "HISPANIC/LATINO",
-                "latino": "HISPANIC/LATINO", "latina": "HISPANIC/LATINO", "american indian": "AMERICAN INDIAN/ALASKA NATIVE",
-                "alaska native": "AMERICAN INDIAN/ALASKA NATIVE", "native hawaiian": "NATIVE HAWAIIAN/PACIFIC ISLANDER",
+                "latino": "HISPANIC/LATINO", "latina": "HISPANIC/LATINO",
+                "american indian": "AMERICAN INDIAN/ALASKA NATIVE", "alaska native": "AMERICAN INDIAN/ALASKA NATIVE",
+                "native hawaiian": "NATIVE HAWAIIAN/PACIFIC ISLANDER",
                 "pacific islander": "NATIVE HAWAIIAN/PACIFIC ISLANDER"}
 
 
@@ -216,7 +217,8 @@ class StatedFacts:
 class DiagnosisLexicon:
     """Phrase -> category ranges, over ICD-10-CM titles, their short names and ``SYNONYMS``."""
 
-    def __init__(self, titles: Mapping[str, str | None] | None = None, synonyms: Mapping[str, tuple[str, ...]] = SYNONYMS):
+    def __init__(self, titles: Mapping[str, str | None] | None = None,
+                 synonyms: Mapping[str, tuple[str, ...]] = SYNONYMS):
         phrases: dict[tuple[str, ...], set[str]] = {}
         for code, title in {**all_categories(), **(titles or {})}.items():
             if not title:

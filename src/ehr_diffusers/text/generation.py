@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +84,7 @@ class CausalLMGenerator:
         self._setup(model, tokenizer, name_or_path)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, name: str) -> "CausalLMGenerator":
+    def from_model(cls, model: Any, tokenizer: Any, name: str) -> CausalLMGenerator:
         """Wraps a model and tokenizer already in memory (e.g. one generator shared by the summariser and judge);
         ``name`` is what is recorded as the model's name."""
         generator = cls.__new__(cls)

@@ -27,7 +27,8 @@ import ast
 import json
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .describe import PatientFacts, fact_text
 from .generation import CausalLMGenerator

@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -93,8 +94,9 @@ def _label_features(dim: int):
 def _embedder_record(embedder: SentenceEmbedder, spec: str | None = None) -> dict:
     """What identifies the embedder; ``spec`` is what ``embed.load_embedder`` takes to load it again in training."""
     config = embedder.config
-    return {"spec": spec, "source": config.source, "dim": embedder.dim, "dtype": str(embedder.dtype).removeprefix("torch."),
-            "pooling": config.pooling, "prompt": config.prompt, "max_length": config.max_length}
+    return {"spec": spec, "source": config.source, "dim": embedder.dim,
+            "dtype": str(embedder.dtype).removeprefix("torch."), "pooling": config.pooling, "prompt": config.prompt,
+            "max_length": config.max_length}
 
 
 def check_dataset(dataset_dir: str | Path) -> Any:
@@ -181,7 +183,8 @@ def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
         "rows": labels.num_rows,
         "summary_fallbacks": fallbacks,
         "judge_unscored": len(scores) - len(scored),
-        "mean_judge_scores": {c: float(np.mean([row[c] for row in scored])) for c in JUDGE_CATEGORIES} if scored else {},
+        "mean_judge_scores": ({c: float(np.mean([row[c] for row in scored])) for c in JUDGE_CATEGORIES}
+                              if scored else {}),
         "rows_under_threshold": sum(not passes_screening(row, threshold) for row in scored),
     }
 

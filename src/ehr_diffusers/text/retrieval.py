@@ -32,9 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

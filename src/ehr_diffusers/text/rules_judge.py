@@ -24,8 +24,8 @@ All scores are clipped to 1-5.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -91,7 +91,8 @@ class RulesJudge:
             found.contradictions.append(f"sex: states {sorted(stated.sexes)}, record {facts.sex}")
         for low, high in stated.ages:
             if not low - 1 <= facts.age <= high + 1:
-                found.contradictions.append(f"age: states {low if low == high else f'{low}-{high}'}, record {facts.age}")
+                found.contradictions.append(f"age: states {low if low == high else f'{low}-{high}'}, "
+                                            f"record {facts.age}")
         if stated.deaths and facts.death not in stated.deaths:
             found.contradictions.append(f"death: states {'died' if True in stated.deaths else 'no death'}, "
                                         f"record {'died' if facts.death else 'no death'}")
@@ -124,7 +125,8 @@ class RulesJudge:
 
         if not found.words or not re.search(r"[A-Za-z]", summary):
             found.incoherences.append("no words")
-        for name, values in (("sexes", stated.sexes), ("outcomes", stated.deaths), ("admission counts", stated.admissions)):
+        for name, values in (("sexes", stated.sexes), ("outcomes", stated.deaths),
+                             ("admission counts", stated.admissions)):
             if len(values) > 1:
                 found.incoherences.append(f"several {name} stated")
         if stated.ages and max(low for low, _ in stated.ages) > min(high for _, high in stated.ages) + 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from .describe import DEFAULT_SUMMARY_DIAGNOSES, PatientFacts, fact_text, template_summary
 from .generation import CausalLMGenerator

@@ -25,7 +25,8 @@ def add_common_arguments(
     train_batch_size: int = 256,
     tracker_project_name: str,
 ) -> None:
-    """The flags of diffusers' example scripts (examples/text_to_image/train_text_to_image.py) that both scripts take."""
+    """The flags of diffusers' example scripts (examples/text_to_image/train_text_to_image.py) that both scripts
+    take."""
     from diffusers.optimization import SchedulerType
 
     add = parser.add_argument

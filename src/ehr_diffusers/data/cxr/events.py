@@ -3,7 +3,8 @@
 Input: a MIMIC-IV release folder as PhysioNet ships it (``<root>/hosp/<table>.csv.gz``, ``<root>/icu/<table>.csv.gz``;
 ``.csv`` and ``.parquet`` copies are read too, as are tables directly under ``<root>``) and the triplets' windows
 (``triplet_id``, ``subject_id``, ``hadm_id``, ``window_start`` = previous image, ``window_end`` = target image; see
-:mod:`~ehr_diffusers.data.cxr.triplets`). Every event table present is read, any absent one skipped (at least one is needed):
+:mod:`~ehr_diffusers.data.cxr.triplets`). Every event table present is read, any absent one skipped (at least one is
+needed):
 
 ==================  ======  ==========================  ===========================================================
 table               folder  event time                  text after ``table, ``
@@ -41,7 +42,6 @@ order above, then text) and the last ``max_events``, those closest to the target
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path

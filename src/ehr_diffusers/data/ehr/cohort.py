@@ -31,8 +31,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ...io import atomic_directory, check_output_dir
-from .icd import GemMapper, GemOptions, category_title, normalize_codes
 from ..mimic import MimicIVReader
+from .icd import GemMapper, GemOptions, category_title, normalize_codes
 from .schema import MISSING, EHRSchema
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series) ->
         "icd9_unmapped_codes": unmapped_codes.height,
         "icd9_unmapped_by_reason": by_reason,
         "icd9_unmapped_top": [
-            {"icd9": code, "rows": rows, "reason": mapper.status(code)} for code, rows in unmapped_codes.head(10).iter_rows()
+            {"icd9": code, "rows": rows, "reason": mapper.status(code)}
+            for code, rows in unmapped_codes.head(10).iter_rows()
         ],
     }
     for reason, entry in by_reason.items():
@@ -217,7 +218,8 @@ def _split(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     n_holdout = int(round(fraction * len(subjects)))
     if n_holdout == 0 or n_holdout == len(subjects):
         raise ValueError(
-            f"a cohort of {len(subjects)} patients is too small for --holdout-fraction {fraction}: a split would be empty"
+            f"a cohort of {len(subjects)} patients is too small for --holdout-fraction {fraction}: "
+            "a split would be empty"
         )
     permutation = np.random.default_rng(seed).permutation(len(subjects))
     holdout = np.zeros(len(subjects), dtype=bool)
@@ -346,7 +348,8 @@ def prepare(
         cohort.dataset.save_to_disk(str(staging))
         cohort.schema.save(staging)
         (staging / SUMMARY_NAME).write_text(json.dumps(cohort.summary, indent=2) + "\n")
-        (staging / "README.md").write_text(render_dataset_card(cohort.summary, source=source or str(mimic_dir), synthetic=synthetic))
+        (staging / "README.md").write_text(render_dataset_card(cohort.summary, source=source or str(mimic_dir),
+                                                               synthetic=synthetic))
     return cohort.summary
 
 
@@ -356,12 +359,15 @@ def format_summary(summary: dict) -> str:
                          for reason, entry in summary["icd9_unmapped_by_reason"].items()) or "none"
     return "\n".join(
         [
-            f"patients            {summary['patients']:,} ({summary['patients_without_admission']:,} without admission, "
-            f"{summary['deaths']:,} deaths)",
+            f"patients            {summary['patients']:,} ({summary['patients_without_admission']:,} without "
+            f"admission, {summary['deaths']:,} deaths)",
             f"admissions          {summary['admissions']:,}",
-            f"diagnosis rows      {summary['diagnosis_rows']:,} (ICD-9 {summary['icd9_rows']:,}, ICD-10 {summary['icd10_rows']:,})",
-            f"unmapped ICD-9      {summary['icd9_unmapped_codes']:,} codes in {summary['icd9_unmapped_rows']:,} rows ({unmapped})",
-            f"ICD-10 categories   {summary['icd10_categories_in_cohort']:,} in cohort, vocabulary {summary['vocabulary_size']:,}",
+            f"diagnosis rows      {summary['diagnosis_rows']:,} (ICD-9 {summary['icd9_rows']:,}, "
+            f"ICD-10 {summary['icd10_rows']:,})",
+            f"unmapped ICD-9      {summary['icd9_unmapped_codes']:,} codes in {summary['icd9_unmapped_rows']:,} rows "
+            f"({unmapped})",
+            f"ICD-10 categories   {summary['icd10_categories_in_cohort']:,} in cohort, "
+            f"vocabulary {summary['vocabulary_size']:,}",
             f"codes per patient   {summary['codes_per_patient_mean']:.2f} (density {summary['density']:.4f})",
             f"split               train {summary['splits']['train']:,} / holdout {summary['splits']['holdout']:,} "
             f"(seed {summary['options']['seed']}, holdout fraction {summary['options']['holdout_fraction']})",

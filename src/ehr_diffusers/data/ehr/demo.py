@@ -332,13 +332,13 @@ _CHAPTER_WEIGHTS = (
 def _tail_pool() -> pl.DataFrame:
     """Candidate (icd9, icd10) pairs for the random tail, sorted by icd9; the seeded draw happens later.
 
-    The ICD-9 code must be mapped by the GEM to exactly one category (so that both eras code the same category and
-    no ICD-9 code fans out into unrelated ones); its ICD-10 code is the first GEM target of that category in the
-    2024 ICD-10-CM list. Codes in the excluded chapters, with sex-specific titles or
-    in the categories of a curated concept are left out, and each ICD-10 code is used once, so that no admission
-    ever holds the same code twice. At most ``TAIL_CODES_PER_CATEGORY`` code of one ICD-10 category enters the
-    pool, so that a category's prevalence comes from its rank, not from how many codes it happens to have. ``weight`` (``_CHAPTER_WEIGHTS``, x1.5 for "unspecified" titles) biases which
-    codes are drawn and how high they rank.
+    The ICD-9 code must be mapped by the GEM to exactly one category (so that both eras code the same category and no
+    ICD-9 code fans out into unrelated ones); its ICD-10 code is the first GEM target of that category in the 2024
+    ICD-10-CM list. Codes in the excluded chapters, with sex-specific titles or in the categories of a curated concept
+    are left out, and each ICD-10 code is used once, so that no admission ever holds the same code twice. At most
+    ``TAIL_CODES_PER_CATEGORY`` code of one ICD-10 category enters the pool, so that a category's prevalence comes from
+    its rank, not from how many codes it happens to have. ``weight`` (``_CHAPTER_WEIGHTS``, x1.5 for "unspecified"
+    titles) biases which codes are drawn and how high they rank.
     """
     titles9, titles10, mapper = icd9_code_titles(), icd10_code_titles(), GemMapper()
     concept_categories = sorted({concept.icd10[:3] for concept in checked_concepts()})
@@ -674,7 +674,9 @@ def _no_map_codes() -> tuple[str, ...]:
         read_gem().filter(pl.col("no_map")).select("icd9").unique(), on="icd9", how="semi"
     )
     supplementary = pl.col("icd9").str.slice(0, 1).is_in(["V", "E"])
-    kept = codes.filter((supplementary | ~_excluded_icd9(pl.col("icd9"))) & ~pl.col("title").str.contains(_SPECIFIC_TITLE))
+    kept = codes.filter(
+        (supplementary | ~_excluded_icd9(pl.col("icd9"))) & ~pl.col("title").str.contains(_SPECIFIC_TITLE)
+    )
     return tuple(sorted(kept["icd9"].to_list()))
 
 

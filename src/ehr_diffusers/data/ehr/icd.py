@@ -26,7 +26,7 @@ import importlib.metadata
 import importlib.util
 import warnings
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -183,7 +183,7 @@ def _tabular():
     return simple_icd_10_cm
 
 
-@lru_cache(maxsize=None)
+@cache
 def category_title(code: str) -> str | None:
     """Official ICD-10-CM title of a 3-character category (``"I50"`` -> ``"Heart failure"``), None if unknown."""
     tabular = _tabular()

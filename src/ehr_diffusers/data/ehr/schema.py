@@ -21,9 +21,10 @@ Category lists are sorted (or fixed) and stored, so a schema never depends on th
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -63,7 +64,7 @@ class ColumnGroup:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ColumnGroup":
+    def from_dict(cls, data: Mapping[str, Any]) -> ColumnGroup:
         return cls(
             name=data["name"],
             kind=data["kind"],
@@ -77,7 +78,7 @@ class ColumnGroup:
 def _plain(values: Any) -> Any:
     """numpy arrays and torch tensors -> python lists, also when nested the way datasets returns ragged columns
     (an object array or a list of arrays)."""
-    if hasattr(values, "tolist") and getattr(values, "dtype", None) != object:
+    if hasattr(values, "tolist") and getattr(values, "dtype", None) != object:  # noqa: E721  (numpy dtype vs object: `is not` would be wrong)
         return values.tolist()
     if isinstance(values, (list, tuple, np.ndarray)):
         return [_plain(value) for value in values]
@@ -135,7 +136,7 @@ class EHRSchema:
         race_categories: Sequence[str],
         code_titles: Sequence[str | None] | None = None,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "EHRSchema":
+    ) -> EHRSchema:
         """Builds the schema from the training split; scaling constants come from its data, never from constants."""
         if train.height == 0:
             raise ValueError("cannot fit a schema on an empty training split")
@@ -164,9 +165,9 @@ class EHRSchema:
         """Records -> float32 array (n, dim).
 
         ``records`` is a polars frame, an Arrow table, a mapping of columns (a ``datasets`` batch in python, numpy
-        or torch format) or a list of record dicts (what ``decode`` returns). The multi-hot group is read from ``code_indices``
-        (vocabulary indices) when present, else from the ``icd10_categories`` strings (codes outside the
-        vocabulary are ignored).
+        or torch format) or a list of record dicts (what ``decode`` returns). The multi-hot group is read from
+        ``code_indices`` (vocabulary indices) when present, else from the ``icd10_categories`` strings (codes outside
+        the vocabulary are ignored).
         """
         frame = _as_frame(records)
         n = frame.height
@@ -287,7 +288,7 @@ class EHRSchema:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EHRSchema":
+    def from_dict(cls, data: Mapping[str, Any]) -> EHRSchema:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported schema_version {data.get('schema_version')!r} (expected {SCHEMA_VERSION})")
         schema = cls([ColumnGroup.from_dict(group) for group in data["groups"]], data.get("metadata"))
@@ -301,7 +302,7 @@ class EHRSchema:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "EHRSchema":
+    def load(cls, path: str | Path) -> EHRSchema:
         """Loads ``schema.json`` from a file or from a dataset/model folder."""
         path = Path(path)
         if path.is_dir() or path.suffix != ".json":

@@ -27,8 +27,9 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
