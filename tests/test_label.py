@@ -88,6 +88,7 @@ def test_label_adds_the_columns_to_every_split_with_metadata(dataset_copy, embed
     assert card.count("## Text labels") == 1 and "## Cohort" in card
 
 
+@pytest.mark.slow
 def test_relabelling_replaces_the_columns(dataset_copy, embedder):
     from datasets import load_from_disk
 
@@ -147,6 +148,7 @@ def test_bad_datasets_are_named(dataset_copy, tmp_path, embedder):
         label_dataset(broken, TemplateSummarizer(), None, embedder, show_progress=False)
 
 
+@pytest.mark.slow
 def test_cli_label_and_its_errors(dataset_copy, capsys):
     assert main(["-q", "label", "--dataset", str(dataset_copy)]) == 0
     out = capsys.readouterr().out
