@@ -620,9 +620,12 @@ class PipelineContractTests:
             with pytest.raises(ValueError, match="trust_remote_code=True"):
                 self.pipeline_class.from_pretrained(folder)
 
-    def test_hub_download_trusts_only_the_package_shims(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_hub_download_fetches_the_checked_commit_without_trusting_code(self, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
         """A Hub repo is read at one commit; only when its every code file is a shim of this package is that commit
-        downloaded with ``trust_remote_code`` on. (diffusers' own download is replaced by a recorder: offline.)"""
+        fetched as a snapshot and loaded as a local folder, with ``trust_remote_code`` never turned on. Anything else
+        (other code, a custom pipeline, the user's own trust) goes through diffusers' download as it was asked.
+        (The Hub is replaced by recorders: offline.)"""
         import huggingface_hub
         from diffusers import DiffusionPipeline
         from huggingface_hub.errors import EntryNotFoundError
@@ -638,23 +641,35 @@ class PipelineContractTests:
                 raise EntryNotFoundError(f"{filename} not in {repo_id}")
             return str(snapshot / filename)
 
+        snapshots: list[dict[str, Any]] = []
         downloads: list[dict[str, Any]] = []
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                            lambda repo_id, **kwargs: snapshots.append(kwargs) or str(snapshot))
         monkeypatch.setattr(DiffusionPipeline, "download",
                             classmethod(lambda cls, name, **kwargs: downloads.append(kwargs) or str(snapshot)))
 
-        self.pipeline_class.download("me/model", revision="main", token="hf_x")
-        assert downloads[-1] == {"revision": commit, "token": "hf_x", "trust_remote_code": True}
+        assert self.pipeline_class.download("me/model", revision="main", token="hf_x") == str(snapshot)
+        assert snapshots[-1] == {"revision": commit, "token": "hf_x"} and downloads == []
         assert requests[0] == ("model_index.json", "main") and {rev for _, rev in requests[1:]} == {commit}
         loaded = self.pipeline_class.from_pretrained("me/model")  # the snapshot as the Hub cache would hold it
         loaded.set_progress_bar_config(disable=True)
         self.assert_same_output(self.make_pipeline(), loaded)
+        assert downloads == []
 
         self.pipeline_class.download("me/model", trust_remote_code=True)  # the user's own choice is kept
         assert downloads[-1] == {"trust_remote_code": True}
+        self.pipeline_class.download("me/model", custom_pipeline="someone/else")
+        assert downloads[-1] == {"custom_pipeline": "someone/else"}
+        index = json.loads((snapshot / "model_index.json").read_text())
+        for edit in ({"_ignore_files": ["pipeline.py"]}, {"_class_name": ["someone/else", index["_class_name"][1]]}):
+            (snapshot / "model_index.json").write_text(json.dumps({**index, **edit}))
+            self.pipeline_class.download("me/model", revision="main")
+            assert downloads[-1] == {"revision": "main"}, edit
+        (snapshot / "model_index.json").write_text(json.dumps(index))
         (snapshot / "pipeline.py").write_text("import os  # noqa: F401\n")
         self.pipeline_class.download("me/model", revision="main")
-        assert downloads[-1] == {"revision": "main"}
+        assert downloads[-1] == {"revision": "main"} and len(snapshots) == 2
 
     @pytest.mark.slow
     def test_fresh_process_loads_by_both_routes(self, tmp_path: Path) -> None:

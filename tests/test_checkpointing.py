@@ -4,6 +4,7 @@ diffusers-format subfolder, the EMA beside it, the optimizer, and a resume that 
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 from typing import Any
 
@@ -178,3 +179,15 @@ def test_hook_names_are_checked() -> None:
         register_checkpoint_hooks(accelerator, {"models/adapter": model})
     with pytest.raises(ValueError, match="ends with '_ema'"):
         register_checkpoint_hooks(accelerator, {"adapter": model, "adapter_ema": TinyAdapter(2)}, {"adapter": ema})
+
+
+def test_a_run_without_ema_resumes_from_a_checkpoint_with_one_and_says_so(tmp_path, caplog) -> None:
+    from ehr_diffusers.training.checkpointing import _check_subfolders
+
+    for name in ("denoiser", "denoiser_ema"):
+        TinyAdapter(2).save_pretrained(tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="ehr_diffusers.training.checkpointing"):
+        _check_subfolders(tmp_path, ["denoiser"], unused_ema=["denoiser_ema"])
+    assert "'denoiser_ema' subfolder is not loaded" in caplog.text and "--use_ema" in caplog.text
+    with pytest.raises(ValueError, match="a 'denoiser_ema' subfolder this run does not train"):
+        _check_subfolders(tmp_path, ["denoiser"])  # a model the run does not know of is still refused

@@ -51,7 +51,7 @@ def _embedder(embedder: str = "minilm", **kwargs) -> EventEmbedder:
 def test_triplets_carry_their_events_and_one_vector_per_event(cohort) -> None:  # noqa: F811
     cxr, mimic = cohort
     _add_events(mimic)
-    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(), show_progress=False)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False, embed_events=_embedder())
     train = dataset["train"]
     assert train.num_rows == 2 and list(dataset) == ["train"]  # empty splits are left out
     assert train[0]["event_texts"] == ["prescriptions, drug Furosemide, dose_val_rx 40, dose_unit_rx mg, route IV, "
@@ -73,10 +73,9 @@ def test_triplets_carry_their_events_and_one_vector_per_event(cohort) -> None:  
 def test_retrieval_changes_the_vectors_not_their_shape(cohort) -> None:  # noqa: F811
     cxr, mimic = cohort
     _add_events(mimic)
-    plain, _ = build_cxr_dataset(cxr, mimic, _options(), _embedder(), show_progress=False)
-    enriched, summary = build_cxr_dataset(cxr, mimic, _options(),
-                                          _embedder(retrieval=True, retrieval_k=1, retrieval_weight=0.5),
-                                          show_progress=False)
+    plain, _ = build_cxr_dataset(cxr, mimic, _options(), show_progress=False, embed_events=_embedder())
+    enriched, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False,
+                                          embed_events=_embedder(retrieval=True, retrieval_k=1, retrieval_weight=0.5))
     assert summary["embeddings"]["retrieval"] == {"source": "events:train", "corpus": 2, "k": 1, "weight": 0.5}
     assert summary["options"]["retrieval"] is True and summary["options"]["retrieval_k"] == 1
     before = np.asarray(plain["train"][1]["event_embeddings"], dtype=np.float32)
@@ -161,8 +160,8 @@ def test_retrieval_over_a_knowledge_list(cohort, tmp_path: Path) -> None:  # noq
     _add_events(mimic)
     knowledge = tmp_path / "knowledge.txt"
     knowledge.write_text("# loop diuretics\nFurosemide treats fluid overload\nLow pO2 means hypoxaemia\n")
-    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(retrieval=True, knowledge=str(knowledge)),
-                                         show_progress=False)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False,
+                                         embed_events=_embedder(retrieval=True, knowledge=str(knowledge)))
     assert summary["embeddings"]["retrieval"] == {"source": str(knowledge), "corpus": 2, "k": 4, "weight": 0.5}
     vectors = np.asarray(dataset["train"][1]["event_embeddings"], dtype=np.float32)
     assert vectors.shape == (2, 384)
@@ -228,7 +227,8 @@ def test_a_plain_modernbert_folder_embeds_events_mean_pooled(cohort, tmp_path: P
     cxr, mimic = cohort
     _add_events(mimic)
     folder = _tiny_modernbert(tmp_path / "modernbert")
-    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), _embedder(str(folder)), show_progress=False)
+    dataset, summary = build_cxr_dataset(cxr, mimic, _options(), show_progress=False,
+                                         embed_events=_embedder(str(folder)))
     assert summary["embeddings"]["dim"] == 32 and summary["embeddings"]["pooling"] == "mean"
     text = pl.select(event_content(pl.lit(dataset["train"][0]["event_texts"][0]))).item()
     tokens = AutoTokenizer.from_pretrained(folder)([text], return_tensors="pt")

@@ -180,22 +180,6 @@ def test_different_schemas_are_named() -> None:
     check_same_schema(schema, _schema(), "--dataset D", "--model M")
 
 
-@pytest.mark.parametrize("old, new", [
-    ("ehr_diffusers.evaluation.fidelity", "ehr_diffusers.evaluation.ehr.fidelity"),
-    ("ehr_diffusers.evaluation.privacy", "ehr_diffusers.evaluation.ehr.privacy"),
-    ("ehr_diffusers.evaluation.conditional", "ehr_diffusers.evaluation.ehr.conditional"),
-    ("ehr_diffusers.evaluation.clinical", "ehr_diffusers.evaluation.ehr.clinical"),
-    ("ehr_diffusers.evaluation.baselines", "ehr_diffusers.evaluation.ehr.baselines"),
-    ("ehr_diffusers.evaluation.data", "ehr_diffusers.evaluation.ehr.data"),
-    ("ehr_diffusers.evaluation.suite", "ehr_diffusers.evaluation.ehr.suite"),
-    ("ehr_diffusers.evaluation.intervals", "ehr_diffusers.evaluation.stats"),
-])
-def test_old_module_paths_are_the_new_modules(old: str, new: str) -> None:
-    import importlib
-
-    assert importlib.import_module(old) is importlib.import_module(new)
-
-
 def test_names_that_moved_stay_importable_from_their_old_modules() -> None:
     from ehr_diffusers.data.ehr import dataset
     from ehr_diffusers.evaluation import stats

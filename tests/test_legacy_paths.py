@@ -19,6 +19,14 @@ MOVED_MODULES = {
     "ehr_diffusers.data.cxr_phantom": "ehr_diffusers.data.cxr.phantom",
     "ehr_diffusers.data.demo_cxr": "ehr_diffusers.data.cxr.demo",
     "ehr_diffusers.io_utils": "ehr_diffusers.io",
+    "ehr_diffusers.evaluation.fidelity": "ehr_diffusers.evaluation.ehr.fidelity",
+    "ehr_diffusers.evaluation.privacy": "ehr_diffusers.evaluation.ehr.privacy",
+    "ehr_diffusers.evaluation.conditional": "ehr_diffusers.evaluation.ehr.conditional",
+    "ehr_diffusers.evaluation.clinical": "ehr_diffusers.evaluation.ehr.clinical",
+    "ehr_diffusers.evaluation.baselines": "ehr_diffusers.evaluation.ehr.baselines",
+    "ehr_diffusers.evaluation.data": "ehr_diffusers.evaluation.ehr.data",
+    "ehr_diffusers.evaluation.suite": "ehr_diffusers.evaluation.ehr.suite",
+    "ehr_diffusers.evaluation.intervals": "ehr_diffusers.evaluation.stats",
 }
 
 # (old module, name) -> (new module, name): names whose module became a package or changed module
@@ -36,6 +44,8 @@ MOVED_NAMES = {
     ("ehr_diffusers.hub", "training_data_record"): ("ehr_diffusers.hub.cards", "training_data_record"),
     ("ehr_diffusers.hub", "export_for_hub"): ("ehr_diffusers.hub.export", "export_for_hub"),
     ("ehr_diffusers.hub", "push_to_hub"): ("ehr_diffusers.hub.push", "push_to_hub"),
+    ("ehr_diffusers.hub", "MODEL_CARD_TEMPLATE"): ("ehr_diffusers.hub.cards", "MODEL_CARD_TEMPLATE"),
+    ("ehr_diffusers.hub", "REMOTE_PIPELINE_FILE"): ("ehr_diffusers.hub.export", "REMOTE_PIPELINE_FILE"),
     ("ehr_diffusers.text.judge", "JUDGE_CATEGORIES"): ("ehr_diffusers.text.judge_rubric", "JUDGE_CATEGORIES"),
     ("ehr_diffusers.text.judge", "DEFAULT_SCREENING_THRESHOLD"):
         ("ehr_diffusers.text.judge_rubric", "DEFAULT_SCREENING_THRESHOLD"),
@@ -64,3 +74,13 @@ def test_unknown_name_of_an_old_package_path_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no_such_name"):
         cxr.no_such_name  # noqa: B018
+
+
+def test_star_import_and_dir_of_the_old_data_cxr_module() -> None:
+    import ehr_diffusers.data.cxr as cxr
+    from ehr_diffusers.data.cxr import triplets
+
+    namespace: dict = {}
+    exec("from ehr_diffusers.data.cxr import *", namespace)
+    assert all(namespace[name] is getattr(triplets, name) for name in cxr.__all__)
+    assert set(cxr.__all__) <= set(dir(cxr))

@@ -37,7 +37,7 @@ def run_prepare(args: argparse.Namespace) -> None:
 
         embed_events = EventEmbedder(embedding)  # checks that faiss is there for --retrieval, before any work
     synthetic = is_demo_cxr(args.cxr_dir)
-    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, embed_events, overwrite=args.overwrite,
-                          show_progress=not args.quiet, synthetic=synthetic)
+    summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
+                          show_progress=not args.quiet, synthetic=synthetic, embed_events=embed_events)
     print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))

@@ -2,8 +2,8 @@
 ``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads the installed classes.
 
 Pipelines write this form when they are saved; :func:`export_for_hub` converts folders saved before that (plain
-``_class_name``, components recorded by module path). Every shim imports from the package root, which exports each
-pipeline and component class, so that the files stay valid when a module moves inside the package.
+``_class_name``, components recorded by module path). A shim imports from the package root where the root exports the
+class (every pipeline and component class), so that the files stay valid when a module moves inside the package.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import __all__ as ROOT_EXPORTS  # the names ``ehr_diffusers`` exports (lazily: nothing is imported)
 from ..io import MARKER_NAME, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ PACKAGE = __name__.split(".")[0]
 # Libraries diffusers resolves by name (``LOADABLE_CLASSES``); their components need no code file.
 _LIBRARY_NAMES = {"diffusers", "transformers", "onnxruntime.training"}
 _SHIM = re.compile(r"from ([A-Za-z_][\w.]*) import ([A-Za-z_]\w*)  # noqa: F401\n")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
 
 def shim_source(module: str, class_name: str) -> str:
@@ -58,16 +60,20 @@ def _is_component(key: str, value: Any) -> bool:
     )
 
 
-def remote_code_files(model_index: Mapping[str, Any]) -> tuple[dict, dict[str, str]]:
+def remote_code_files(
+    model_index: Mapping[str, Any], pipeline_module: str | None = None
+) -> tuple[dict, dict[str, str]]:
     """The remote-code ``model_index.json`` and its shim files (relative path -> text) for a pipeline's config.
 
     Each component recorded by module path (``["ehr_diffusers.models.ehr_autoencoder", "EHRAutoencoderModel"]``)
     becomes ``["ehr_autoencoder", "EHRAutoencoderModel"]`` plus ``autoencoder/ehr_autoencoder.py``; the pipeline becomes
-    ``["pipeline", class]`` plus ``pipeline.py``. Shims of this package's classes import from its root; a component
-    from another package keeps its module. Components of diffusers or transformers, ``[null, null]`` entries and
+    ``["pipeline", class]`` plus ``pipeline.py``. Shims of the classes this package's root exports import from the
+    root; any other component keeps its module. Components of diffusers or transformers, ``[null, null]`` entries and
     every other key (``schema``, ``_diffusers_version``) are kept; ``_name_or_path`` (a local path of whoever saved
-    the folder) is dropped.
+    the folder) is dropped. ``pipeline_module`` is accepted for callers of earlier versions and not needed: the
+    pipeline's shim imports the class from the package root.
     """
+    del pipeline_module
     class_name = model_index.get("_class_name")
     if not isinstance(class_name, str):
         raise ValueError(f"model_index.json: _class_name must be a pipeline class name, got {class_name!r}")
@@ -82,7 +88,9 @@ def remote_code_files(model_index: Mapping[str, Any]) -> tuple[dict, dict[str, s
             if value[1] is None:
                 raise ValueError(f"model_index.json: component {key!r} names module {value[0]!r} but no class")
             file_name = value[0].rsplit(".", 1)[-1]
-            files[f"{key}/{file_name}.py"] = shim_source(PACKAGE if is_own_module(value[0]) else value[0], value[1])
+            # the root survives module moves; a class it does not export is imported from its own module
+            module = PACKAGE if is_own_module(value[0]) and value[1] in ROOT_EXPORTS else value[0]
+            files[f"{key}/{file_name}.py"] = shim_source(module, value[1])
             exported[key] = [file_name, value[1]]
         else:
             exported[key] = value
@@ -109,8 +117,11 @@ def own_shims(model_index: Mapping[str, Any], texts: Mapping[str, str | None]) -
     ``texts`` maps each path of :func:`code_files` to the file's text, or None where there is no such file.
     """
     files = code_files(model_index)
-    if "_class_name" not in files:
-        return None
+    if "_class_name" not in files or "_ignore_files" in model_index:
+        return None  # diffusers skips ignored files and then looks for the pipeline code elsewhere
+    names = [part for key, (path, _) in files.items() for part in path.removesuffix(".py").split("/")]
+    if not all(_IDENTIFIER.fullmatch(name) for name in names) or len(names) != 2 * len(files) - 1:
+        return None  # a name such as "user/repo" or "../x" makes diffusers fetch or run code from elsewhere
     shims = {}
     for key, (path, class_name) in files.items():
         text = texts.get(path)
@@ -164,6 +175,22 @@ def own_remote_code_revision(repo_id: str, **hub_kwargs: Any) -> str | None:
         logger.debug("not checking the remote code of %s: %s", repo_id, error)
         return None
     return commit if own_shims(model_index, texts) is not None else None
+
+
+def download_own_pipeline(repo_id: str, **hub_kwargs: Any) -> str | None:
+    """The local snapshot of Hub repo ``repo_id`` at the commit :func:`own_remote_code_revision` checked, or None when
+    its code files are not all this package's shims.
+
+    The snapshot is fetched here, at that commit, rather than by diffusers with ``trust_remote_code``: the class route
+    then reads the folder as any local one (:func:`read_own_shims`) and no file of the repository is ever imported.
+    ``hub_kwargs`` are ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``.
+    """
+    commit = own_remote_code_revision(repo_id, **hub_kwargs)
+    if commit is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, **{**hub_kwargs, "revision": commit})
 
 
 def read_model_index(folder: Path) -> dict:

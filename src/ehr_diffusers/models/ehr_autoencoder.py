@@ -1,4 +1,4 @@
-"""The EHR autoencoder: a patient vector (``data.schema.EHRSchema``) to a continuous latent and back to logits.
+"""The EHR autoencoder: a patient vector (``data.ehr.schema.EHRSchema``) to a continuous latent and back to logits.
 
 The diffusion model works in the latent space; the decoder turns generated latents back into records. Three things
 that a plain autoencoder lacks are part of the model and saved with it:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..hub.export import PACKAGE, is_own_module, own_remote_code_revision, read_own_shims, remote_code_files
+from ..hub.export import PACKAGE, download_own_pipeline, is_own_module, read_own_shims, remote_code_files
 
 # hf_hub_download options of DiffusionPipeline.download that also apply to reading the remote-code files.
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -114,11 +114,12 @@ class RemoteCodePipelineMixin:
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs: Any) -> str | os.PathLike:
         """``DiffusionPipeline.download``; a Hub repo whose every code file is one of this package's shims is fetched
-        at the commit that was checked, with ``trust_remote_code`` on (the shims only import installed classes)."""
-        if not kwargs.get("trust_remote_code"):
-            commit = own_remote_code_revision(pretrained_model_name,
-                                              **{key: kwargs[key] for key in _HUB_OPTIONS if key in kwargs})
-            if commit is not None:
-                kwargs.update(trust_remote_code=True, revision=commit)
+        as a snapshot of the commit that was checked, and then loads as a local folder: no repository file runs and
+        ``trust_remote_code`` stays as the user left it. A custom pipeline asked for by name takes diffusers' path."""
+        if not (kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") or kwargs.get("custom_revision")
+                or os.path.isdir(pretrained_model_name)):
+            snapshot = download_own_pipeline(pretrained_model_name,
+                                             **{key: kwargs[key] for key in _HUB_OPTIONS if key in kwargs})
+            if snapshot is not None:
+                return snapshot
         return super().download(pretrained_model_name, **kwargs)
-

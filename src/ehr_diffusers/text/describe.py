@@ -189,7 +189,7 @@ class FactDescriber:
 @cache
 def coarse_race_group(race: str | None) -> str | None:
     """A MIMIC-IV race string, coarse or raw ("WHITE - RUSSIAN"), -> its coarse group by the cohort's own rules
-    (``data.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""
+    (``data.ehr.cohort.coarse_race``); None when it says nothing a sentence can state (unknown, other, missing)."""
     if race is None or race == MISSING:
         return None
     group = pl.select(coarse_race(pl.lit(race, dtype=pl.String))).item()

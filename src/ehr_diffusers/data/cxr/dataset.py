@@ -129,7 +129,7 @@ def _features(dim: int | None):
 
 
 def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDatasetOptions | None = None,
-                      embed_events: EmbedEvents | None = None, show_progress: bool = True
+                      show_progress: bool = True, *, embed_events: EmbedEvents | None = None
                       ) -> tuple[Any, dict[str, Any]]:
     """The triplets with their events (and, with ``embed_events``, their embeddings), as a DatasetDict (train,
     validation, test) and a summary."""
@@ -175,13 +175,14 @@ def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDa
 
 
 def prepare_cxr(cxr_dir: str | Path, mimic_dir: str | Path, out: str | Path, options: CXRDatasetOptions | None = None,
-                embed_events: EmbedEvents | None = None, overwrite: bool = False, show_progress: bool = True,
-                synthetic: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, show_progress: bool = True, synthetic: bool = False, *,
+                embed_events: EmbedEvents | None = None) -> dict[str, Any]:
     """Builds the dataset and saves it (``save_to_disk`` + ``cxr_summary.json`` + card) atomically into ``out``."""
     from ...hub.cards import render_cxr_dataset_card
 
     check_output_dir(out, overwrite, inputs=[cxr_dir, mimic_dir])
-    dataset, summary = build_cxr_dataset(cxr_dir, mimic_dir, options, embed_events, show_progress=show_progress)
+    dataset, summary = build_cxr_dataset(cxr_dir, mimic_dir, options, show_progress=show_progress,
+                                         embed_events=embed_events)
     summary["synthetic"] = synthetic
     with atomic_directory(out, overwrite, inputs=[cxr_dir, mimic_dir]) as staging:
         dataset.save_to_disk(str(staging))
