@@ -146,3 +146,19 @@ def test_self_attention_equals_multihead_attention():
     with torch.no_grad():
         expected = block.attention(hidden, hidden, hidden, need_weights=False)[0]
         torch.testing.assert_close(block._self_attention(hidden), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_model_saves_safetensors_only_and_keeps_variants(tmp_path) -> None:
+    from ehr_diffusers.models.ehrdiff_baseline import EHRDiffMLP
+
+    for model in (EHRDenoiserModel(latent_dim=8, num_tokens=2, hidden_dim=16, num_layers=1, num_heads=2,
+                                   condition_dim=4, fourier_dim=8), EHRDiffMLP(data_dim=6, hidden_dims=(8, 8))):
+        name = type(model).__name__
+        with pytest.raises(ValueError, match=f"safe_serialization=False: {name} saves weights as safetensors only"):
+            model.save_pretrained(tmp_path / name, safe_serialization=False)
+        assert not (tmp_path / name).exists() or not list((tmp_path / name).glob("*.bin"))
+        model.save_pretrained(tmp_path / name, variant="fp16")
+        assert (tmp_path / name / "diffusion_pytorch_model.fp16.safetensors").is_file()
+        loaded = type(model).from_pretrained(tmp_path / name, variant="fp16")
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key

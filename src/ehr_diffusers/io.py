@@ -157,3 +157,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Writes ``text`` (UTF-8) through :func:`atomic_file`, so that a reader never sees half a file."""
     with atomic_file(path) as temporary:
         Path(temporary).write_text(text, encoding="utf-8")
+
+
+def refuse_pickle(safe_serialization: bool, what: str) -> None:
+    """Weights are written as safetensors only: a pickled file runs code when it is loaded. A ValueError naming
+    ``what`` when a caller asks for ``safe_serialization=False``."""
+    if not safe_serialization:
+        raise ValueError(f"safe_serialization=False: {what} saves weights as safetensors only (pickle files can run "
+                         "code when loaded); leave safe_serialization at True")

@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..data.ehr.schema import SCHEMA_VERSION, EHRSchema
+from .modeling_utils import SafetensorsModelMixin
 
 GROUP_KINDS = ("binary", "continuous", "count", "one_hot", "multi_hot")
 
@@ -67,7 +68,7 @@ def _categorical(probabilities: torch.Tensor,
     return (cumulative < draw).sum(dim=1).clamp(max=probabilities.shape[1] - 1)
 
 
-class EHRAutoencoderModel(ModelMixin, ConfigMixin):
+class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
     """MLP autoencoder over an ``EHRSchema`` vector.
 
     Args:

@@ -30,6 +30,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .modeling_utils import SafetensorsModelMixin
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -109,7 +111,7 @@ class _Block(nn.Module):
         return x + gate2[:, None, :] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
-class EHRDenoiserModel(ModelMixin, ConfigMixin):
+class EHRDenoiserModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
     """Transformer denoiser over latent tokens with adaLN conditioning and cross-attention (see the module docstring).
 
     Args:

@@ -41,6 +41,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .modeling_utils import SafetensorsModelMixin
+
 
 @dataclass
 class EHRDiffOutput(BaseOutput):
@@ -71,7 +73,7 @@ def noise_level_features(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-class EHRDiffMLP(ModelMixin, ConfigMixin):
+class EHRDiffMLP(SafetensorsModelMixin, ModelMixin, ConfigMixin):
     """EDM-preconditioned MLP denoiser over the record vector (see the module docstring).
 
     Args:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub.export import PACKAGE, download_own_pipeline, is_own_module, read_own_shims, remote_code_files
+from ..io import refuse_pickle
 
 # hf_hub_download options of DiffusionPipeline.download that also apply to reading the remote-code files.
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -79,9 +80,7 @@ class RemoteCodePipelineMixin:
     ) -> None:
         """``DiffusionPipeline.save_pretrained``; ``model_index.json`` and its shims are written in remote-code form
         (see :meth:`save_config`). ``safe_serialization=False`` is refused: pickled weights run code when loaded."""
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False: ehr-diffusers saves weights as safetensors only (pickle files "
-                             "can run code when loaded); leave safe_serialization at True")
+        refuse_pickle(safe_serialization, type(self).__name__)
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant,
                                 max_shard_size=max_shard_size, push_to_hub=push_to_hub, **kwargs)
 

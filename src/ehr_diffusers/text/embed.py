@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..hub.errors import ModelNotFoundError, explain_missing_model
+from ..io import refuse_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +230,7 @@ class SentenceEmbedder(ModelMixin, ConfigMixin):
         those a signature lists (``variant`` and ``max_shard_size`` would be dropped otherwise). Weights are
         safetensors only: ``safe_serialization=False`` is refused, since pickled weights run code when loaded.
         """
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False: SentenceEmbedder saves weights as safetensors only (pickle "
-                             "files can run code when loaded); leave safe_serialization at True")
+        refuse_pickle(safe_serialization, "SentenceEmbedder")
         if self.tokenizer is None:
             raise RuntimeError("this SentenceEmbedder has no tokenizer to save")
         if is_main_process:
