@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 START, END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
 METHODS = ("model", "seed_sampler", "ehrdiff", "bernoulli", "holdout")
@@ -79,6 +78,7 @@ def _cell(key: str, samples: list[float] | None, runs: int) -> str:
     """mean [95% t interval over seeds, cut to the figure's range]; a figure missing in some seeds says in how many
     it exists."""
     from ehr_diffusers.evaluation.ehr.figures import figure_support
+    from ehr_diffusers.evaluation.stats import cut_to_range, mean_interval
 
     if not samples:
         return "n/a"
@@ -86,9 +86,8 @@ def _cell(key: str, samples: list[float] | None, runs: int) -> str:
     digits = 3 if abs(mean) < 100 else 1
     if len(samples) < 2:
         return f"{mean:.{digits}f} (1 seed)"
-    half = stats.t.ppf(0.975, len(samples) - 1) * np.std(samples, ddof=1) / np.sqrt(len(samples))
-    low, high = figure_support(key)
-    text = f"{mean:.{digits}f} [{max(mean - half, low):.{digits}f}, {min(mean + half, high):.{digits}f}]"
+    low, high = cut_to_range(mean_interval(samples), figure_support(key))
+    text = f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
     return text if len(samples) == runs else f"{text} ({len(samples)} of {runs} seeds)"
 
 
