@@ -20,8 +20,10 @@ from ehr_diffusers.evaluation.ehr.fidelity import (
     dimension_wise_prediction,
     fidelity,
     field_categories,
+    headline_figures,
     never_generated,
     pair_cooccurrence,
+    pair_cooccurrence_all,
     prevalence,
 )
 
@@ -83,10 +85,76 @@ def test_pairs_codes_per_patient_and_never_generated() -> None:
     np.testing.assert_allclose(pairs["synthetic_rates"], [0.5, 0.0])
     counts = codes_per_patient(real, synthetic)
     assert counts["real_mean"] == 1.75 and counts["synthetic_mean"] == 1.25
+    assert counts["real_max"] == 3 and counts["synthetic_max"] == 2
     assert counts["wasserstein"] == pytest.approx(stats.wasserstein_distance([2, 3, 2, 0], [2, 0, 2, 1]))
     missing = never_generated(real, synthetic, ["A", "B", "C"])
     assert missing["codes"] == ["C"] and missing["count"] == 1 and missing["of_present"] == 3
     assert missing["real_occurrence_share"] == pytest.approx(2 / 7)
+
+
+def test_pair_rates_are_chosen_on_the_real_side() -> None:
+    """Top pairs are the real split's most frequent; pairs_all is every pair of codes frequent in the real split,
+    whatever the synthetic set holds."""
+    real = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=np.float32)  # D never present
+    synthetic = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=np.float32)
+    assert pair_cooccurrence(real, synthetic, top_k=2)["indices"].tolist() == [[0, 1], [0, 2]]
+    frequent = pair_cooccurrence_all(real, synthetic, min_prevalence=0.5)  # A 0.75, B 0.5, C 0.5, D 0
+    np.testing.assert_allclose(frequent["real_rates"], [0.5, 0.5, 0.25])      # AB, AC, BC
+    np.testing.assert_allclose(frequent["synthetic_rates"], [0.25, 0.0, 0.0])
+    assert frequent["pairs"] == 3 and frequent["codes"] == 3
+    assert frequent["pearson"]["value"] == pytest.approx(stats.pearsonr([0.5, 0.5, 0.25], [0.25, 0, 0])[0])
+    assert pair_cooccurrence_all(real, synthetic, min_prevalence=0.8)["pearson"]["reason"] == "fewer than 2 values"
+
+
+def test_identical_sets_are_perfect_and_a_shift_of_codes_per_patient_is_measured() -> None:
+    """Identical sets: pair r 1 (top pairs and all frequent pairs), codes-per-patient Wasserstein 0. One code more
+    in every record: Wasserstein exactly 1 and the mean and max one higher; one more in half the records: 0.5."""
+    rng = np.random.default_rng(30)
+    real = (rng.random((400, 12)) < np.linspace(0.05, 0.5, 12)).astype(np.float32)
+    real[:, :3] *= real[:, 3:4]  # linked codes, so that pair rates are not just products of prevalences
+    identical = real.copy()
+    assert pair_cooccurrence(real, identical)["pearson"]["value"] == pytest.approx(1.0)
+    assert pair_cooccurrence_all(real, identical)["pearson"]["value"] == pytest.approx(1.0)
+    assert codes_per_patient(real, identical)["wasserstein"] == 0.0
+    widened = np.concatenate([real, np.zeros((400, 1), np.float32)], axis=1)
+    shifted = widened.copy()
+    shifted[:, -1] = 1.0  # a code no real record has, added to every record
+    counts = codes_per_patient(widened, shifted)
+    assert counts["wasserstein"] == pytest.approx(1.0)
+    assert counts["synthetic_mean"] - counts["real_mean"] == pytest.approx(1.0)
+    assert counts["synthetic_max"] == counts["real_max"] + 1
+    shifted[::2, -1] = 0.0
+    assert codes_per_patient(widened, shifted)["wasserstein"] == pytest.approx(0.5)
+
+
+def test_headline_figures_are_the_suites_figures() -> None:
+    schema = _wide_schema()
+    train, holdout, synthetic = _related(500, 31), _related(400, 32), _related(300, 33, links=False)
+    plain = headline_figures(holdout, synthetic, schema, train=train)
+    full = fidelity(holdout, synthetic, schema)
+    assert plain["pairs_pearson"] == pytest.approx(full["pairs"]["pearson"]["value"])
+    assert plain["pairs_pearson_all"] == pytest.approx(full["pairs_all"]["pearson"]["value"])
+    assert plain["prevalence_pearson"] == pytest.approx(full["prevalence"]["pearson"]["value"])
+    assert plain["prevalence_spearman"] == pytest.approx(full["prevalence"]["spearman"]["value"])
+    assert plain["cmd_yan"] == pytest.approx(full["correlation"]["yan_scaled"])
+    counts = full["codes_per_patient"]
+    assert (plain["codes_per_patient_wasserstein"], plain["codes_per_patient_real_mean"],
+            plain["codes_per_patient_synthetic_mean"], plain["codes_per_patient_synthetic_max"]) == pytest.approx(
+        (counts["wasserstein"], counts["real_mean"], counts["synthetic_mean"], counts["synthetic_max"]))
+    fields = full["demographics"]["fields"]
+    assert plain["age_wasserstein"] == pytest.approx(fields["age"]["wasserstein"])
+    assert plain["num_admissions_wasserstein"] == pytest.approx(fields["num_admissions"]["wasserstein"])
+    assert all(isinstance(value, float) for value in plain.values())
+    assert 0.0 <= plain["exact_copy_rate"] <= 1.0 and 0.0 <= plain["holdout_copy_rate"] <= 1.0
+    copies = headline_figures(holdout, train[:300], schema, train=train)
+    assert copies["exact_copy_rate"] == 1.0
+    same = headline_figures(holdout, holdout.copy(), schema)
+    assert same["pairs_pearson"] == pytest.approx(1.0) and same["codes_per_patient_wasserstein"] == 0.0
+    assert same["age_wasserstein"] == 0.0 and "exact_copy_rate" not in same
+    # soft probabilities are read as present at >= 0.5, as the suite reads decoded records
+    soft = holdout.copy()
+    soft[:, FIRST_CODE:] *= 0.6
+    assert headline_figures(holdout, soft, schema)["pairs_pearson"] == pytest.approx(1.0)
 
 
 def test_identical_data_is_perfect_and_demographics_use_real_units() -> None:
@@ -344,7 +412,7 @@ def test_weights_equal_resampled_rows_and_precomputed_real_moments() -> None:
     weights = np.bincount(indices, minlength=250)
     resampled = synthetic[indices]
     moments = code_moments(real)
-    for function in (prevalence, correlation_distance, pair_cooccurrence):
+    for function in (prevalence, correlation_distance, pair_cooccurrence, pair_cooccurrence_all):
         weighted = function(moments, sp.csr_matrix(synthetic), synthetic_weights=weights)
         plain = function(real, resampled)
         for key, value in plain.items():
@@ -357,6 +425,7 @@ def test_weights_equal_resampled_rows_and_precomputed_real_moments() -> None:
     weighted = codes_per_patient(real, synthetic, synthetic_weights=weights)
     assert weighted["wasserstein"] == pytest.approx(codes_per_patient(real, resampled)["wasserstein"])
     assert weighted["synthetic_mean"] == pytest.approx(resampled.sum(axis=1).mean())
+    assert weighted["synthetic_max"] == resampled.sum(axis=1).max()  # over the rows drawn, not every row
     np.testing.assert_allclose(correlation_matrix(synthetic, weights), correlation_matrix(resampled), atol=1e-12)
     with pytest.raises(ValueError, match="synthetic_weights must have one weight per row"):
         correlation_distance(real, synthetic, synthetic_weights=weights[:10])
@@ -376,8 +445,8 @@ def test_sparse_input_gives_the_dense_figures() -> None:
     assert sparse["correlation"] == dense["correlation"] and sparse["demographics"] == dense["demographics"]
     assert sparse["never_generated"] == dense["never_generated"]
     assert {name: section["split"] for name, section in dense.items()} == {
-        "prevalence": "holdout", "correlation": "holdout", "pairs": "holdout", "codes_per_patient": "holdout",
-        "never_generated": "holdout", "demographics": "holdout",
+        "prevalence": "holdout", "correlation": "holdout", "pairs": "holdout", "pairs_all": "holdout",
+        "codes_per_patient": "holdout", "never_generated": "holdout", "demographics": "holdout",
         "dimension_wise": {"trtr": "train->holdout", "tstr": "synthetic->holdout"}}
     named = fidelity(holdout, synthetic, schema, train=train, top_k_codes=1, real_split="holdout_eval")
     assert named["correlation"]["split"] == "holdout_eval"

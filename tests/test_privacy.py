@@ -1,5 +1,6 @@
-"""Privacy: sparse nearest neighbours against brute force, membership inference, distance to closest record and
-attribute inference on hand-computed cases, copies and independent data, cross-checked against sklearn."""
+"""Privacy: sparse nearest neighbours against brute force, membership inference, the memorisation audit (distance
+to closest record, exact copies) and attribute inference on hand-computed cases, copies and independent data,
+cross-checked against sklearn."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from ehr_diffusers.evaluation.ehr.privacy import (
     attribute_inference,
     binary_entropy,
     distance_to_closest_record,
+    exact_copies,
     membership_f1,
     membership_inference,
+    memorisation,
     nearest_distances,
+    nearest_jaccard,
     nearest_neighbours,
     privacy,
 )
@@ -136,15 +140,74 @@ def test_worker_threads_give_the_same_answer_and_restore_torch_threads() -> None
     np.testing.assert_array_equal(default[1], three[1])
 
 
-def test_dcr_distances_equal_brute_force_and_copies_are_at_exactly_zero() -> None:
+def _brute_jaccard(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
+    q, r = (queries >= 0.5).astype(np.float64), (references >= 0.5).astype(np.float64)
+    shared = q @ r.T
+    union = q.sum(axis=1)[:, None] + r.sum(axis=1)[None, :] - shared
+    return np.where(union > 0, 1 - shared / np.maximum(union, 1), 0.0)
+
+
+def test_nearest_jaccard_equals_brute_force_with_empty_sets() -> None:
+    queries, references = _population(300, 30, d=30), _population(700, 31, d=30)
+    queries[:4], references[5] = 0.0, 0.0  # empty sets: 0 from each other, 1 from any other set
+    np.testing.assert_allclose(nearest_jaccard(queries, references, chunk_rows=23),
+                               _brute_jaccard(queries, references).min(axis=1), atol=1e-6)
+    assert (nearest_jaccard(queries[:4], references) == 0).all()
+    assert (nearest_jaccard(queries[:4], references[:5]) == 1).all()
+    assert nearest_jaccard(np.array([[1, 1, 0, 0]], np.float32), np.array([[1, 0, 1, 0]], np.float32))[0] == (
+        pytest.approx(2 / 3))
+
+
+def test_dcr_uses_code_sets_against_a_train_sample_as_large_as_the_holdout() -> None:
+    schema = _schema(40)
     train, holdout, synthetic = _records(150, 7), _records(150, 8), _records(120, 9)
-    result = distance_to_closest_record(train, holdout, synthetic, schema=_schema(40))
-    # equal sizes: the balanced samples are the whole splits
-    np.testing.assert_allclose(result["distances_to_train"], _brute(synthetic, train).min(axis=1), atol=1e-5)
-    np.testing.assert_allclose(result["distances_to_holdout"], _brute(synthetic, holdout).min(axis=1), atol=1e-5)
+    result = distance_to_closest_record(train, holdout, synthetic, schema=schema)
+    # equal sizes: the train sample is the whole split; demographics (columns 0-2) play no part
+    codes = slice(3, None)
+    np.testing.assert_allclose(result["distances_to_train"],
+                               _brute_jaccard(synthetic[:, codes], train[:, codes]).min(axis=1), atol=1e-6)
+    np.testing.assert_allclose(result["distances_to_holdout"],
+                               _brute_jaccard(synthetic[:, codes], holdout[:, codes]).min(axis=1), atol=1e-6)
     assert result["share_closer_to_train"] == pytest.approx(result["closer_to_train"].mean())
-    copies = membership_inference(train, holdout, train.copy(), schema=_schema(40))
+    assert result["train_rows"] == result["holdout_rows"] == 150
+    larger = distance_to_closest_record(_records(400, 10), holdout, synthetic, schema=schema)
+    assert larger["train_rows"] == 150  # sampled down to the holdout's size
+    capped = distance_to_closest_record(train, holdout, synthetic, schema=schema, max_synthetic=50)
+    assert (capped["synthetic_rows"], capped["synthetic_rows_given"], len(capped["closer_to_train"])) == (50, 120, 50)
+    # a synthetic record at equal distance from both sides counts one half
+    tie = np.array([[1, 1, 0, 0]], np.float32)
+    both = np.array([[1, 0, 0, 0]], np.float32)
+    assert distance_to_closest_record(both, both, tie)["share_closer_to_train"] == 0.5
+    copies = membership_inference(train, holdout, train.copy(), schema=schema)
     assert (copies["member_distances"] == 0).all() and copies["f1_sweep"]["0"] == pytest.approx(1.0)
+
+
+def test_exact_copies_count_code_sets_of_two_or_more_codes() -> None:
+    train = np.array([[1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 1, 1]], np.float32)
+    records = np.array([[1, 1, 0, 0],     # a copy of train row 0
+                        [0.9, 0.6, 0.2, 0],  # the same set at >= 0.5
+                        [1, 1, 1, 0],     # a superset: no copy
+                        [0, 0, 1, 0],     # one code: not counted
+                        [0, 0, 0, 0]], np.float32)
+    result = exact_copies(records, train)
+    assert (result["copies"], result["eligible"], result["records"], result["rate"]) == (2, 3, 5, pytest.approx(2 / 3))
+    assert exact_copies(records[3:], train)["rate"] is None and "at least 2 codes" in exact_copies(records[3:],
+                                                                                                   train)["reason"]
+
+
+def test_memorisation_audit_catches_copies_and_passes_fresh_records() -> None:
+    """Copies of train records: copy rate 1 and DCR share near 1. A fresh sample of the same distribution: DCR share
+    near 0.5 and a copy rate near the holdout's own."""
+    schema = _schema(40)
+    train, holdout = _records(400, 32), _records(400, 33)
+    copies = memorisation(train, holdout, train[::2].copy(), schema)
+    assert copies["exact_copies"]["synthetic"]["rate"] == 1.0
+    assert copies["distance_to_closest_record"]["share_closer_to_train"] > 0.95
+    fresh = memorisation(train, holdout, _records(400, 34), schema)
+    assert abs(fresh["distance_to_closest_record"]["share_closer_to_train"] - 0.5) < 0.08
+    reference = fresh["exact_copies"]["holdout"]
+    assert reference["eligible"] > 350
+    assert abs(fresh["exact_copies"]["synthetic"]["rate"] - reference["rate"]) < 0.05
 
 
 # ------------------------------------------------------------------------------------------------ attribute inference
@@ -239,11 +302,12 @@ def test_attribute_inference_knows_the_most_common_train_codes_and_equalises_ref
 
 
 # --------------------------------------------------------------------------------------------- all three, bad input
-def test_privacy_equals_the_three_functions() -> None:
+def test_privacy_and_memorisation_equal_the_functions_alone() -> None:
     train, holdout, synthetic, schema = _records(260, 18), _records(240, 19), _records(230, 20), _schema(40)
-    together = privacy(train, holdout, synthetic, schema, known_codes=6, seed=3)
+    together = {**privacy(train, holdout, synthetic, schema, known_codes=6, seed=3),
+                **memorisation(train, holdout, synthetic, schema, seed=3)}
     mia = membership_inference(train, holdout, synthetic, seed=3)
-    dcr = distance_to_closest_record(train, holdout, synthetic, seed=3)
+    dcr = distance_to_closest_record(train, holdout, synthetic, seed=3, schema=schema)
     aia = attribute_inference(train, holdout, synthetic, schema, known_codes=6, seed=3)
     for name, alone in (("membership_inference", mia), ("distance_to_closest_record", dcr),
                         ("attribute_inference", aia)):
@@ -253,7 +317,8 @@ def test_privacy_equals_the_three_functions() -> None:
                 assert (value != other).nnz == 0
             else:
                 np.testing.assert_array_equal(np.asarray(other), np.asarray(value))
-    assert mia["members"] == 240 and dcr["synthetic_rows"] == 230
+    assert mia["members"] == 240 and dcr["synthetic_rows"] == 230 and dcr["train_rows"] == 240
+    assert together["exact_copies"]["synthetic"] == exact_copies(synthetic, train, schema)
 
 
 def test_bad_input() -> None:

@@ -55,15 +55,15 @@ def run(args: argparse.Namespace) -> None:
 
 def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:
     """A few generated records, each stated as a one-sentence summary, under the prompt it was generated from: three
-    holdout patients' summaries and one free-text prompt."""
+    train patients' summaries (never the holdout's, which the evaluation scores against) and one free-text prompt."""
     from datasets import load_from_disk
 
     from ..sampling import generate_records
     from ..text.describe import DiagnosisOrder, FactDescriber, template_summary
     from ..text.label import load_label_metadata
 
-    holdout = load_from_disk(str(dataset_dir))["holdout"]
-    prompts = list(holdout.shuffle(seed=seed).select(range(min(3, len(holdout))))["summary"])
+    train = load_from_disk(str(dataset_dir))["train"]
+    prompts = list(train.shuffle(seed=seed).select(range(min(3, len(train))))["summary"])
     prompts.append("65 year old woman with heart failure and chronic kidney disease")
     pipe = load_pipeline(str(model_dir), None, "cpu")
     result = generate_records(pipe, prompts, records_per_prompt, seed=seed, show_progress=False)

@@ -9,13 +9,17 @@ from .common import load_pipeline
 
 
 def _baseline_names(text: str) -> tuple[str, ...]:
+    from ..evaluation.ehr.baselines import BASELINES, HOLDOUT_DROPPED
+
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if names in ((), ("none",)):
         return ()
-    unknown = [name for name in names if name not in ("bernoulli", "holdout", "ehrdiff")]
+    if "holdout" in names:
+        raise ValueError(HOLDOUT_DROPPED)
+    unknown = [name for name in names if name not in BASELINES]
     if unknown:
-        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from bernoulli, holdout, "
-                         "ehrdiff, or none")
+        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(BASELINES)}, or none")
     return names
 
 
@@ -24,14 +28,15 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
                    names: tuple[str, str] | None = None, **options) -> tuple[dict, Path]:
     """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
     ``names`` are the model and dataset as the report states them (default: the paths given)."""
-    from ..evaluation.ehr.data import load_real_data
+    from ..evaluation.ehr.data import PROMPT_ROWS, load_real_data
     from ..evaluation.ehr.suite import evaluate_pipeline
     from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
     from ..hub.cards import update_model_card_metrics
     from ..io import atomic_directory, check_output_dir
 
     check_output_dir(out, overwrite)
-    real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet)
+    real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet,
+                          prompt_rows=max(options.get("n_prompts", PROMPT_ROWS), 0))
     pipe = load_pipeline(model, text_embedder, device)
     model_name, dataset_name = names or (model, str(dataset))
     metrics, plots = evaluate_pipeline(pipe, real, model_name=model_name, dataset_name=dataset_name,
@@ -47,7 +52,9 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
 def run(args: argparse.Namespace) -> None:
     from ..evaluation.report import model_card_markdown
 
-    generation = {"decode_mode": "threshold"}
+    generation = {}
+    if args.decode_mode is not None:
+        generation["decode_mode"] = args.decode_mode
     if args.steps is not None:
         generation["num_inference_steps"] = args.steps
     if args.guidance_scale is not None:

@@ -218,22 +218,24 @@ def _figures_table(figures: Mapping[str, Mapping[str, Any]], labels: Mapping[str
 def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     """The report page for one evaluation run (``metrics`` and ``plots`` as the suite returns them)."""
     run = metrics["run"]
-    split = "holdout_eval"
+    split = "holdout"
     parts = [f"<h1>Evaluation of synthetic EHR: {_e(run['model'])}</h1>",
              "<nav>" + "".join(f'<a href="#{name}">{name}</a>' for name in SECTIONS) + "</nav>"]
     if run.get("synthetic_data"):
         parts.append('<p class="warn">The real data are the synthetic demo cohort: these numbers describe the '
                      "toolkit, not MIMIC-IV.</p>")
     facts = [["model", run["model"]], ["dataset", run["dataset"]], ["seed", run["seed"]],
-             ["real train rows (used)", f"{run['train_rows']:,} ({run['train_rows_used']:,})"],
-             ["real holdout rows (evaluation half, holdout_eval)",
+             ["real train rows (membership inference members)", f"{run['train_rows']:,} ({run['train_rows_used']:,})"],
+             ["real holdout rows, every one scored (membership inference non-members, holdout_eval)",
               f"{run['holdout_rows']:,} ({run['holdout_eval_rows']:,})"],
              ["synthetic records", f"{run['synthetic_rows']:,}"],
              ["generation", json.dumps(run["generation"])], ["ehr-diffusers", run["ehr_diffusers_version"]]]
     summary = _table(["", ""], facts, numeric_from=9)
     summary += ("<p class=note>Fidelity and privacy are measured on unconditional samples (the learned null "
                 "condition): prompts made from real patients would carry those patients into the synthetic set. "
-                "Prompt faithfulness is measured separately on prompts made from holdout patients.</p>")
+                "Every set is scored against the whole real holdout, beside independent marginals and real train "
+                "rows of the same size. Prompt faithfulness is measured separately on prompts made from train "
+                "patients, never from the holdout.</p>")
     summary += _comparison_table(metrics["comparison"])
     parts.append(_section("summary", "Summary: the model against baselines", summary))
 
@@ -274,7 +276,7 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     parts.append(_section("prompt-faithfulness", "Prompt faithfulness", body))
 
     plausibility = metrics["plausibility"]
-    body = _table(["rule", "source", "real holdout_eval", "synthetic"], plausibility["rows"], numeric_from=2)
+    body = _table(["rule", "source", "real holdout", "synthetic"], plausibility["rows"], numeric_from=2)
     parts.append(_section("plausibility", "Clinical plausibility (violation rates)", body))
 
     definitions = "".join(f"<li><b>{_e(name)}</b>: {_e(text)}</li>" for name, text in metrics["definitions"].items())
@@ -298,10 +300,11 @@ def model_card_markdown(metrics: Mapping[str, Any]) -> str:
     comparison, run = metrics["comparison"], metrics["run"]
     methods = comparison["methods"]
     cohort = " of the synthetic demo cohort" if run.get("synthetic_data") else ""
+    decoding = run.get("generation", {}).get("decode_mode", "threshold")
     lines = [f"Evaluated with `ehr-diffusers evaluate` (ehr-diffusers {run['ehr_diffusers_version']}) on "
-             f"{run['synthetic_rows']:,} synthetic records against the evaluation half of the real holdout split "
-             f"(holdout_eval, {run['holdout_eval_rows']:,} of {run['holdout_rows']:,} patients{cohort}), seed "
-             f"{run['seed']}. Values are the figure and its 95% CI.", "",
+             f"{run['synthetic_rows']:,} synthetic records ({decoding} decoding) against the real holdout split "
+             f"({run['holdout_rows']:,} patients{cohort}; membership inference: {run['holdout_eval_rows']:,} of them "
+             f"as non-members), seed {run['seed']}. Values are the figure and its 95% CI.", "",
              "| figure | split | better | " + " | ".join(comparison["labels"][m] for m in methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     for row in comparison["rows"]:

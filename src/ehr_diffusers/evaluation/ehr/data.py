@@ -1,18 +1,20 @@
 """The real data an evaluation compares against: a prepared dataset's splits as schema vectors, cut the same way
 for every method so that all rows of the comparison table use the same real records.
 
-The holdout is split once, with the seed, into two disjoint halves:
-
-* ``holdout_eval``: the real reference of every fidelity figure, the test set of dimension-wise prediction and the
-  non-members of membership inference;
-* ``holdout_reference``: the "real data" baseline, scored exactly like a synthetic set. It is the ceiling a generator
-  can reach (fresh patients from the same population) and the baseline of attribute inference.
-
-Comparing the holdout with itself would give perfect figures that say nothing, hence the halves. ``train`` is a
-seeded sample of the train split as large as ``holdout_eval`` (members, attribute-inference victims, and the
-training set of the TRTR classifiers, the same size as each synthetic set by default); ``train_all`` is the whole
-train split, which the baselines are fitted on as the model was (dense float32: about 7 KB per patient at 1,800
-columns, 2 GB for MIMIC-IV's 300,000).
+* ``holdout``: every holdout row, the real reference of every fidelity figure (and of plausibility), the test set of
+  dimension-wise prediction and the unseen patients of the memorisation audit;
+* ``holdout_eval``: a seeded half of the holdout, the non-members of membership inference (against ``train``, a train
+  sample of the same size: the attack wants equal numbers of members and non-members) and the attacker's data of the
+  attribute inference baseline;
+* ``train``: that seeded train sample (members, attribute-inference victims);
+* ``train_all``: the whole train split, which the baselines are fitted on as the model was, the source of the real
+  train rows reference and of the TRTR classifiers' training rows (:meth:`RealData.train_sample`), and what the
+  exact-copy audit compares with (dense float32: about 7 KB per patient at 1,800 columns, 2 GB for MIMIC-IV's
+  300,000);
+* ``prompts`` and ``prompt_records``: summaries of a seeded sample of train patients and those patients' records, for
+  prompt faithfulness and the extractor check. Prompts never come from the holdout, whose patients are scored:
+  ``holdout_summaries`` lets a caller's own prompts be checked against them, and a train summary whose text is also a
+  holdout patient's summary is left out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ...data.ehr.schema import EHRSchema
 logger = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("sex", "age", "death", "num_admissions", "marital_status", "race", "icd10_categories")
+PROMPT_ROWS = 200
 
 
 @dataclass
@@ -39,13 +42,21 @@ class RealData:
     schema: EHRSchema
     train_all: np.ndarray
     train: np.ndarray
+    holdout: np.ndarray
     holdout_eval: np.ndarray
-    holdout_reference: np.ndarray
     train_rows: int
     holdout_rows: int
     synthetic_data: bool
-    eval_summaries: list[str] | None = None
-    eval_records: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[str] | None = None
+    prompt_records: list[dict[str, Any]] = field(default_factory=list)
+    holdout_summaries: frozenset[str] = frozenset()
+
+    def train_sample(self, n: int, seed: int) -> np.ndarray:
+        """A seeded sample without replacement of min(``n``, train size) train rows, in train order: the real train
+        rows reference, and the TRTR training set scored beside a synthetic set of ``n`` records."""
+        if n >= len(self.train_all):
+            return self.train_all
+        return self.train_all[np.sort(np.random.default_rng(seed).choice(len(self.train_all), n, replace=False))]
 
 
 def _vectors(split: Any, schema: EHRSchema, show_progress: bool, desc: str) -> np.ndarray:
@@ -53,8 +64,9 @@ def _vectors(split: Any, schema: EHRSchema, show_progress: bool, desc: str) -> n
 
 
 def load_real_data(dataset_dir: str | Path, seed: int = 0, show_progress: bool = True,
-                   argument: str = "--dataset") -> RealData:
-    """The splits of a prepared dataset folder, cut as the module docstring says; errors name ``argument``."""
+                   argument: str = "--dataset", prompt_rows: int = PROMPT_ROWS) -> RealData:
+    """The splits of a prepared dataset folder, cut as the module docstring says, with up to ``prompt_rows`` train
+    summaries as prompts; errors name ``argument``."""
     from ...hub.cards import training_data_record
 
     dataset, schema = load_training_dataset(dataset_dir, (TRAIN_SPLIT, HOLDOUT_SPLIT), argument)
@@ -63,27 +75,34 @@ def load_real_data(dataset_dir: str | Path, seed: int = 0, show_progress: bool =
         raise ValueError(f"{argument} {dataset_dir}: the holdout split has {len(holdout_split)} rows; the evaluation "
                          "needs at least 4 (two halves of at least 2)")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(holdout_split))
-    half = len(order) // 2
-    eval_rows, reference_rows = np.sort(order[:half]), np.sort(order[half:])
+    half = len(holdout_split) // 2
+    eval_rows = np.sort(rng.permutation(len(holdout_split))[:half])
     train_rows = np.sort(rng.choice(len(train_split), min(half, len(train_split)), replace=False))
     train_all = _vectors(train_split, schema, show_progress, "Encoding train")
-    eval_split = holdout_split.select(eval_rows)
-    summaries = list(eval_split["summary"]) if "summary" in eval_split.column_names else None
-    present = [name for name in RECORD_FIELDS if name in eval_split.column_names]
-    records = eval_split.select_columns(present).to_list()
+    holdout = _vectors(holdout_split, schema, show_progress, "Encoding holdout")
+    prompts, prompt_records, holdout_summaries = None, [], frozenset()
+    if "summary" in holdout_split.column_names:
+        holdout_summaries = frozenset(summary for summary in holdout_split["summary"] if summary)
+    if "summary" in train_split.column_names:
+        summaries = train_split["summary"]
+        # a seeded order of the train rows with a summary that is not also a holdout patient's
+        order = [int(i) for i in rng.permutation(len(train_split))
+                 if summaries[i] and summaries[i] not in holdout_summaries]
+        chosen = train_split.select(order[:prompt_rows])
+        prompts = list(chosen["summary"])
+        prompt_records = chosen.select_columns([n for n in RECORD_FIELDS if n in chosen.column_names]).to_list()
     return RealData(
         schema=schema,
         train_all=train_all,
         train=train_all[train_rows],
-        holdout_eval=_vectors(eval_split, schema, show_progress, "Encoding holdout (evaluation half)"),
-        holdout_reference=_vectors(holdout_split.select(reference_rows), schema, show_progress,
-                                   "Encoding holdout (reference half)"),
+        holdout=holdout,
+        holdout_eval=holdout[eval_rows],
         train_rows=len(train_split),
         holdout_rows=len(holdout_split),
         synthetic_data=bool(training_data_record(dataset_dir)["synthetic"]),
-        eval_summaries=summaries,
-        eval_records=records,
+        prompts=prompts,
+        prompt_records=prompt_records,
+        holdout_summaries=holdout_summaries,
     )
 
 

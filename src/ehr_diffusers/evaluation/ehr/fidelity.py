@@ -14,7 +14,13 @@ Definitions:
   x 1,000;
 * correlation (CMD): ||R_real - R_syn||_F over the code columns, with R the Pearson correlation matrix (a column with
   no variance correlates 0 with every other and 1 with itself), and Yan et al.'s (2022) scaling ||.||_F / d^2 x 10^6;
-* pairs: the ``top_k`` most frequent real code pairs, their rates in both, Pearson r and mean absolute difference;
+* pairs: the co-occurrence rate of a pair of codes i < j is P(i and j), the share of records holding both. ``pairs``
+  takes the ``top_k`` (100) most frequent pairs of the real split, ``pairs_all`` every pair of codes whose real
+  prevalence is at least ``min_prevalence`` (0.5%); each gives the Pearson r of the real and synthetic rates and their
+  mean absolute difference. Over all frequent pairs most rates are a few records, so sampling noise caps r well below
+  1 even for real rows (about 0.88 for 4,000 real train rows against a 1,000-patient holdout);
+* codes per patient: the 1-Wasserstein distance of the two distributions of codes per record, their means and maxima
+  (a generator that sometimes emits a record with hundreds of codes shows in the maximum);
 * demographics: 1-Wasserstein distance (and the two-sample Kolmogorov-Smirnov statistic) for age (years) and
   admissions (counts), total variation distance
   (half the L1 distance of the category shares) for binary and one-hot fields, both sides decoded with the same
@@ -26,12 +32,15 @@ Definitions:
   (in-sample), never one chosen on the holdout. Means are of per-code numbers; TSTR/TRTR ratios are ratios of means;
   agreement is the Pearson r of per-code TSTR vs TRTR AUROC.
 
-Bootstrap: ``prevalence``, ``correlation_distance``, ``pair_cooccurrence`` and ``codes_per_patient`` take
-``synthetic_weights``, one non-negative weight per synthetic row. A percentile bootstrap over synthetic records passes
-the resample's multiplicities, ``np.bincount(indices, minlength=n)``: the figures then equal those of the resampled
-rows exactly, at the cost of one weighted sparse Gram per replicate. The first three also take precomputed
-``code_moments`` on either side: the real side once for all replicates (its correlation matrix is kept), and
-``code_moments(synthetic_codes, weights)`` once per replicate for all three.
+Bootstrap: ``prevalence``, ``correlation_distance``, ``pair_cooccurrence``, ``pair_cooccurrence_all`` and
+``codes_per_patient`` take ``synthetic_weights``, one non-negative weight per synthetic row. A percentile bootstrap
+over synthetic records passes the resample's multiplicities, ``np.bincount(indices, minlength=n)``: the figures then
+equal those of the resampled rows exactly, at the cost of one weighted sparse Gram per replicate. All but the last
+also take precomputed ``code_moments`` on either side: the real side once for all replicates (its correlation matrix
+and pair choices are kept), and ``code_moments(synthetic_codes, weights)`` once per replicate for all of them.
+
+``headline_figures`` gives the headline numbers alone, as plain floats, for callers that score many sets quickly (the
+autoencoder's reconstructions during training).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from scipy import stats
 
 from ...data.ehr.schema import EHRSchema
 from ..stats import binary_f1, roc_auc
+from .privacy import exact_copies
 from .vectors import as_csr
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,8 @@ MIN_ROWS = 2
 # Dimension-wise prediction: the K most prevalent codes. 100 models take ~3.5 s per training source on one core for
 # 50,000 records of ~1,800 columns (the TRTR and TSTR fits run side by side on two cores).
 DEFAULT_TOP_K_CODES = 100
+TOP_K_PAIRS = 100
+MIN_PAIR_PREVALENCE = 0.005  # pairs_all: codes held by at least 0.5% of the real records
 NO_CATEGORY = "(none or several)"  # a one-hot field with no or several categories set, counted apart
 DEFAULT_C = 1.0          # inverse L2 strength, as scikit-learn's LogisticRegression (loss summed over rows)
 DEFAULT_MAX_ITER = 300
@@ -130,7 +142,7 @@ class CodeMoments:
         return corr
 
     @cached_property
-    def _ranked_pairs(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def _ranked_pairs(self) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
         return {}
 
     def top_pairs(self, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +150,15 @@ class CodeMoments:
         if top_k not in self._ranked_pairs:
             self._ranked_pairs[top_k] = _top_pairs(self.second, top_k)
         return self._ranked_pairs[top_k]
+
+    def frequent_pairs(self, min_prevalence: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair i < j of codes with prevalence at least ``min_prevalence``, kept per threshold."""
+        key = ("frequent", min_prevalence)
+        if key not in self._ranked_pairs:
+            frequent = np.flatnonzero(self.mean >= min_prevalence)
+            rows, cols = np.triu_indices(len(frequent), k=1)
+            self._ranked_pairs[key] = frequent[rows], frequent[cols]
+        return self._ranked_pairs[key]
 
 
 def code_moments(codes: Any, weights: Any = None) -> CodeMoments:
@@ -179,8 +200,11 @@ def _correlation(x: np.ndarray, y: np.ndarray, method: str) -> dict[str, Any]:
         return {"value": None, "reason": f"fewer than {MIN_ROWS} values"}
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"value": None, "reason": "one side has no variance"}
-    result = stats.pearsonr(x, y) if method == "pearson" else stats.spearmanr(x, y)
-    return {"value": float(result.statistic)}
+    if method == "spearman":
+        return {"value": float(stats.spearmanr(x, y).statistic)}
+    # Pearson directly: scipy's pearsonr adds a p-value that costs 10x the r on the 10^5 rates of pairs_all
+    x, y = x - x.mean(), y - y.mean()
+    return {"value": float(np.clip(np.dot(x, y) / np.sqrt(np.dot(x, x) * np.dot(y, y)), -1.0, 1.0))}
 
 
 def prevalence(real_codes: Any, synthetic_codes: Any, synthetic_weights: Any = None) -> dict[str, Any]:
@@ -230,35 +254,54 @@ def _top_pairs(second: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[order], cols[order]
 
 
-def pair_cooccurrence(real_codes: Any, synthetic_codes: Any, top_k: int = 100,
-                      synthetic_weights: Any = None) -> dict[str, Any]:
-    """Rates of the ``top_k`` most frequent real code pairs (i < j) in both data sets."""
-    real = _moments(real_codes, None, "real_codes")
-    synthetic = _moments(synthetic_codes, synthetic_weights, "synthetic_codes")
-    _same_codes(real.mean, synthetic.mean)
-    rows, cols = real.top_pairs(top_k)
+def _pair_rates(real: CodeMoments, synthetic: CodeMoments, rows: np.ndarray, cols: np.ndarray) -> dict[str, Any]:
     real_rates, synthetic_rates = real.second[rows, cols], synthetic.second[rows, cols]
     return {
         "pairs": len(rows),
         "pearson": _correlation(real_rates, synthetic_rates, "pearson"),
         "mean_abs_diff": float(np.abs(real_rates - synthetic_rates).mean()) if len(rows) else None,
-        "indices": np.stack([rows, cols], axis=1),
         "real_rates": real_rates,
         "synthetic_rates": synthetic_rates,
     }
 
 
+def pair_cooccurrence(real_codes: Any, synthetic_codes: Any, top_k: int = TOP_K_PAIRS,
+                      synthetic_weights: Any = None) -> dict[str, Any]:
+    """Co-occurrence rates P(i and j) of the ``top_k`` most frequent real code pairs (i < j) in both data sets."""
+    real = _moments(real_codes, None, "real_codes")
+    synthetic = _moments(synthetic_codes, synthetic_weights, "synthetic_codes")
+    _same_codes(real.mean, synthetic.mean)
+    rows, cols = real.top_pairs(top_k)
+    return {**_pair_rates(real, synthetic, rows, cols), "indices": np.stack([rows, cols], axis=1)}
+
+
+def pair_cooccurrence_all(real_codes: Any, synthetic_codes: Any, min_prevalence: float = MIN_PAIR_PREVALENCE,
+                          synthetic_weights: Any = None) -> dict[str, Any]:
+    """Co-occurrence rates of every pair (i < j) of codes with real prevalence at least ``min_prevalence``: the
+    pair structure beyond the few most common pairs, where a generator that only learned marginals falls behind."""
+    real = _moments(real_codes, None, "real_codes")
+    synthetic = _moments(synthetic_codes, synthetic_weights, "synthetic_codes")
+    _same_codes(real.mean, synthetic.mean)
+    rows, cols = real.frequent_pairs(min_prevalence)
+    return {**_pair_rates(real, synthetic, rows, cols), "min_prevalence": min_prevalence,
+            "codes": int((real.mean >= min_prevalence).sum())}
+
+
 def codes_per_patient(real_codes: Any, synthetic_codes: Any, synthetic_weights: Any = None) -> dict[str, Any]:
-    """Codes per record: means and the 1-Wasserstein distance of the two distributions (synthetic rows weighted by
-    ``synthetic_weights`` when given; the counts returned are per row, unweighted)."""
+    """Codes per record: means, maxima and the 1-Wasserstein distance of the two distributions (synthetic rows
+    weighted by ``synthetic_weights`` when given, the maximum taken over rows of positive weight; the counts returned
+    are per row, unweighted)."""
     real, synthetic = _code_csr(real_codes, "real_codes"), _code_csr(synthetic_codes, "synthetic_codes")
     real_counts = np.asarray(real.sum(axis=1), dtype=np.float64).ravel()
     synthetic_counts = np.asarray(synthetic.sum(axis=1), dtype=np.float64).ravel()
     weights = None if synthetic_weights is None else _weights(synthetic_weights, len(synthetic_counts),
                                                                 "synthetic_weights")
+    drawn = synthetic_counts if weights is None else synthetic_counts[weights > 0]
     return {
         "real_mean": float(real_counts.mean()),
         "synthetic_mean": float(np.average(synthetic_counts, weights=weights)),
+        "real_max": int(real_counts.max(initial=0)),
+        "synthetic_max": int(drawn.max(initial=0)),
         "wasserstein": float(stats.wasserstein_distance(real_counts, synthetic_counts, v_weights=weights)),
         "real_counts": real_counts,
         "synthetic_counts": synthetic_counts,
@@ -654,9 +697,9 @@ def _same_split(first: Any, second: Any) -> bool:
     return np.shares_memory(first, second) or np.array_equal(first, second)
 
 
-def fidelity(real: Any, synthetic: Any, schema: EHRSchema, top_k_pairs: int = 100, *, train: Any = None,
-             real_split: str = "holdout", top_k_codes: int = DEFAULT_TOP_K_CODES,
-             C: float = DEFAULT_C) -> dict[str, Any]:
+def fidelity(real: Any, synthetic: Any, schema: EHRSchema, top_k_pairs: int = TOP_K_PAIRS, *, train: Any = None,
+             real_split: str = "holdout", top_k_codes: int = DEFAULT_TOP_K_CODES, C: float = DEFAULT_C,
+             min_pair_prevalence: float = MIN_PAIR_PREVALENCE) -> dict[str, Any]:
     """Every figure above for one real split (``real``, named ``real_split``) and one synthetic set, vectors in
     ``schema``'s layout, dense or sparse.
 
@@ -684,8 +727,61 @@ def fidelity(real: Any, synthetic: Any, schema: EHRSchema, top_k_pairs: int = 10
         "prevalence": {**labelled, **prevalence(real_moments, synthetic_moments)},
         "correlation": {**labelled, **correlation_distance(real_moments, synthetic_moments)},
         "pairs": {**labelled, **pair_cooccurrence(real_moments, synthetic_moments, top_k_pairs)},
+        "pairs_all": {**labelled, **pair_cooccurrence_all(real_moments, synthetic_moments, min_pair_prevalence)},
         "codes_per_patient": {**labelled, **codes_per_patient(real_codes, synthetic_codes)},
         "never_generated": {**labelled, **never_generated(real_codes, synthetic_codes, schema.codes)},
         "demographics": {**labelled, "fields": demographics(real_x, synthetic_x, schema)},
         "dimension_wise": dimension_wise,
     }
+
+
+def headline_figures(holdout: np.ndarray, synthetic: np.ndarray, schema: EHRSchema,
+                     train: np.ndarray | None = None) -> dict[str, float]:
+    """The headline fidelity figures of ``synthetic`` against ``holdout`` as plain floats (schema vectors, code
+    columns present at >= 0.5), the same definitions as :func:`fidelity`, with no dimension-wise prediction and no
+    intervals: fast enough to score reconstructions or samples while training (0.4 s for 4,000 records of ~1,800
+    columns against a 4,000-patient holdout on 2 busy cores; 1.2 s with a 50,000-patient ``train``).
+
+    Keys: ``pairs_pearson`` (the holdout's 100 most frequent pairs), ``pairs_pearson_all`` (all pairs of codes with
+    holdout prevalence >= 0.5%), ``codes_per_patient_wasserstein``, ``codes_per_patient_real_mean``,
+    ``codes_per_patient_synthetic_mean``, ``codes_per_patient_real_max``, ``codes_per_patient_synthetic_max``,
+    ``prevalence_pearson``, ``prevalence_spearman``, ``cmd_yan``, ``age_wasserstein`` (years) and
+    ``num_admissions_wasserstein`` (when the schema has those fields); with ``train``, ``exact_copy_rate`` and its
+    reference ``holdout_copy_rate`` (:func:`~ehr_diffusers.evaluation.ehr.privacy.exact_copies`). A correlation that
+    is undefined (a side without variance) is NaN, with a warning naming it.
+    """
+    real_x, synthetic_x = _vectors(holdout, schema, "holdout"), _vectors(synthetic, schema, "synthetic")
+    if min(real_x.shape[0], synthetic_x.shape[0]) < MIN_ROWS:
+        raise ValueError(f"headline_figures needs at least {MIN_ROWS} holdout and synthetic records, got "
+                         f"{real_x.shape[0]} and {synthetic_x.shape[0]}")
+    codes = schema.slices["icd10_categories"]
+    real_codes, synthetic_codes = real_x[:, codes], synthetic_x[:, codes]
+    real, synthetic_moments = code_moments(real_codes), code_moments(synthetic_codes)
+    shares = prevalence(real, synthetic_moments)
+    counts = codes_per_patient(real_codes, synthetic_codes)
+    correlations = {"pairs_pearson": pair_cooccurrence(real, synthetic_moments)["pearson"],
+                    "pairs_pearson_all": pair_cooccurrence_all(real, synthetic_moments)["pearson"],
+                    "prevalence_pearson": shares["pearson"], "prevalence_spearman": shares["spearman"]}
+    out: dict[str, float] = {}
+    for key, result in correlations.items():
+        if result["value"] is None:
+            logger.warning("headline_figures: %s is undefined (%s); reported as NaN", key, result["reason"])
+        out[key] = float("nan") if result["value"] is None else result["value"]
+    out.update({"codes_per_patient_wasserstein": counts["wasserstein"],
+                "codes_per_patient_real_mean": counts["real_mean"],
+                "codes_per_patient_synthetic_mean": counts["synthetic_mean"],
+                "codes_per_patient_real_max": float(counts["real_max"]),
+                "codes_per_patient_synthetic_max": float(counts["synthetic_max"]),
+                "cmd_yan": correlation_distance(real, synthetic_moments)["yan_scaled"]})
+    real_fields, synthetic_fields = _fields(real_x, schema), _fields(synthetic_x, schema)
+    for name in ("age", "num_admissions"):
+        if name in schema.slices and schema[name].kind in ("continuous", "count"):
+            column = schema.slices[name].start
+            out[f"{name}_wasserstein"] = float(stats.wasserstein_distance(
+                schema.decode_column(name, real_fields[:, column]),
+                schema.decode_column(name, synthetic_fields[:, column])))
+    if train is not None:
+        train_codes = _vectors(train, schema, "train")[:, codes]
+        out["exact_copy_rate"] = exact_copies(synthetic_codes, train_codes)["rate"]
+        out["holdout_copy_rate"] = exact_copies(real_codes, train_codes)["rate"]
+    return out

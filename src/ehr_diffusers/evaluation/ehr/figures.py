@@ -3,12 +3,14 @@ naming its method. A figure that cannot be computed is None with the reason.
 
 Intervals, by figure:
 
-* fidelity (prevalence, correlation, pairs, codes per patient, demographics): normal bootstrap interval over the
-  synthetic records, the real split held fixed (each replicate one weighted sparse Gram matrix); it says how much the
-  figure would move with another sample of the same size from the same generator. Comparisons are fair because every
-  method is scored at the same size;
+* fidelity (prevalence, correlation, pairs, codes per patient, demographics), against the whole holdout: normal
+  bootstrap interval over the synthetic records, the real split held fixed (each replicate one weighted sparse Gram
+  matrix); it says how much the figure would move with another sample of the same size from the same generator.
+  Comparisons are fair because every method is scored at the same size. Maxima and counts over the whole set have no
+  interval;
 * membership inference, distance to closest record and attribute inference (Yan et al. 2022): percentile bootstrap
-  over the attacked real records, or over the synthetic records for the distance to closest record;
+  over the attacked real records, or over the synthetic records for the distance to closest record; exact-copy
+  rates: Wilson;
 * dimension-wise prediction (Choi et al. 2017; Yan et al. 2022): t intervals over the evaluated codes for the means,
   a bootstrap over codes for the TSTR/TRTR ratio and a Fisher z interval for the per-code agreement (refitting 100
   models per replicate is not affordable);
@@ -32,6 +34,7 @@ from ..stats import (
     roc_auc,
     tpr_at_fpr,
     two_sample_bootstrap,
+    wilson_interval,
 )
 from .data import RealData
 from .fidelity import (
@@ -40,6 +43,7 @@ from .fidelity import (
     correlation_distance,
     field_categories,
     pair_cooccurrence,
+    pair_cooccurrence_all,
     prevalence,
 )
 from .privacy import attribute_bootstrap, membership_f1
@@ -75,6 +79,7 @@ FIDELITY_FIGURES = (("prevalence_pearson", "prevalence", ("pearson", "value")),
                     ("cmd_yan", "correlation", ("yan_scaled",)),
                     ("cmd_frobenius", "correlation", ("frobenius",)),
                     ("pairs_pearson", "pairs", ("pearson", "value")),
+                    ("pairs_pearson_all", "pairs_all", ("pearson", "value")),
                     ("codes_per_patient_wasserstein", "codes_per_patient", ("wasserstein",)))
 
 
@@ -83,10 +88,10 @@ def figure_support(key: str) -> tuple[float, float]:
     than claiming, say, a negative total variation."""
     if key.endswith(("_pearson", "_spearman")) or key == "agreement" or key == "aia_difference":
         return -1.0, 1.0
-    if key.endswith(("_total_variation", "_auroc", "_f1", "_share", "_fpr")) or key.startswith("any_rule") \
+    if key.endswith(("_total_variation", "_auroc", "_f1", "_share", "_fpr", "_rate")) or key.startswith("any_rule") \
             or key == "mia_auc":
         return 0.0, 1.0
-    if key.endswith(("_wasserstein", "_x1000", "_mean", "_ratio")) or key.startswith("cmd_") \
+    if key.endswith(("_wasserstein", "_x1000", "_mean", "_max", "_ratio")) or key.startswith("cmd_") \
             or key == "codes_never_generated":
         return 0.0, np.inf
     return -np.inf, np.inf
@@ -99,7 +104,7 @@ def fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndarr
     split = raw["prevalence"]["split"]
     codes = schema.slices["icd10_categories"]
     # sparse once, not per replicate
-    real_codes = sparse.csr_matrix(real.holdout_eval[:, codes] >= 0.5, dtype=np.float32)
+    real_codes = sparse.csr_matrix(real.holdout[:, codes] >= 0.5, dtype=np.float32)
     synthetic_codes = sparse.csr_matrix(synthetic[:, codes] >= 0.5, dtype=np.float32)
     real_moments = code_moments(real_codes)
     n = len(synthetic)
@@ -107,11 +112,11 @@ def fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndarr
     for name, field in raw["demographics"]["fields"].items():
         column = schema.slices[name]
         if "wasserstein" in field:
-            fields[name] = ("wasserstein", schema.decode_column(name, real.holdout_eval[:, column.start]),
+            fields[name] = ("wasserstein", schema.decode_column(name, real.holdout[:, column.start]),
                             schema.decode_column(name, synthetic[:, column.start]))
         else:
             width = 2 if schema[name].kind == "binary" else schema[name].width + 1  # + none or several
-            real_category = field_categories(real.holdout_eval[:, column])
+            real_category = field_categories(real.holdout[:, column])
             fields[name] = ("total_variation", np.bincount(real_category, minlength=width) / len(real_category),
                             field_categories(synthetic[:, column]))
     replicates: dict[str, list[float | None]] = {key: [] for key, _, _ in FIDELITY_FIGURES}
@@ -124,6 +129,7 @@ def fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndarr
         sections = {"prevalence": prevalence(real_moments, moments),
                     "correlation": correlation_distance(real_moments, moments),
                     "pairs": pair_cooccurrence(real_moments, moments, raw["pairs"]["pairs"]),
+                    "pairs_all": pair_cooccurrence_all(real_moments, moments, raw["pairs_all"]["min_prevalence"]),
                     "codes_per_patient": codes_per_patient(real_codes, synthetic_codes, weights)}
         for key, section, path in FIDELITY_FIGURES:
             replicates[key].append(_lookup(sections[section], path)[0])
@@ -145,6 +151,9 @@ def fidelity_figures(raw: Mapping[str, Any], real: RealData, synthetic: np.ndarr
                                                 "t interval")
     out["codes_per_patient_synthetic_mean"] = figure(
         cpp["synthetic_mean"], split, mean_interval(cpp["synthetic_counts"]) if n > 1 else None, "t interval")
+    out["codes_per_patient_real_max"] = figure(cpp["real_max"], split, reason="a maximum over the whole real split")
+    out["codes_per_patient_synthetic_max"] = figure(cpp["synthetic_max"], split,
+                                                    reason="a maximum over the whole synthetic set")
     for name, (kind, _, _) in fields.items():
         key, value = f"{name}_{kind}", raw["demographics"]["fields"][name][kind]
         out[key] = figure(value, split, normal_interval(value, replicates[key], figure_support(key)), method)
@@ -197,8 +206,8 @@ def utility_figures(raw: Mapping[str, Any], reps: int, seed: int) -> dict[str, d
 
 
 def privacy_figures(raw: Mapping[str, Any], reps: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Membership inference, distance to closest record and attribute inference with percentile bootstrap
-    intervals over the records each one resamples."""
+    """Membership inference, attribute inference and the memorisation audit (distance to closest record, exact
+    copies) with percentile bootstrap intervals over the records each one resamples, Wilson for the copy rates."""
     mia, dcr, aia = raw["membership_inference"], raw["distance_to_closest_record"], raw["attribute_inference"]
     split = "train (members) vs holdout_eval (non-members)"
     out: dict[str, dict[str, Any]] = {}
@@ -217,16 +226,25 @@ def privacy_figures(raw: Mapping[str, Any], reps: int, seed: int) -> dict[str, d
         for key, (value, statistic) in statistics.items():
             out[key] = figure(value, split, two_sample_bootstrap(statistic, members, nonmembers, reps, seed), method,
                               members=len(members), nonmembers=len(nonmembers))
+    dcr_split = "train sample vs holdout (equal sizes)"
     if dcr.get("share_closer_to_train") is None:
-        out["dcr_share"] = figure(None, "train vs holdout_eval", reason=dcr.get("reason"))
+        out["dcr_share"] = figure(None, dcr_split, reason=dcr.get("reason"))
     else:
         closer = dcr["closer_to_train"]
         # resampling the synthetic records only: which real patients happened to land in train moves the share
         # more (0.45-0.55 between random splits of independent data at 3,000 rows), so this interval is too narrow
-        out["dcr_share"] = figure(dcr["share_closer_to_train"], "train vs holdout_eval",
+        out["dcr_share"] = figure(dcr["share_closer_to_train"], dcr_split,
                                   bootstrap_interval(lambda i: closer[i].mean(), len(closer), reps, seed),
                                   f"percentile bootstrap over synthetic records ({reps} replicates); the real "
-                                  "train/holdout assignment is held fixed, so it understates the uncertainty")
+                                  "train/holdout assignment is held fixed, so it understates the uncertainty",
+                                  distance=dcr["distance"], train_rows=dcr["train_rows"],
+                                  holdout_rows=dcr["holdout_rows"], synthetic_rows=dcr["synthetic_rows"])
+    for key, side, split_name in (("exact_copy_rate", "synthetic", "the set's records vs train"),
+                                  ("holdout_copy_rate", "holdout", "holdout records vs train (reference)")):
+        copies = raw["exact_copies"][side]
+        ci = wilson_interval(copies["copies"], copies["eligible"]) if copies["eligible"] else None
+        out[key] = figure(copies["rate"], split_name, ci, "Wilson", copies.get("reason"), copies=copies["copies"],
+                          eligible=copies["eligible"], min_codes=copies["min_codes"])
     if aia.get("f1") is None:
         for key in ("aia_f1", "aia_baseline_f1", "aia_difference"):
             out[key] = figure(None, "train victims", reason=aia.get("reason"))
@@ -246,7 +264,7 @@ def plausibility_figures(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for side in ("real", "synthetic"):
         entry = raw["any_rule"][side]
-        split = "holdout_eval" if side == "real" else "the set's own records"
+        split = "holdout" if side == "real" else "the set's own records"
         out[f"any_rule_{side}"] = figure(entry.get("rate"), split, entry.get("ci"), "Wilson", entry.get("reason"),
                                          violations=entry.get("violations"), eligible=entry.get("eligible"))
     return out

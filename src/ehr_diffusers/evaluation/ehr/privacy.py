@@ -1,5 +1,5 @@
-"""Privacy of synthetic records against the real training split: membership inference, attribute inference and
-distance to closest record.
+"""Privacy of synthetic records against the real training split: membership inference, attribute inference and a
+memorisation audit (distance to closest record, exact copies).
 
 Every function takes vectors in one ``EHRSchema`` layout (``schema.encode``), as dense arrays or scipy sparse
 matrices. A figure that cannot be computed (fewer than 2 rows on a side) is None with a ``reason``, never a silent
@@ -44,19 +44,31 @@ clipped at 0 and rounded to 6 decimals; tests check them against brute force.
   real patients who are not the victims. When the two sets differ in size the larger is sampled (seeded) to the size
   of the smaller, so both attacks search equally many records. ``difference`` = f1 - baseline_f1; above 0 the
   synthetic records disclose more than real non-victims do.
-* Distance to closest record (DCR): for each synthetic record, whether its nearest real record is in train or in the
-  holdout (the same equal-size samples as membership inference; ties count one half). The share closer to train is
-  0.5 when the model does not copy; per record: ``closer_to_train`` (1, 0.5 or 0), whose mean is the share.
+* Distance to closest record (DCR share, on code sets): for each synthetic record, the Jaccard distance
+  1 - |A n B| / |A u B| of its set of codes (ICD-10 categories; two empty sets are at 0) to the nearest record of a
+  seeded train sample and to the nearest holdout record, the train sample as large as the holdout (or all of train
+  when it is smaller). The share of synthetic records closer to train, ties counted one half, is 0.5 when the model is
+  no closer to its training patients than to unseen ones; per record: ``closer_to_train`` (1, 0.5 or 0), whose mean
+  is the share. Copies of sampled train patients score 1, but a copy of a train patient outside the sample looks
+  fresh: a generator that copies a train split f times the holdout's size scores about (1 + 1/f) / 2 (0.62 at
+  f = 4), which the exact-copy rate below catches. At most 10,000 synthetic records are audited (a seeded sample of
+  larger sets). It replaces an earlier DCR over squared Euclidean distances of whole schema vectors, against train and
+  holdout samples of half the holdout's size: the code set is what identifies a patient, and demographics blurred it.
+* Exact copies: the share of synthetic records with at least 2 codes whose exact code set (demographics aside) is the
+  code set of some train record, among the synthetic records with at least 2 codes (a set of 0 or 1 codes is shared
+  by many patients and says nothing about copying). The reference is the holdout's own rate, the share of holdout
+  records with at least 2 codes whose code set occurs in train: how often unseen real patients repeat a train
+  patient's diagnoses by chance. A generator above it reproduces train patients.
 
-``privacy`` runs all three and shares one pass over the train x synthetic and holdout x synthetic pairs between
-membership inference (row minima) and DCR (column minima).
+``privacy`` runs membership and attribute inference; ``memorisation`` the distance to closest record and the exact
+copies, against the whole train split and the whole holdout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -168,14 +180,12 @@ def _bags(queries: sparse.csr_matrix, binary: np.ndarray) -> tuple[torch.Tensor,
             torch.from_numpy(offsets.astype(np.int64)))
 
 
-def _chunk_search(
-    chunk: sparse.csr_matrix, references: _References, binary: np.ndarray, want_index: bool, want_reverse: bool
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One chunk of queries against every reference block: nearest distance (float32), index, reverse minima."""
+def _chunk_search(chunk: sparse.csr_matrix, references: _References, binary: np.ndarray,
+                  want_index: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One chunk of queries against every reference block: nearest distance (float32) and index."""
     indices, weights, offsets = _bags(chunk, binary)
     best = torch.full((chunk.shape[0],), float("inf"))
     best_index = torch.zeros(chunk.shape[0], dtype=torch.int64)
-    reverse = torch.full((references.rows,), float("inf")) if want_reverse else None
     for block_start, table in zip(references.starts, references.tables):
         squared = torch.nn.functional.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
         block_best = squared.amin(dim=1)
@@ -184,10 +194,25 @@ def _chunk_search(
             improved = torch.nonzero(block_best < best).squeeze(1)
             best_index[improved] = squared[improved].argmin(dim=1) + block_start
         best = torch.minimum(best, block_best)
-        if want_reverse:
-            reverse[block_start : block_start + table.shape[1]] = squared.amin(dim=0)
-    return (best.numpy(), best_index.numpy() if want_index else None,
-            reverse.numpy() if want_reverse else None)
+    return best.numpy(), best_index.numpy() if want_index else None
+
+
+def _chunk_jaccard(chunk: sparse.csr_matrix, references: _References) -> np.ndarray:
+    """One chunk of 0/1 code rows against every reference block: the nearest Jaccard distance (float32). The shared
+    codes of a query and every reference of a block are one embedding_bag sum over the query's codes; a reference's
+    code count is its table's binary-norm row. Counts are whole numbers and the division is correctly rounded, so
+    equal distances tie exactly."""
+    codes = references.columns
+    indices = torch.from_numpy(chunk.indices.astype(np.int64))
+    offsets = torch.from_numpy(chunk.indptr[:-1].astype(np.int64))
+    sizes = torch.from_numpy(np.diff(chunk.indptr).astype(np.float32))[:, None]
+    best = torch.full((chunk.shape[0],), float("inf"))
+    for table in references.tables:
+        shared = torch.nn.functional.embedding_bag(indices, table, offsets, mode="sum")
+        union = sizes + table[codes + 1][None, :] - shared
+        distance = torch.where(union > 0, 1.0 - shared / union.clamp_min(1.0), 0.0)
+        best = torch.minimum(best, distance.amin(dim=1))
+    return best.numpy()
 
 
 @contextlib.contextmanager
@@ -200,38 +225,34 @@ def _intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _in_chunks(n: int, chunk_rows: int, work: Callable[[int, int], Any]) -> list[Any]:
+    """``work(start, stop)`` over chunks of at most ``chunk_rows`` of ``n`` queries, in order.
+
+    Chunks run on ``torch.get_num_threads()`` Python threads (torch releases the GIL) with torch's own intra-op
+    parallelism set to 1 meanwhile: each call is ~0.5 ms of work, and OpenMP's per-call barriers made a 2-thread run
+    4x slower than 1 thread on a busy 2-core machine, where independent chunks just share the cores."""
+    workers = torch.get_num_threads()
+    chunks = workers * max(1, -(-n // (workers * chunk_rows)))  # a multiple of the workers, each <= chunk_rows
+    chunk_rows = max(1, -(-n // chunks))
+    with _intra_op_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda start: work(start, start + chunk_rows), range(0, n, chunk_rows)))
+
+
 def _search(
     queries: sparse.csr_matrix,
     references: _References,
     binary: np.ndarray,
     want_index: bool = False,
-    want_reverse: bool = False,
     chunk_rows: int = CHUNK_ROWS,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Per query the nearest squared distance (and the lowest reference index at it); per reference, with
-    ``want_reverse``, the nearest squared distance to any query.
-
-    Chunks of queries run on ``torch.get_num_threads()`` Python threads (torch releases the GIL) with torch's own
-    intra-op parallelism set to 1 meanwhile: each call is ~0.5 ms of work, and OpenMP's per-call barriers made a
-    2-thread run 4x slower than 1 thread on a busy 2-core machine, where independent chunks just share the cores."""
-    n = queries.shape[0]
-    workers = torch.get_num_threads()
-    chunks = workers * max(1, -(-n // (workers * chunk_rows)))  # a multiple of the workers, each <= chunk_rows
-    chunk_rows = max(1, -(-n // chunks))
-    with _intra_op_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda start: _chunk_search(queries[start : start + chunk_rows], references, binary,
-                                                          want_index, want_reverse), range(0, n, chunk_rows)))
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per query the nearest squared distance (and the lowest reference index at it)."""
+    parts = _in_chunks(queries.shape[0], chunk_rows,
+                       lambda start, stop: _chunk_search(queries[start:stop], references, binary, want_index))
     nearest = np.concatenate([part[0] for part in parts]).astype(np.float64) if parts else np.empty(0)
     index = None
     if want_index:
         index = np.concatenate([part[1] for part in parts]) if parts else np.empty(0, dtype=np.int64)
-    reverse = None
-    if want_reverse:
-        reverse = np.full(references.rows, np.inf)
-        for part in parts:
-            np.minimum(reverse, part[2], out=reverse)
-        reverse = _clean(reverse)
-    return _clean(nearest), index, reverse
+    return _clean(nearest), index
 
 
 def _clean(distances: np.ndarray) -> np.ndarray:
@@ -247,15 +268,25 @@ def nearest_distances(queries: Vectors, references: Vectors, chunk_rows: int = C
     return _search(arrays["queries"], _References(arrays["references"], binary), binary, chunk_rows=chunk_rows)[0]
 
 
+def nearest_jaccard(queries: Vectors, references: Vectors, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """For each query row, the Jaccard distance of its set of present columns (values >= 0.5) to the nearest
+    reference row's (float64; two empty sets are at distance 0)."""
+    arrays = _check_arrays(None, queries=queries, references=references)
+    queries, references = (_present(arrays[name], np.arange(arrays[name].shape[1]))
+                           for name in ("queries", "references"))
+    table = _References(references, np.ones(references.shape[1], dtype=bool))
+    parts = _in_chunks(queries.shape[0], chunk_rows, lambda start, stop: _chunk_jaccard(queries[start:stop], table))
+    return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+
+
 def nearest_neighbours(queries: Vectors, references: Vectors,
                        chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the distance to its nearest reference row and that row's index (the lowest index among
     equally near rows)."""
     arrays = _check_arrays(None, queries=queries, references=references)
     binary = _binary_columns(arrays["queries"], arrays["references"])
-    distance, index, _ = _search(arrays["queries"], _References(arrays["references"], binary), binary,
-                                 want_index=True, chunk_rows=chunk_rows)
-    return distance, index
+    return _search(arrays["queries"], _References(arrays["references"], binary), binary, want_index=True,
+                   chunk_rows=chunk_rows)
 
 
 # ----------------------------------------------------------------------------------------- membership inference
@@ -273,18 +304,13 @@ def _balanced(train: sparse.csr_matrix, holdout: sparse.csr_matrix, seed: int) -
     return rng.choice(train.shape[0], n, replace=False), rng.choice(holdout.shape[0], n, replace=False)
 
 
-def _distances_to_synthetic(arrays: dict[str, sparse.csr_matrix], seed: int,
-                            want_reverse: bool) -> tuple[np.ndarray, ...]:
-    """One pass over (train sample x synthetic) and one over (holdout sample x synthetic): the members' and
-    non-members' nearest distances, and with ``want_reverse`` each synthetic record's nearest distance to either
-    sample."""
+def _distances_to_synthetic(arrays: dict[str, sparse.csr_matrix], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The members' (train sample) and non-members' (holdout sample) nearest distances to the synthetic set."""
     train_rows, holdout_rows = _balanced(arrays["train"], arrays["holdout"], seed)
     members, nonmembers = arrays["train"][train_rows], arrays["holdout"][holdout_rows]
     binary = _binary_columns(members, nonmembers, arrays["synthetic"])
     synthetic = _References(arrays["synthetic"], binary)
-    member, _, to_train = _search(members, synthetic, binary, want_reverse=want_reverse)
-    nonmember, _, to_holdout = _search(nonmembers, synthetic, binary, want_reverse=want_reverse)
-    return member, nonmember, to_train, to_holdout
+    return _search(members, synthetic, binary)[0], _search(nonmembers, synthetic, binary)[0]
 
 
 def _membership_figures(member_distance: np.ndarray, nonmember_distance: np.ndarray, theta: float,
@@ -302,15 +328,6 @@ def _membership_figures(member_distance: np.ndarray, nonmember_distance: np.ndar
     }
 
 
-def _dcr_figures(to_train: np.ndarray, to_holdout: np.ndarray, real_rows_each: int) -> dict[str, Any]:
-    closer = (to_train < to_holdout) + 0.5 * (to_train == to_holdout)
-    return {"share_closer_to_train": float(closer.mean()), "real_rows_each": real_rows_each,
-            "synthetic_rows": len(closer),
-            "median_distance_to_train": float(np.median(to_train)),
-            "median_distance_to_holdout": float(np.median(to_holdout)),
-            "closer_to_train": closer, "distances_to_train": to_train, "distances_to_holdout": to_holdout}
-
-
 def _skipped(reason: str, empty: dict[str, Any]) -> dict[str, Any]:
     logger.info("%s", reason)
     return {"reason": reason, **empty}
@@ -326,7 +343,6 @@ def _too_few(name: str, arrays: dict[str, sparse.csr_matrix]) -> str | None:
 
 SWEEP = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
 MIA_SKIPPED = {"f1": None, "f1_sweep": None, "auc": None, "tpr_at_1pct_fpr": None}
-DCR_SKIPPED = {"share_closer_to_train": None}
 
 
 def membership_inference(
@@ -343,19 +359,7 @@ def membership_inference(
     reason = _too_few("membership inference", arrays)
     if reason:
         return _skipped(reason, MIA_SKIPPED)
-    member_distance, nonmember_distance, _, _ = _distances_to_synthetic(arrays, seed, want_reverse=False)
-    return _membership_figures(member_distance, nonmember_distance, theta, sweep)
-
-
-def distance_to_closest_record(train: Vectors, holdout: Vectors, synthetic: Vectors, seed: int = 0,
-                               schema: EHRSchema | None = None) -> dict[str, Any]:
-    """Share of synthetic records nearer to train than to the holdout, with equal-size real samples (ideal 0.5)."""
-    arrays = _check_arrays(schema, train=train, holdout=holdout, synthetic=synthetic)
-    reason = _too_few("distance to closest record", arrays)
-    if reason:
-        return _skipped(reason, DCR_SKIPPED)
-    member_distance, _, to_train, to_holdout = _distances_to_synthetic(arrays, seed, want_reverse=True)
-    return _dcr_figures(to_train, to_holdout, len(member_distance))
+    return _membership_figures(*_distances_to_synthetic(arrays, seed), theta, sweep)
 
 
 # ------------------------------------------------------------------------------------------ attribute inference
@@ -493,7 +497,7 @@ def attribute_inference(
         references = _sample_to(arrays[name], size, rng)
         known_references = references[:, known].tocsr()
         binary = _binary_columns(victims, known_references)
-        _, neighbour, _ = _search(victims, _References(known_references, binary), binary, want_index=True)
+        _, neighbour = _search(victims, _References(known_references, binary), binary, want_index=True)
         predicted[name] = _present(references, unknown)[neighbour]
     f1 = attribute_f1(true, predicted["synthetic"], weights)
     baseline = attribute_f1(true, predicted["holdout"], weights)
@@ -519,7 +523,79 @@ def attribute_inference(
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- all three
+# ---------------------------------------------------------------------------------------------- memorisation audit
+MIN_COPY_CODES = 2
+# DCR searches (synthetic x (train sample + holdout)) pairs: at most this many synthetic records (a seeded sample), so
+# that 50,000 records against a 50,000-patient holdout stay seconds; the share's standard error is then <= 0.005.
+DCR_MAX_SYNTHETIC = 10_000
+DCR_SKIPPED = {"share_closer_to_train": None}
+
+
+def _code_rows(arrays: dict[str, sparse.csr_matrix], schema: EHRSchema | None) -> dict[str, sparse.csr_matrix]:
+    """The code columns (the schema's ICD-10 group, or every column without a schema) as 0/1 at >= 0.5."""
+    first = next(iter(arrays.values()))
+    columns = np.arange(first.shape[1])[schema.slices[CODES]] if schema is not None else np.arange(first.shape[1])
+    return {name: _present(matrix, columns) for name, matrix in arrays.items()}
+
+
+def distance_to_closest_record(train: Vectors, holdout: Vectors, synthetic: Vectors, seed: int = 0,
+                               schema: EHRSchema | None = None,
+                               max_synthetic: int = DCR_MAX_SYNTHETIC) -> dict[str, Any]:
+    """The DCR share of the module docstring: synthetic records whose code set is nearer (Jaccard) to a seeded train
+    sample as large as ``holdout`` than to ``holdout`` (ties one half; 0.5 = no closer to train than to unseen
+    patients), over at most ``max_synthetic`` synthetic records (a seeded sample beyond that; ``synthetic_rows``
+    says how many). ``schema`` names the code columns; without it every column is a code."""
+    arrays = _code_rows(_check_arrays(schema, train=train, holdout=holdout, synthetic=synthetic), schema)
+    short = [f"{name} has no rows" for name, matrix in arrays.items() if matrix.shape[0] == 0]
+    if short:
+        return _skipped(f"distance to closest record skipped: {', '.join(short)}", DCR_SKIPPED)
+    rng = np.random.default_rng(seed)
+    size = min(arrays["holdout"].shape[0], arrays["train"].shape[0])
+    sample = _sample_to(arrays["train"], size, rng)
+    queries = _sample_to(arrays["synthetic"], min(arrays["synthetic"].shape[0], max_synthetic), rng)
+    to_train, to_holdout = nearest_jaccard(queries, sample), nearest_jaccard(queries, arrays["holdout"])
+    closer = (to_train < to_holdout) + 0.5 * (to_train == to_holdout)
+    return {"share_closer_to_train": float(closer.mean()), "train_rows": size,
+            "holdout_rows": arrays["holdout"].shape[0], "synthetic_rows": len(closer),
+            "synthetic_rows_given": arrays["synthetic"].shape[0], "distance": "Jaccard over code sets",
+            "median_distance_to_train": float(np.median(to_train)),
+            "median_distance_to_holdout": float(np.median(to_holdout)),
+            "closer_to_train": closer, "distances_to_train": to_train, "distances_to_holdout": to_holdout}
+
+
+def _code_sets(codes: sparse.csr_matrix) -> list[bytes]:
+    """Each row's set of codes as bytes (canonical CSR: sorted column indices), hashable and exact."""
+    indices = codes.indices.astype(np.int32)
+    return [indices[start:stop].tobytes() for start, stop in zip(codes.indptr[:-1], codes.indptr[1:])]
+
+
+def exact_copies(records: Vectors, train: Vectors, schema: EHRSchema | None = None,
+                 min_codes: int = MIN_COPY_CODES) -> dict[str, Any]:
+    """Among ``records`` with at least ``min_codes`` codes, how many have exactly the code set of some ``train``
+    record: ``copies``, ``eligible`` and ``rate`` (None with a reason when no record is eligible). ``schema`` names
+    the code columns; without it every column is a code (values >= 0.5 present)."""
+    arrays = _code_rows(_check_arrays(schema, records=records, train=train), schema)
+    counts = np.diff(arrays["records"].indptr)
+    eligible = np.flatnonzero(counts >= min_codes)
+    known = set(_code_sets(arrays["train"]))
+    copied = int(sum(code_set in known for code_set in _code_sets(arrays["records"][eligible])))
+    out: dict[str, Any] = {"copies": copied, "eligible": len(eligible), "records": arrays["records"].shape[0],
+                           "min_codes": min_codes, "train_rows": arrays["train"].shape[0]}
+    if not len(eligible):
+        return {**out, "rate": None, "reason": f"no record has at least {min_codes} codes"}
+    return {**out, "rate": copied / len(eligible)}
+
+
+def memorisation(train: Vectors, holdout: Vectors, synthetic: Vectors, schema: EHRSchema | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """The memorisation audit against the whole ``train`` split and the whole ``holdout``: the DCR share and the
+    exact-copy rate of ``synthetic``, with the holdout's own exact-copy rate as its reference."""
+    return {"distance_to_closest_record": distance_to_closest_record(train, holdout, synthetic, seed, schema),
+            "exact_copies": {"synthetic": exact_copies(synthetic, train, schema),
+                             "holdout": exact_copies(holdout, train, schema)}}
+
+
+# ----------------------------------------------------------------------------------------------------- both attacks
 def privacy(
     train: Vectors,
     holdout: Vectors,
@@ -529,16 +605,14 @@ def privacy(
     known_codes: int = 256,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Membership inference, distance to closest record and attribute inference, equal to the three functions
-    called one by one with the same seed, with one pass over the pairs for the first two."""
+    """Membership inference and attribute inference, equal to the two functions called one by one with the same
+    seed."""
     arrays = _check_arrays(schema, train=train, holdout=holdout, synthetic=synthetic)
     _known_split(schema, known_codes)  # bad known_codes fail before the long part
-    reason = _too_few("membership inference and distance to closest record", arrays)
+    reason = _too_few("membership inference", arrays)
     if reason:
-        mia, dcr = _skipped(reason, MIA_SKIPPED), {"reason": reason, **DCR_SKIPPED}
+        mia = _skipped(reason, MIA_SKIPPED)
     else:
-        member_distance, nonmember_distance, to_train, to_holdout = _distances_to_synthetic(arrays, seed, True)
-        mia = _membership_figures(member_distance, nonmember_distance, theta, SWEEP)
-        dcr = _dcr_figures(to_train, to_holdout, len(member_distance))
+        mia = _membership_figures(*_distances_to_synthetic(arrays, seed), theta, SWEEP)
     aia = attribute_inference(arrays["train"], arrays["holdout"], arrays["synthetic"], schema, known_codes, seed)
-    return {"membership_inference": mia, "distance_to_closest_record": dcr, "attribute_inference": aia}
+    return {"membership_inference": mia, "attribute_inference": aia}

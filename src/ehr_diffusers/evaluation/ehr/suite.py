@@ -2,11 +2,16 @@
 with a confidence interval on every figure (:mod:`.figures`); the report and ``ehr-diffusers evaluate`` render what
 this returns.
 
-What is scored. Fidelity and privacy use unconditional records (the learned null condition): records prompted with
-real patients' summaries would carry those patients into the synthetic set and flatter fidelity against them (and
-fake privacy, as the holdout would look like "members"). Prompt faithfulness is measured on its own, on records
-prompted with summaries of holdout patients (the evaluation half, :mod:`~ehr_diffusers.evaluation.ehr.data`), with
-a bootstrap over prompts (records of one prompt are not independent).
+What is scored. Fidelity and privacy use unconditional records (the learned null condition), 4,000 by default:
+records prompted with real patients' summaries would carry those patients into the synthetic set and flatter fidelity
+against them (and fake privacy, as the holdout would look like "members"). Every fidelity figure, the dimension-wise
+test set and plausibility use the whole holdout (:mod:`~ehr_diffusers.evaluation.ehr.data`); membership inference
+keeps equal halves (a train sample as members, half the holdout as non-members); the memorisation audit compares with
+the whole train split and the whole holdout. Each set is scored beside the independent-marginals baseline and real
+train rows (the reference) of the same size. Prompt faithfulness is measured on its own, on records prompted with
+summaries of a seeded sample of train patients (never the holdout, whose patients are scored; prompts a caller passes
+are checked against the holdout's summaries), with a bootstrap over prompts (records of one prompt are not
+independent).
 
 Seeds: the benchmark (``benchmarks/fidelity_table.py``) repeats runs over seeds; within a run the intervals are the
 uncertainty.
@@ -15,7 +20,7 @@ uncertainty.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,21 +39,36 @@ from .presentation import (
     DEFINITIONS,
     LABELS,
     METHOD_LABELS,
+    REAL_REFERENCES,
     demographics_rows,
     per_code_rows,
     plausibility_rows,
     prompt_section,
     strip_arrays,
     utility_note,
+    with_reference,
 )
-from .privacy import privacy
+from .privacy import memorisation, privacy
 
 # isort: split
 from .figures import FIDELITY_FIGURES, figure, figure_support  # noqa: F401  (re-exported: old import path)
 
+DEFAULT_RECORDS = 4000  # unconditional records scored: enough that pair rates and maxima are not sampling noise
+DEFAULT_BASELINES = ("bernoulli", "train")
 BOOTSTRAP_REPS = 200  # percentile intervals (cheap: per-record arrays)
 FIDELITY_BOOTSTRAP_REPS = 50  # normal intervals of the fidelity figures (one sparse Gram matrix each)
 HEATMAP_CODES = 40
+# What each part of the run is scored against (metrics.json's run["splits"]).
+SPLITS = {
+    "fidelity, plausibility": "holdout (every row)",
+    "dimension-wise prediction": "trained on real train rows (as many as the set's records) or on the set, tested on "
+                                 "the holdout (every row)",
+    "membership inference": "a train sample (members) vs holdout_eval, a seeded half of the holdout (non-members)",
+    "attribute inference": "victims: the train sample; baseline attacker's data: holdout_eval",
+    "memorisation audit": "DCR: a train sample as large as the holdout vs the holdout; exact copies: the whole train "
+                          "split",
+    "prompts": "train (never the holdout)",
+}
 
 
 @contextmanager
@@ -62,18 +82,22 @@ def _timed(timings: dict[str, float] | None, step: str) -> Iterator[None]:
 def score_set(real: RealData, synthetic: np.ndarray, *, seed: int = 0, bootstrap_reps: int = BOOTSTRAP_REPS,
               fidelity_bootstrap_reps: int = FIDELITY_BOOTSTRAP_REPS, known_codes: int = 256,
               timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Every figure for one synthetic set against ``real`` (``raw`` keeps the modules' own output, with arrays)."""
+    """Every figure for one synthetic set against ``real`` (``raw`` keeps the modules' own output, with arrays).
+    TRTR trains on ``real.train_sample(len(synthetic), seed)``, as many real train rows as TSTR has records."""
     schema = real.schema
     synthetic = np.asarray(synthetic, dtype=np.float32)
     if synthetic.ndim != 2 or synthetic.shape[1] != schema.dim:
         raise ValueError(f"synthetic vectors must have shape (n, {schema.dim}) (the dataset's schema), got "
                          f"{synthetic.shape}")
     with _timed(timings, "fidelity + dimension-wise"):
-        raw_fidelity = fidelity(real.holdout_eval, synthetic, schema, train=real.train, real_split="holdout_eval")
-    with _timed(timings, "privacy (MIA, DCR, AIA)"):
+        raw_fidelity = fidelity(real.holdout, synthetic, schema, train=real.train_sample(len(synthetic), seed),
+                                real_split="holdout")
+    with _timed(timings, "privacy (MIA, AIA)"):
         raw_privacy = privacy(real.train, real.holdout_eval, synthetic, schema, known_codes=known_codes, seed=seed)
+    with _timed(timings, "memorisation (DCR, copies)"):
+        raw_privacy.update(memorisation(real.train_all, real.holdout, synthetic, schema, seed=seed))
     with _timed(timings, "plausibility"):
-        raw_plausibility = compare_plausibility(real.holdout_eval, synthetic, schema)
+        raw_plausibility = compare_plausibility(real.holdout, synthetic, schema)
     with _timed(timings, "confidence intervals"):
         figures = {
             "fidelity": fidelity_figures(raw_fidelity, real, synthetic, schema, fidelity_bootstrap_reps, seed),
@@ -112,10 +136,19 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
     main = scored[primary]
     raw_fidelity, raw_privacy = main["raw"]["fidelity"], main["raw"]["privacy"]
     methods = list(scored)
-    comparison_rows = [{"section": section, "key": key, "label": label, "better": better,
-                        "split": scored[primary]["figures"][section][key].get("split") or "",
-                        "values": {name: scored[name]["figures"][section][key] for name in methods}}
-                       for section, key, label, better in COMPARISON]
+
+    def value(name: str, section: str, key: str) -> dict[str, Any]:
+        return scored[name]["figures"][section].get(key) or figure(None, None, reason="the schema has no such field")
+
+    comparison_rows = []
+    for section, key, label, better in COMPARISON:
+        row = {"section": section, "key": key, "label": label, "better": better,
+               "split": value(primary, section, key).get("split") or "",
+               "values": {name: value(name, section, key) for name in methods}}
+        if key in REAL_REFERENCES:
+            row["real"] = value(primary, *REAL_REFERENCES[key])
+            row["better"] = with_reference(better, row["real"])
+        comparison_rows.append(row)
     dimension_wise = raw_fidelity["dimension_wise"]
     metrics = {
         "run": dict(run),
@@ -131,7 +164,10 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
                     "note": f"{raw_privacy['membership_inference'].get('members', 0):,} members and non-members; "
                             f"attribute inference on "
                             f"{raw_privacy['attribute_inference'].get('victims', 0):,} train victims with "
-                            f"{raw_privacy['attribute_inference'].get('known_columns', 0)} known columns."},
+                            f"{raw_privacy['attribute_inference'].get('known_columns', 0)} known columns; "
+                            f"memorisation audit against all {real.train_rows:,} train and {len(real.holdout):,} "
+                            f"holdout patients (DCR: a train sample of "
+                            f"{raw_privacy['distance_to_closest_record'].get('train_rows', 0):,})."},
         "prompt_faithfulness": prompts,
         "plausibility": {"rows": plausibility_rows(main["raw"]["plausibility"]),
                          "figures": main["figures"]["plausibility"],
@@ -142,15 +178,15 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
     }
     codes = real.schema.slices["icd10_categories"]
     synthetic = main["vectors"]
-    difference, heat_codes = _correlation_difference(real.holdout_eval, synthetic, real.schema)
+    difference, heat_codes = _correlation_difference(real.holdout, synthetic, real.schema)
     prevalence_section = raw_fidelity["prevalence"]
     plots = {
         "real_prevalence": np.asarray(prevalence_section["real_prevalence"]),
         "synthetic_prevalence": np.asarray(prevalence_section["synthetic_prevalence"]),
         "correlation_difference": difference, "correlation_codes": heat_codes,
-        "real_age": real.schema.decode_column("age", real.holdout_eval[:, real.schema.slices["age"].start]),
+        "real_age": real.schema.decode_column("age", real.holdout[:, real.schema.slices["age"].start]),
         "synthetic_age": real.schema.decode_column("age", synthetic[:, real.schema.slices["age"].start]),
-        "real_codes_per_patient": (real.holdout_eval[:, codes] >= 0.5).sum(axis=1),
+        "real_codes_per_patient": (real.holdout[:, codes] >= 0.5).sum(axis=1),
         "synthetic_codes_per_patient": (synthetic[:, codes] >= 0.5).sum(axis=1),
         "member_distances": np.asarray(raw_privacy["membership_inference"].get("member_distances", [])),
         "nonmember_distances": np.asarray(raw_privacy["membership_inference"].get("nonmember_distances", [])),
@@ -158,14 +194,34 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
     return metrics, plots
 
 
-def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_name: str, n_records: int | None = None,
-                      seed: int = 0, n_prompts: int = 200, records_per_prompt: int = 2,
-                      baselines: tuple[str, ...] = ("bernoulli", "holdout"), ehrdiff_steps: int = 4000,
+def _prompts(real: RealData, prompts: Sequence[str] | None,
+             n_prompts: int) -> tuple[list[str], list[dict[str, Any]] | None, str]:
+    """The prompts, their source records (for the extractor check; None for a caller's prompts) and their split."""
+    if prompts is None:
+        chosen = (real.prompts or [])[:max(n_prompts, 0)]
+        return chosen, real.prompt_records[:len(chosen)], "train (summaries of a seeded sample of train patients)"
+    prompts = list(prompts)
+    leaked = [prompt for prompt in prompts if prompt in real.holdout_summaries]
+    if leaked:
+        raise ValueError(f"prompts: {len(leaked)} of the {len(prompts)} prompts are summaries of holdout patients "
+                         f"(first: {leaked[0]!r}); prompts must come from the train split, as the holdout is what the "
+                         "records are scored against")
+    return prompts, None, "given by the caller (checked: none is a holdout summary)"
+
+
+def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_name: str,
+                      n_records: int = DEFAULT_RECORDS, seed: int = 0, n_prompts: int = 200,
+                      records_per_prompt: int = 2, prompts: Sequence[str] | None = None,
+                      baselines: tuple[str, ...] = DEFAULT_BASELINES, ehrdiff_steps: int = 4000,
                       bootstrap_reps: int = BOOTSTRAP_REPS, fidelity_bootstrap_reps: int = FIDELITY_BOOTSTRAP_REPS,
                       batch_size: int = 4096,
                       generation: Mapping[str, Any] | None = None, show_progress: bool = True
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Generates the model's records, scores them with the baselines and returns ``(metrics, plots)``."""
+    """Generates the model's records, scores them with the baselines and returns ``(metrics, plots)``.
+
+    ``prompts`` (default: ``n_prompts`` summaries of train patients, ``real.prompts``) are refused with a ValueError
+    when any is a holdout patient's summary. ``generation`` goes to the pipeline; its decode mode defaults to the
+    pipeline's own (``pipe.config.decode_mode``, "threshold" for pipelines saved without one) and is recorded."""
     from ...sampling import generate_records
 
     try:
@@ -173,14 +229,17 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
     except ValueError as error:
         raise ValueError(f"--model {model_name}: {error}") from None
     check_same_schema(real.schema, model_schema, f"--dataset {dataset_name}", f"--model {model_name}")
-    if n_records is not None and n_records < 2:
+    if n_records < 2:
         raise ValueError(f"--n-records must be at least 2 (fidelity compares distributions), got {n_records}")
+    prompts, source_records, prompt_split = _prompts(real, prompts, n_prompts)
     generation = dict(generation or {})
-    n = n_records or len(real.holdout_eval)
-    unconditional = generate_records(pipe, None, n, batch_size=batch_size, seed=seed, show_progress=show_progress,
+    if generation.get("decode_mode") is None:
+        generation["decode_mode"] = getattr(pipe.config, "decode_mode", "threshold")
+    unconditional = generate_records(pipe, None, n_records, batch_size=batch_size, seed=seed,
+                                     show_progress=show_progress,
                                      **{k: v for k, v in generation.items() if k != "guidance_scale"})
     sets = {"model": unconditional.vectors,
-            **baseline_vectors(list(baselines), real, n, seed, ehrdiff_steps, str(pipe._execution_device),
+            **baseline_vectors(list(baselines), real, n_records, seed, ehrdiff_steps, str(pipe._execution_device),
                                show_progress)}
     scored = dict(score_sets(real, sets, seed=seed, bootstrap_reps=bootstrap_reps,
                              fidelity_bootstrap_reps=fidelity_bootstrap_reps, show_progress=show_progress))
@@ -188,7 +247,6 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
 
     prompts_raw = extraction = None
     reason = None
-    prompts = (real.eval_summaries or [])[:n_prompts]
     if n_prompts <= 0:
         reason = "--n-prompts 0"
     elif not prompts:
@@ -200,15 +258,16 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
                                     show_progress=show_progress, **generation)
         prompts_raw = prompt_faithfulness(prompted.prompts, prompted.records, bootstrap_reps=bootstrap_reps,
                                           seed=seed)
-        extraction = extraction_agreement(prompts, real.eval_records[:len(prompts)], bootstrap_reps=bootstrap_reps,
-                                          seed=seed)
+        if source_records is not None:
+            extraction = extraction_agreement(prompts, source_records, bootstrap_reps=bootstrap_reps, seed=seed)
     run = {"model": model_name, "dataset": dataset_name, "seed": seed, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
            "ehr_diffusers_version": __version__, "synthetic_data": real.synthetic_data,
            "train_rows": real.train_rows, "train_rows_used": len(real.train), "holdout_rows": real.holdout_rows,
-           "holdout_eval_rows": len(real.holdout_eval), "holdout_reference_rows": len(real.holdout_reference),
-           "synthetic_rows": n, "baselines": list(baselines), "bootstrap_replicates": bootstrap_reps,
+           "holdout_eval_rows": len(real.holdout_eval), "synthetic_rows": n_records, "baselines": list(baselines),
+           "splits": SPLITS, "bootstrap_replicates": bootstrap_reps,
            "fidelity_bootstrap_replicates": fidelity_bootstrap_reps,
            "generation": {"unconditional": True, "batch_size": batch_size, **generation,
-                          "prompted": {"prompts": len(prompts), "records_per_prompt": records_per_prompt}}}
-    section = prompt_section(prompts_raw, extraction, reason, "holdout_eval")
+                          "prompted": {"prompts": len(prompts), "records_per_prompt": records_per_prompt,
+                                       "split": prompt_split}}}
+    section = prompt_section(prompts_raw, extraction, reason, prompt_split)
     return build_metrics(run, real, scored, section)
