@@ -104,3 +104,58 @@ def test_a_schema_that_does_not_match_is_named(demo):
         model.check_schema(other)
     with pytest.raises(ValueError, match="kind 'dense'"):
         EHRAutoencoderModel(groups=[{"name": "x", "kind": "dense", "width": 2}])
+
+
+def test_bernoulli_decoding_changes_with_the_seed_and_per_row_generators_are_independent(demo):
+    schema, vectors = demo
+    model = tiny(schema).eval()
+    logits = model(vectors[:64]).logits
+    first = model.to_vectors(logits, sample=True, generator=torch.Generator().manual_seed(3))
+    other = model.to_vectors(logits, sample=True, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(first, other)
+    rows = [torch.Generator().manual_seed(index) for index in range(4)]
+    alone = model.to_vectors(logits[2:3], sample=True, generator=[torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(model.to_vectors(logits[:4], sample=True, generator=rows)[2:3], alone)
+
+
+def test_mean_sampled_codes_match_the_probability_sum(demo):
+    """On a constructed latent the decoder gives fixed probabilities; Bernoulli draws must hit their sum on average,
+    and one-hot draws must follow the softmax shares."""
+    schema, _ = demo
+    model = tiny(schema).eval()
+    latent = torch.randn(1, 16, generator=torch.Generator().manual_seed(0)).expand(20000, -1)
+    with torch.no_grad():
+        logits = model.decode(latent)
+    probabilities = model.probabilities(logits)
+    decoded = model.to_vectors(logits, sample=True, generator=torch.Generator().manual_seed(1))
+    codes = schema.slices["icd10_categories"]
+    expected = float(probabilities[0, codes].sum())
+    mean = float(decoded[:, codes].sum(dim=1).mean())
+    spread = float((probabilities[0, codes] * (1 - probabilities[0, codes])).sum().sqrt()) / 20000 ** 0.5
+    assert abs(mean - expected) < 5 * spread + 1e-6
+    race = schema.slices["race"]
+    torch.testing.assert_close(decoded[:, race].mean(dim=0), probabilities[0, race], atol=0.02, rtol=0.0)
+
+
+@pytest.mark.parametrize("regularization", ["noise", "kl"])
+def test_latent_regularization_is_saved_and_acts_only_in_training(demo, tmp_path, regularization):
+    schema, vectors = demo
+    torch.manual_seed(0)
+    model = EHRAutoencoderModel.from_schema(schema, latent_dim=16, hidden_dim=64, num_layers=1, dropout=0.0,
+                                            latent_regularization=regularization, latent_noise=0.3, kl_weight=0.05)
+    model.save_pretrained(tmp_path)
+    loaded = EHRAutoencoderModel.from_pretrained(tmp_path)
+    assert (loaded.config.latent_regularization, loaded.config.latent_noise, loaded.config.kl_weight) == (
+        regularization, 0.3, 0.05)
+    model.train()
+    noisy = [model(vectors[:16]).logits for _ in range(2)]
+    assert not torch.allclose(noisy[0], noisy[1])  # the decoder reads a regularised latent in training
+    out = model(vectors[:16])
+    assert (out.kl is not None) == (regularization == "kl")
+    if out.kl is not None:
+        assert out.kl >= 0 and torch.isclose(model.regularization_loss(out.kl), 0.05 * out.kl)
+    model.eval()
+    torch.testing.assert_close(model(vectors[:16]).logits, model.decode(model.encode(vectors[:16])))
+    assert model.encode(vectors[:16]).shape == (16, 16)
+    with pytest.raises(ValueError, match="latent_regularization"):
+        EHRAutoencoderModel.from_schema(schema, latent_regularization="dropout")

@@ -82,7 +82,9 @@ def _embeds(n: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def _vectors(pipe, **kwargs) -> np.ndarray:
+    """Decoded vectors; by thresholds unless the test says otherwise, so that vectors differ only where latents do."""
     kwargs.setdefault("num_inference_steps", 5)
+    kwargs.setdefault("decode_mode", "threshold")
     return pipe(output_type="np", **kwargs).records
 
 
@@ -99,7 +101,8 @@ def test_records_follow_the_schema_and_prompts(pipe) -> None:
 
 
 def test_output_types_and_tuple(pipe) -> None:
-    kwargs = {"prompt_embeds": _embeds(1), "num_records_per_prompt": 4, "num_inference_steps": 4}
+    kwargs = {"prompt_embeds": _embeds(1), "num_records_per_prompt": 4, "num_inference_steps": 4,
+              "decode_mode": "threshold"}
     vectors = pipe(output_type="np", generator=torch.Generator().manual_seed(0), **kwargs).records
     tensor = pipe(output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs).records
     frame = pipe(output_type="pd", generator=torch.Generator().manual_seed(0), **kwargs).records
@@ -111,6 +114,28 @@ def test_output_types_and_tuple(pipe) -> None:
     assert latents.records.shape == (4, 8) and latents.vectors is None
     np.testing.assert_array_equal(pipe.decode_latents(latents.records).numpy(), vectors)
     assert first == _schema().decode(vectors)
+
+
+def test_decode_mode_is_saved_in_the_config_and_used_by_default(pipe, tmp_path) -> None:
+    assert pipe.config.decode_mode == "sample"
+    kwargs = {"prompt_embeds": _embeds(1), "num_records_per_prompt": 16, "num_inference_steps": 3,
+              "output_type": "np"}
+    by_default = pipe(generator=torch.Generator().manual_seed(0), **kwargs).records
+    np.testing.assert_array_equal(by_default, pipe(generator=torch.Generator().manual_seed(0), decode_mode="sample",
+                                                   **kwargs).records)
+    other_seed = pipe(generator=torch.Generator().manual_seed(1), **kwargs).records
+    assert not np.array_equal(by_default, other_seed)
+    thresholded = EHRLatentDiffusionPipeline(**{**_tiny_components(), "decode_mode": "threshold"})
+    thresholded.set_progress_bar_config(disable=True)
+    thresholded.save_pretrained(tmp_path / "threshold")
+    loaded = EHRLatentDiffusionPipeline.from_pretrained(tmp_path / "threshold")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.decode_mode == "threshold"
+    np.testing.assert_array_equal(loaded(generator=torch.Generator().manual_seed(0), **kwargs).records,
+                                  pipe(generator=torch.Generator().manual_seed(0), decode_mode="threshold",
+                                       **kwargs).records)
+    with pytest.raises(ValueError, match="decode_mode must be one of"):
+        EHRLatentDiffusionPipeline(**{**_tiny_components(), "decode_mode": "argmax"})
 
 
 def test_ancestral_sampler_per_record_generators() -> None:

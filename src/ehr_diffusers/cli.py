@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sampler steps (default: the pipeline's default)")
     generate.add_argument("--guidance-scale", type=float, default=None,
                           help="classifier-free guidance g, HealthForge's s = g - 1 (default: the pipeline's)")
-    generate.add_argument("--decode", choices=("threshold", "sample"), default="threshold",
-                          help="calibrated thresholds (default) or Bernoulli draws when decoding codes")
+    generate.add_argument("--decode", choices=("sample", "threshold"), default=None,
+                          help="Bernoulli/categorical draws (sample) or the calibrated per-code thresholds (threshold) "
+                               "when decoding (default: the pipeline's decode_mode, 'sample' for models trained now)")
     generate.add_argument("--seed", type=int, default=0, help="seed; record i is the same for any --batch-size")
     generate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
     generate.add_argument("--text-embedder", default=None,
@@ -198,18 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         "baselines: metrics.json, report.html and the model card's metrics")
     evaluate.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-ehr")
     evaluate.add_argument("--dataset", type=Path, required=True,
-                          help="the prepared, labelled dataset folder the model was trained on (its holdout is used)")
+                          help="the prepared, labelled dataset folder the model was trained on (every figure is "
+                               "scored against its whole holdout; prompts come from its train split)")
     evaluate.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.html)")
-    evaluate.add_argument("--n-records", type=_positive_int, default=None,
-                          help="synthetic records scored (default: as many as the holdout's evaluation half)")
+    evaluate.add_argument("--n-records", type=_positive_int, default=4000,
+                          help="unconditional records scored, and rows of each baseline (default 4000)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the split halves, generation and bootstraps")
     evaluate.add_argument("--n-prompts", type=int, default=200,
-                          help="holdout summaries used as prompts for prompt faithfulness (default 200; 0: skip)")
+                          help="train summaries used as prompts for prompt faithfulness (default 200; 0: skip)")
     evaluate.add_argument("--records-per-prompt", type=_positive_int, default=2,
                           help="records generated per prompt (default 2)")
-    evaluate.add_argument("--baselines", default="bernoulli,holdout",
-                          help="comma-separated baselines scored in the same run: bernoulli, holdout, ehrdiff "
-                               "(ehrdiff trains a model first); 'none' for none (default bernoulli,holdout)")
+    evaluate.add_argument("--baselines", default="bernoulli,train",
+                          help="comma-separated baselines scored in the same run: bernoulli (independent marginals), "
+                               "train (real train rows, the reference), ehrdiff (trains a model first); 'none' for "
+                               "none (default bernoulli,train). 'holdout' was dropped: the figures are scored "
+                               "against the whole holdout")
     evaluate.add_argument("--ehrdiff-steps", type=_positive_int, default=4000,
                           help="training steps of the EHRDiff baseline (default 4000)")
     evaluate.add_argument("--bootstrap", type=_positive_int, default=200,
@@ -217,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fidelity-bootstrap", type=_positive_int, default=50,
                           help="bootstrap replicates of the fidelity figures' normal intervals (default 50)")
     evaluate.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the pipeline's)")
+    evaluate.add_argument("--decode-mode", choices=("sample", "threshold"), default=None,
+                          help="how codes are decoded: Bernoulli sampling or the calibrated thresholds (default: the "
+                               "pipeline's own; metrics.json records the one used)")
     evaluate.add_argument("--guidance-scale", type=float, default=None,
                           help="classifier-free guidance g of the prompted records (default: the pipeline's)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")

@@ -8,14 +8,23 @@ from pathlib import Path
 
 # Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
 # cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
+# "cpu_threads" is the intra-op threads per process on a CPU: the demo's small models run as fast on one thread as on
+# two on a quiet machine and 5.5x faster when other jobs keep the cores busy (BENCHMARKS.md); None leaves accelerate's
+# choice (the physical cores).
 TRAINING_PRESETS = {
     "demo": {
         "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
-                        "--train_batch_size", "256", "--num_train_epochs", "30"],
+                        "--train_batch_size", "256", "--num_train_epochs", "60", "--field_loss_weight", "20",
+                        "--latent_regularization", "noise", "--latent_noise", "0.5"],
         "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
                       "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999"],
+        "cpu_threads": 1,
     },
-    "default": {"autoencoder": [], "diffusion": ["--use_ema"]},
+    "default": {
+        "autoencoder": ["--field_loss_weight", "20", "--latent_regularization", "noise", "--latent_noise", "0.5"],
+        "diffusion": ["--use_ema"],
+        "cpu_threads": None,
+    },
 }
 
 
@@ -24,7 +33,7 @@ class TrainingFailedError(RuntimeError):
 
 
 def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mixed_precision: str,
-                       quiet: bool = False) -> None:
+                       quiet: bool = False, cpu_threads: int | None = None) -> None:
     """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
     script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
     import subprocess
@@ -39,6 +48,8 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
                              "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
                              "ehr_diffusers.training.train_ehr_diffusion ...")
         launch.append("--cpu")
+        if cpu_threads is not None:
+            launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
     completed = subprocess.run([*launch, "-m", module, *arguments], **output)
     if quiet:  # warnings always, the rest only when the script failed
@@ -79,9 +90,11 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
         diffusion += ["--judge_threshold", str(judge_threshold)]
     if push_to_hub:
         diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
+    threads = TRAINING_PRESETS[preset]["cpu_threads"]
     _accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, num_processes, mixed_precision,
-                       quiet)
-    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet)
+                       quiet, threads)
+    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet,
+                       threads)
     return model_dir
 
 

@@ -7,9 +7,15 @@ that a plain autoencoder lacks are part of the model and saved with it:
   a group's columns), cross-entropy for one-hot groups, squared error for scaled continuous and count fields;
 * latent normalisation statistics (``latent_mean``, ``latent_std``), fitted on the training split, so that the
   diffusion model sees unit-scale latents;
+* a latent regulariser (``latent_regularization``): without one the decoder learns to read exact training latents,
+  memorises training records and is nearly constant per code away from them, which is where generated latents land.
+  "noise" trains the decoder on the latent plus Gaussian noise at ``latent_noise`` times each dimension's batch
+  standard deviation; "kl" makes the encoder a Gaussian posterior with a ``kl_weight`` KL term to N(0, I) (a VAE,
+  Kingma & Welling 2014). Either way the encoder's mean is the latent the diffusion model learns;
 * per-column decision thresholds (``thresholds``) for binary fields and codes, calibrated on the training split so
-  that decoded prevalence matches the data, instead of one global 0.5 that over-produces codes; decoding can also
-  sample each column from its Bernoulli probability.
+  that decoded prevalence matches the data; the default decoding samples each code from its Bernoulli probability
+  and each one-hot group from its softmax instead, which keeps the spread of codes per record (thresholds let a
+  record in a dense latent region pass hundreds of them at once).
 """
 
 from __future__ import annotations
@@ -29,15 +35,18 @@ from ..data.ehr.schema import SCHEMA_VERSION, EHRSchema
 from .modeling_utils import SafetensorsModelMixin
 
 GROUP_KINDS = ("binary", "continuous", "count", "one_hot", "multi_hot")
+LATENT_REGULARIZATIONS = ("none", "noise", "kl")
 
 
 @dataclass
 class EHRAutoencoderOutput(BaseOutput):
-    """``latent``: the encoder's (unnormalised) latent; ``logits``: the reconstruction, one column per vector column.
+    """``latent``: the encoder's (unnormalised) latent, its mean with ``latent_regularization="kl"``; ``logits``: the
+    reconstruction, one column per vector column; ``kl``: the batch-mean KL term in training with "kl", else None.
     Fields default to None, as diffusers' outputs do, so that accelerate's mixed-precision wrapper can rebuild it."""
 
     latent: torch.Tensor = None
     logits: torch.Tensor = None
+    kl: torch.Tensor = None
 
 
 def _mlp(sizes: Sequence[int], dropout: float) -> nn.Sequential:
@@ -60,12 +69,10 @@ def _uniform(like: torch.Tensor, generator: torch.Generator | list[torch.Generat
     return torch.rand(like.shape, generator=generator, device=device).to(like)
 
 
-def _categorical(probabilities: torch.Tensor,
-                 generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """One category per row, drawn by inverting the cumulative probabilities at a uniform draw."""
+def _categorical(probabilities: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One category per row, drawn by inverting the cumulative probabilities at the row's uniform draw ``(n, 1)``."""
     cumulative = probabilities.cumsum(dim=1)
-    draw = _uniform(probabilities[:, :1], generator) * cumulative[:, -1:]
-    return (cumulative < draw).sum(dim=1).clamp(max=probabilities.shape[1] - 1)
+    return (cumulative < uniform * cumulative[:, -1:]).sum(dim=1).clamp(max=probabilities.shape[1] - 1)
 
 
 class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
@@ -77,6 +84,9 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         hidden_dim: width of the hidden layers.
         num_layers: hidden layers of the encoder and of the decoder.
         dropout: dropout between hidden layers.
+        latent_regularization: "none", "noise" or "kl" (see the module docstring).
+        latent_noise: with "noise", the decoder's input noise in units of each latent dimension's batch std.
+        kl_weight: with "kl", the weight of the KL term against the reconstruction loss (summed nats per record).
     """
 
     @register_to_config
@@ -87,8 +97,16 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         hidden_dim: int = 2048,
         num_layers: int = 2,
         dropout: float = 0.1,
+        latent_regularization: str = "none",
+        latent_noise: float = 0.5,
+        kl_weight: float = 0.02,
     ):
         super().__init__()
+        if latent_regularization not in LATENT_REGULARIZATIONS:
+            raise ValueError(f"latent_regularization must be one of {LATENT_REGULARIZATIONS}, got "
+                             f"{latent_regularization!r}")
+        if latent_noise < 0 or kl_weight < 0:
+            raise ValueError(f"latent_noise ({latent_noise}) and kl_weight ({kl_weight}) must be 0 or more")
         groups = groups or [{"name": "values", "kind": "continuous", "width": 1}]
         for group in groups:
             if group["kind"] not in GROUP_KINDS:
@@ -100,7 +118,9 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
             self.slices[group["name"]] = slice(start, start + int(group["width"]))
             start += int(group["width"])
         sizes = [self.input_dim] + [hidden_dim] * num_layers + [latent_dim]
-        self.encoder = _mlp(sizes, dropout)
+        # with "kl" the encoder's last layer gives the posterior's mean and log-variance side by side
+        width = 2 if latent_regularization == "kl" else 1
+        self.encoder = _mlp(sizes[:-1] + [latent_dim * width], dropout)
         self.decoder = _mlp(sizes[::-1], dropout)
         self.register_buffer("latent_mean", torch.zeros(latent_dim))
         self.register_buffer("latent_std", torch.ones(latent_dim))
@@ -140,17 +160,31 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ the network
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.encoder(vectors)
+        """The latent of each record: the encoder's output, or its posterior mean with "kl"."""
+        return self.encoder(vectors)[:, : self.config.latent_dim]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent)
 
     def forward(self, vectors: torch.Tensor, return_dict: bool = True) -> EHRAutoencoderOutput | tuple:
-        latent = self.encode(vectors)
-        logits = self.decode(latent)
+        """Encodes and decodes; in training mode the decoder reads the regularised latent (noised, or drawn from the
+        posterior), in eval mode the latent itself."""
+        encoded = self.encoder(vectors)
+        latent = encoded[:, : self.config.latent_dim]
+        decoder_input, kl = latent, None
+        regularization = self.config.latent_regularization
+        if regularization == "kl":
+            log_variance = encoded[:, self.config.latent_dim :].clamp(-30.0, 20.0)
+            kl = 0.5 * (latent.pow(2) + log_variance.exp() - 1.0 - log_variance).sum(dim=1).mean()
+            if self.training:
+                decoder_input = latent + torch.randn_like(latent) * (0.5 * log_variance).exp()
+        elif regularization == "noise" and self.training and latent.shape[0] > 1:
+            scale = self.config.latent_noise * latent.detach().std(dim=0, keepdim=True)
+            decoder_input = latent + torch.randn_like(latent) * scale
+        logits = self.decode(decoder_input)
         if not return_dict:
-            return (latent, logits)
-        return EHRAutoencoderOutput(latent=latent, logits=logits)
+            return (latent, logits, kl)
+        return EHRAutoencoderOutput(latent=latent, logits=logits, kl=kl)
 
     def normalize_latent(self, latent: torch.Tensor) -> torch.Tensor:
         return (latent - self.latent_mean) / self.latent_std
@@ -159,6 +193,10 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         return latent * self.latent_std + self.latent_mean
 
     # ------------------------------------------------------------------ training
+    def regularization_loss(self, kl: torch.Tensor | None) -> torch.Tensor | None:
+        """The weighted KL term to add to the reconstruction loss ("kl"), None otherwise."""
+        return None if kl is None else self.config.kl_weight * kl
+
     def loss(self, logits: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total reconstruction loss (the sum over groups) and the loss of each group, each a mean over the batch."""
         per_group = {}
@@ -214,16 +252,20 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         only on generator i."""
         probabilities = self.probabilities(logits.float())
         vectors = torch.zeros_like(probabilities)
+        # one uniform per column, drawn at once (one call per row's generator): a binary column is on below its
+        # probability, a one-hot group takes the category at its first column's uniform
+        uniform = _uniform(probabilities, generator) if sample else None
         for group in self.config.groups:
             where = self.slices[group["name"]]
             block = probabilities[:, where]
             if group["kind"] in ("binary", "multi_hot"):
                 if sample:
-                    vectors[:, where] = (_uniform(block, generator) < block).float()
+                    vectors[:, where] = (uniform[:, where] < block).float()
                 else:
                     vectors[:, where] = (block >= self.thresholds[where]).float()
             elif group["kind"] == "one_hot":
-                chosen = _categorical(block, generator) if sample else block.argmax(dim=1)
+                chosen = _categorical(block, uniform[:, where.start : where.start + 1]) if sample \
+                    else block.argmax(dim=1)
                 vectors[:, where] = F.one_hot(chosen, block.shape[1]).float()
             else:
                 vectors[:, where] = block.clamp(0.0, 1.0)

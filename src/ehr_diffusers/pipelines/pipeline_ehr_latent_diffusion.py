@@ -2,8 +2,10 @@
 
 A prompt ("65 year old woman with heart failure and CKD") is embedded by the text embedder; the denoiser generates a
 latent from noise with the scheduler, guided towards the prompt (classifier-free guidance with the *learned* null
-condition the model was trained with); the autoencoder decodes the latent into a patient vector with per-code
-thresholds calibrated on the training data; the schema turns vectors into records.
+condition the model was trained with); the autoencoder decodes the latent into a patient vector, by default drawing
+each code from its Bernoulli probability and each one-hot field from its softmax with the caller's generator
+(``decode_mode="sample"``, saved in the pipeline config), or by per-code thresholds calibrated on the training data
+(``"threshold"``); the schema turns vectors into records.
 
 Guidance follows diffusers: ``guidance_scale`` g mixes eps = eps_null + g (eps_cond - eps_null), which is the
 HealthForge form eps = (1 + s) eps_cond - s eps_null with s = g - 1. Conditional and null predictions come from one
@@ -34,6 +36,8 @@ from .pipeline_utils import RemoteCodePipelineMixin
 
 OutputType = Literal["records", "pd", "np", "pt", "latent"]
 OUTPUT_TYPES = ("records", "pd", "np", "pt", "latent")
+DecodeMode = Literal["sample", "threshold"]
+DECODE_MODES = ("sample", "threshold")
 
 
 @dataclass
@@ -73,6 +77,10 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         schema (`dict`, *optional*): the record schema (``EHRSchema.to_dict()``) the autoencoder was trained on;
             saved in ``model_index.json`` so that the pipeline decodes records on its own. Default: the one the
             autoencoder's config carries.
+        decode_mode (`str`, defaults to "sample"): how latents become records unless a call says otherwise: "sample"
+            (Bernoulli draws for codes and binary fields, softmax draws for one-hot fields, from the generator) or
+            "threshold" (the calibrated per-code thresholds and the most likely category; deterministic). Sampling
+            keeps the real spread of codes per record (BENCHMARKS.md).
     """
 
     model_cpu_offload_seq = "text_embedder->denoiser->autoencoder"
@@ -86,8 +94,11 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         scheduler: LogSNRCosineScheduler,
         text_embedder: SentenceEmbedder | None = None,
         schema: dict[str, Any] | None = None,
+        decode_mode: str = "sample",
     ):
         super().__init__()
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         if autoencoder.config.latent_dim != denoiser.config.latent_dim:
             raise ValueError(f"autoencoder latent_dim ({autoencoder.config.latent_dim}) and denoiser latent_dim "
                              f"({denoiser.config.latent_dim}) differ")
@@ -107,7 +118,7 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             autoencoder.check_schema(parsed)
         self.register_modules(autoencoder=autoencoder, denoiser=denoiser, scheduler=scheduler,
                               text_embedder=text_embedder)
-        self.register_to_config(schema=schema)
+        self.register_to_config(schema=schema, decode_mode=decode_mode)
         self._schema = parsed
 
     def __repr__(self) -> str:
@@ -219,7 +230,7 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        decode_mode: Literal["threshold", "sample"] = "threshold",
+        decode_mode: DecodeMode | None = None,
         output_type: OutputType = "records",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | None = None,
@@ -237,8 +248,9 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             prompt_embeds / negative_prompt_embeds: precomputed condition embeddings ``(n_prompts, condition_dim)``.
             generator: one generator, or one per record for per-record reproducibility.
             latents: starting noise ``(n_records, latent_dim)``; drawn from ``generator`` when None.
-            decode_mode: "threshold" (calibrated per-code thresholds; deterministic) or "sample" (Bernoulli and
-                categorical draws from the decoder's probabilities).
+            decode_mode: "sample" (Bernoulli and categorical draws from the decoder's probabilities, with
+                ``generator``) or "threshold" (calibrated per-code thresholds, most likely category; deterministic);
+                default: the pipeline's ``decode_mode``.
             output_type: "records", "pd", "np", "pt" or "latent".
             return_dict: return an :class:`EHRLatentDiffusionPipelineOutput` rather than a tuple.
             callback_on_step_end: called after each step as ``callback(pipe, step, timestep, callback_kwargs)``; it
@@ -256,6 +268,7 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        decode_mode = decode_mode or self.config.get("decode_mode", "sample")
         self.check_inputs(num_records_per_prompt, num_inference_steps, output_type, decode_mode,
                           callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
@@ -333,8 +346,8 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if decode_mode not in ("threshold", "sample"):
-            raise ValueError(f"decode_mode must be 'threshold' or 'sample', got {decode_mode!r}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "

@@ -99,6 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--condition_dropout", type=float, default=0.05,
         help="Probability per record of training on the learned null condition instead of its text, for "
              "classifier-free guidance (HealthForge uses 0.05).")
+    add("--decode_mode", type=str, default="sample", choices=["sample", "threshold"],
+        help="The pipeline's default decoding, saved in its config: 'sample' draws codes from their Bernoulli and "
+             "one-hot fields from their softmax probabilities; 'threshold' uses the calibrated per-code thresholds.")
     add("--condition_column", type=str, default="embedding",
         help="Dataset column of fixed-length text embeddings to condition on (written by `ehr-diffusers label`).")
     add("--judge_threshold", type=float, default=None,
@@ -220,12 +223,12 @@ def resolve_text_embedder(spec: str | None, dataset_dir: str | Path, embedding_d
 
 
 def build_pipeline(autoencoder: EHRAutoencoderModel, denoiser: EHRDenoiserModel, train_scheduler: Any,
-                   text_embedder: Any, schema: EHRSchema) -> Any:
+                   text_embedder: Any, schema: EHRSchema, decode_mode: str = "sample") -> Any:
     from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline
 
     scheduler = LogSNRCosineScheduler.from_config(train_scheduler.config, solver=INFERENCE_SOLVER)
     return EHRLatentDiffusionPipeline(autoencoder=autoencoder, denoiser=denoiser, scheduler=scheduler,
-                                      text_embedder=text_embedder, schema=schema.to_dict())
+                                      text_embedder=text_embedder, schema=schema.to_dict(), decode_mode=decode_mode)
 
 
 def describe_record(record: dict[str, Any], max_codes: int = 12) -> str:
@@ -267,6 +270,8 @@ def card_configs(args: argparse.Namespace, config: dict[str, Any], rows: int, dr
         "schedule": f"logSNR cosine [{args.logsnr_min}, {args.logsnr_max}], {args.prediction_type} prediction",
         "condition column": args.condition_column,
         "condition dropout": args.condition_dropout,
+        "decoding": {"sample": "Bernoulli / categorical draws (decode_mode 'sample')",
+                     "threshold": "calibrated per-code thresholds (decode_mode 'threshold')"}[args.decode_mode],
         "judge threshold": args.judge_threshold if args.judge_threshold is not None else "none (every row)",
         "training rows": rows,
         "rows dropped by the judge screen": dropped,
@@ -280,11 +285,13 @@ def card_configs(args: argparse.Namespace, config: dict[str, Any], rows: int, dr
         "final training loss": round(losses[-1], 5) if losses else "n/a",
     }
     autoencoder_config = {key: value for key, value in autoencoder.config.items()
-                          if key in ("latent_dim", "hidden_dim", "num_layers", "dropout")}
+                          if key in ("latent_dim", "hidden_dim", "num_layers", "dropout", "latent_regularization",
+                                     "latent_noise", "kl_weight")}
     args_file = Path(args.autoencoder_path) / AUTOENCODER_ARGS_NAME
     if args_file.is_file():
         recorded = json.loads(args_file.read_text())
-        for key in ("num_train_epochs", "global_step", "train_batch_size", "learning_rate", "use_ema", "seed"):
+        for key in ("num_train_epochs", "global_step", "train_batch_size", "learning_rate", "field_loss_weight",
+                    "use_ema", "seed"):
             if key in recorded:
                 autoencoder_config[key] = recorded[key]
     metrics_file = Path(args.autoencoder_path) / AUTOENCODER_METRICS_NAME
@@ -293,6 +300,11 @@ def card_configs(args: argparse.Namespace, config: dict[str, Any], rows: int, dr
         codes = (holdout.get("groups") or {}).get("icd10_categories") or {}
         if "micro_f1" in codes:
             autoencoder_config["holdout code F1 (reconstruction)"] = round(codes["micro_f1"], 4)
+        figures = (json.loads(metrics_file.read_text()).get("holdout_figures") or {}).get("reconstruction") or {}
+        for key, label in (("pairs_pearson", "pair r"), ("codes_per_patient_wasserstein", "codes-per-patient W"),
+                           ("age_wasserstein", "age W (years)")):
+            if key in figures:
+                autoencoder_config[f"holdout reconstruction {label} (sampled)"] = round(figures[key], 4)
     return training, autoencoder_config
 
 
@@ -395,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if ema_model is not None:
             ema_model.copy_to(model.parameters())
         model.to(accelerator.device).eval()
-        log_validation(build_pipeline(autoencoder, model, noise_scheduler, text_embedder, schema), args, accelerator,
-                       step)
+        log_validation(build_pipeline(autoencoder, model, noise_scheduler, text_embedder, schema, args.decode_mode),
+                       args, accelerator, step)
         del model
 
     losses: list[float] = []
@@ -458,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             ema_model.copy_to(denoiser.parameters())
         denoiser = denoiser.float().eval()
         pipeline = build_pipeline(autoencoder.to("cpu"), denoiser.to("cpu"), noise_scheduler,
-                                  text_embedder.to("cpu") if text_embedder is not None else None, schema)
+                                  text_embedder.to("cpu") if text_embedder is not None else None, schema,
+                                  args.decode_mode)
         training_config, autoencoder_config = card_configs(args, config, len(train_dataset), dropped, global_step,
                                                            losses, autoencoder)
         repo_id = args.hub_model_id or output_dir.resolve().name
