@@ -159,3 +159,21 @@ def test_latent_regularization_is_saved_and_acts_only_in_training(demo, tmp_path
     assert model.encode(vectors[:16]).shape == (16, 16)
     with pytest.raises(ValueError, match="latent_regularization"):
         EHRAutoencoderModel.from_schema(schema, latent_regularization="dropout")
+
+
+def test_residual_spread_is_calibrated_and_restores_the_spread_of_continuous_fields(demo, tmp_path):
+    """A decoder that predicts the mean age for everyone: sampled decoding adds the calibrated residual spread back,
+    so decoded ages spread like the data (law of total variance); thresholded decoding keeps the prediction."""
+    schema, vectors = demo
+    model = tiny(schema).eval()
+    age = schema.slices["age"].start
+    logits = torch.zeros_like(vectors)
+    logits[:, age] = vectors[:, age].mean()
+    model.calibrate_residuals(model.probabilities(logits), vectors)
+    torch.testing.assert_close(model.residual_std[age], vectors[:, age].std(), rtol=1e-4, atol=1e-6)
+    assert model.residual_std[schema.slices["icd10_categories"]].abs().max() == 0
+    sampled = model.to_vectors(logits, sample=True, generator=torch.Generator().manual_seed(0))[:, age]
+    assert abs(float(sampled.std()) - float(vectors[:, age].std())) < 0.15 * float(vectors[:, age].std())
+    assert float(model.to_vectors(logits)[:, age].std()) < 1e-6
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(EHRAutoencoderModel.from_pretrained(tmp_path).residual_std, model.residual_std)

@@ -67,6 +67,14 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert "Synthetic data" in card and "not MIMIC-IV" in card
     assert load_from_disk(str(out / "dataset"))["train"].num_rows == 240
     assert (out / "model" / "model_index.json").is_file() and (out / "model" / "README.md").is_file()
+    # the demo preset: a regularised autoencoder, Bernoulli decoding saved as the default, holdout reconstruction
+    # scored beside independent marginals
+    assert json.loads((out / "model" / "model_index.json").read_text())["decode_mode"] == "sample"
+    autoencoder = json.loads((out / "model" / "autoencoder" / "config.json").read_text())
+    assert autoencoder["latent_regularization"] == "noise" and autoencoder["latent_noise"] > 0
+    figures = json.loads((out / "model" / "autoencoder_metrics.json").read_text())["holdout_figures"]
+    assert figures["split"] == "holdout" and "pairs_pearson" in figures["independent_marginals"]
+    assert 0 <= figures["reconstruction"]["codes_per_patient_wasserstein"]
     samples = printed[printed.index("synthetic records"):]
     assert samples.count("  prompt: ") == 4 and samples.count("    -> ") == 12
     assert "prompt: 65 year old woman with heart failure and chronic kidney disease" in samples

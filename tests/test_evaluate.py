@@ -198,6 +198,32 @@ def test_report_states_why_when_prediction_and_membership_inference_are_skipped(
     assert "No ROC:" in page
 
 
+def test_report_flags_an_autoencoder_behind_independent_marginals() -> None:
+    """The training's holdout reconstruction figures appear in the report, flagged when behind the marginals."""
+    real = _real()
+    sets = {"model": _population(real.schema, 150, 6)}
+    scored = dict(score_sets(real, sets, bootstrap_reps=10, fidelity_bootstrap_reps=5, known_codes=20,
+                             show_progress=False))
+    scored["model"]["vectors"] = sets["model"]
+    run = {"model": "m", "dataset": "d", "seed": 0, "synthetic_data": False, "train_rows": 300,
+           "train_rows_used": 150, "holdout_rows": 300, "holdout_eval_rows": 150, "synthetic_rows": 150,
+           "generation": {}, "ehr_diffusers_version": "test"}
+    block = {"split": "holdout", "decode_mode": "sample", "seed": 0,
+             "reconstruction": {"pairs_pearson": 0.71, "codes_per_patient_wasserstein": 5.0},
+             "independent_marginals": {"pairs_pearson": 0.84, "codes_per_patient_wasserstein": 4.3},
+             "behind_marginals": ["pairs_pearson", "codes_per_patient_wasserstein"]}
+    metrics, plots = build_metrics(run, real, scored, {"reason": "none"}, autoencoder=block)
+    assert metrics["autoencoder_reconstruction"] == block
+    page = render_html(metrics, plots)
+    section = page[page.index('id="autoencoder"'):]
+    assert "behind independent marginals on pairs_pearson, codes_per_patient_wasserstein" in section
+    assert "0.710" in section and "0.840" in section
+    block["behind_marginals"] = []
+    assert "ahead of independent marginals" in render_html(build_metrics(run, real, scored, {"reason": "none"},
+                                                                         autoencoder=block)[0], plots)
+    assert "Not available" in render_html(*build_metrics(run, real, scored, {"reason": "none"}))
+
+
 def test_train_reference_is_a_sample_of_train_rows_at_the_others_size(caplog) -> None:
     real = _real()
     sets = baseline_vectors(["train", "bernoulli"], real, 100, seed=0)

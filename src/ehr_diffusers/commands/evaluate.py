@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .common import load_pipeline
+
+AUTOENCODER_METRICS_NAME = "autoencoder_metrics.json"  # what train-ehr saves beside the pipeline
 
 
 def _baseline_names(text: str) -> tuple[str, ...]:
@@ -39,8 +42,10 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
                           prompt_rows=max(options.get("n_prompts", PROMPT_ROWS), 0))
     pipe = load_pipeline(model, text_embedder, device)
     model_name, dataset_name = names or (model, str(dataset))
+    reconstruction = Path(model) / AUTOENCODER_METRICS_NAME
+    autoencoder_metrics = json.loads(reconstruction.read_text()) if reconstruction.is_file() else None
     metrics, plots = evaluate_pipeline(pipe, real, model_name=model_name, dataset_name=dataset_name,
-                                       show_progress=not quiet, **options)
+                                       show_progress=not quiet, autoencoder_metrics=autoencoder_metrics, **options)
     with atomic_directory(out, overwrite) as work:
         write_report(metrics, plots, work)
     card = Path(model) / "README.md"

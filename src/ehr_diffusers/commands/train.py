@@ -8,6 +8,8 @@ from pathlib import Path
 
 # Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
 # cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
+# Condition dropout 0.5 (HealthForge: 0.05) trains the learned null condition on half the rows: unconditional records
+# come from it, and at 0.05 they lose to independent marginals (BENCHMARKS.md).
 # "cpu_threads" is the intra-op threads per process on a CPU: the demo's small models run as fast on one thread as on
 # two on a quiet machine and 5.5x faster when other jobs keep the cores busy (BENCHMARKS.md); None leaves accelerate's
 # choice (the physical cores).
@@ -15,14 +17,14 @@ TRAINING_PRESETS = {
     "demo": {
         "autoencoder": ["--latent_dim", "128", "--hidden_dim", "512", "--num_layers", "2", "--learning_rate", "1e-3",
                         "--train_batch_size", "256", "--num_train_epochs", "60", "--field_loss_weight", "20",
-                        "--latent_regularization", "noise", "--latent_noise", "0.5"],
+                        "--latent_regularization", "noise", "--latent_noise", "0.7"],
         "diffusion": ["--denoiser_config", "demo", "--learning_rate", "1e-3", "--train_batch_size", "256",
-                      "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999"],
+                      "--max_train_steps", "5000", "--use_ema", "--ema_decay", "0.999", "--condition_dropout", "0.5"],
         "cpu_threads": 1,
     },
     "default": {
-        "autoencoder": ["--field_loss_weight", "20", "--latent_regularization", "noise", "--latent_noise", "0.5"],
-        "diffusion": ["--use_ema"],
+        "autoencoder": ["--field_loss_weight", "20", "--latent_regularization", "noise", "--latent_noise", "0.7"],
+        "diffusion": ["--use_ema", "--condition_dropout", "0.5"],
         "cpu_threads": None,
     },
 }

@@ -24,7 +24,8 @@ from .stats import roc_curve
 
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.html"
-SECTIONS = ("summary", "fidelity", "utility", "privacy", "prompt-faithfulness", "plausibility", "definitions")
+SECTIONS = ("summary", "fidelity", "utility", "privacy", "prompt-faithfulness", "autoencoder", "plausibility",
+            "definitions")
 
 _STYLE = (
     "\n"
@@ -215,6 +216,23 @@ def _figures_table(figures: Mapping[str, Mapping[str, Any]], labels: Mapping[str
     return _table(["figure", "split", "value [95% CI]"], rows, numeric_from=2)
 
 
+def _reconstruction(block: Mapping[str, Any]) -> str:
+    """The autoencoder's reconstruction of real holdout records beside independent marginals, flagged when behind:
+    generated records cannot beat the marginals where the decoder itself does not."""
+    mine, reference = block.get("reconstruction", {}), block.get("independent_marginals", {})
+    rows = [[key, _number(mine[key], 3), _number(reference[key], 3) if key in reference else "n/a"]
+            for key in mine if isinstance(mine[key], (int, float))]
+    behind = block.get("behind_marginals") or []
+    flag = (f'<p class="warn">The reconstruction is behind independent marginals on {_e(", ".join(behind))}: '
+            "generated records will be too.</p>" if behind else
+            "<p class=note>The reconstruction is ahead of independent marginals on every headline figure.</p>")
+    note = (f"<p class=note>Holdout records encoded and decoded by the trained autoencoder "
+            f"({_e(block.get('decode_mode', 'sample'))} decoding, seed {_e(block.get('seed', ''))}), scored "
+            "against the holdout with the same definitions as above (from the training's "
+            "autoencoder_metrics.json).</p>")
+    return flag + note + _table(["figure", "reconstruction", "independent marginals"], rows)
+
+
 def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     """The report page for one evaluation run (``metrics`` and ``plots`` as the suite returns them)."""
     run = metrics["run"]
@@ -274,6 +292,12 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     else:
         body = f"<p>Not measured: {_e(prompts.get('reason', 'no prompts'))}.</p>"
     parts.append(_section("prompt-faithfulness", "Prompt faithfulness", body))
+
+    reconstruction = metrics.get("autoencoder_reconstruction")
+    body = (_reconstruction(reconstruction) if reconstruction else
+            "<p>Not available: the model folder has no autoencoder_metrics.json with holdout figures (train-ehr "
+            "writes it beside the pipeline).</p>")
+    parts.append(_section("autoencoder", "Autoencoder: reconstruction of holdout records", body))
 
     plausibility = metrics["plausibility"]
     body = _table(["rule", "source", "real holdout", "synthetic"], plausibility["rows"], numeric_from=2)

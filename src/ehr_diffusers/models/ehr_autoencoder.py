@@ -15,7 +15,8 @@ that a plain autoencoder lacks are part of the model and saved with it:
 * per-column decision thresholds (``thresholds``) for binary fields and codes, calibrated on the training split so
   that decoded prevalence matches the data; the default decoding samples each code from its Bernoulli probability
   and each one-hot group from its softmax instead, which keeps the spread of codes per record (thresholds let a
-  record in a dense latent region pass hundreds of them at once).
+  record in a dense latent region pass hundreds of them at once), and adds each continuous or count field's residual
+  spread (``residual_std``, calibrated on the training split) to the decoder's prediction.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         num_layers: int = 2,
         dropout: float = 0.1,
         latent_regularization: str = "none",
-        latent_noise: float = 0.5,
+        latent_noise: float = 0.7,
         kl_weight: float = 0.02,
     ):
         super().__init__()
@@ -125,6 +126,7 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         self.register_buffer("latent_mean", torch.zeros(latent_dim))
         self.register_buffer("latent_std", torch.ones(latent_dim))
         self.register_buffer("thresholds", torch.full((self.input_dim,), 0.5))
+        self.register_buffer("residual_std", torch.zeros(self.input_dim))
 
     @classmethod
     def from_schema(cls, schema: EHRSchema, **kwargs: Any) -> EHRAutoencoderModel:
@@ -228,6 +230,16 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         kth = ordered.gather(0, (counts - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
         self.thresholds[columns] = torch.where(counts > 0, kth, torch.full_like(kth, 1.0 + 1e-6))
 
+    @torch.no_grad()
+    def calibrate_residuals(self, probabilities: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Per continuous or count column, the standard deviation of the data around the decoder's prediction on the
+        training split. The decoder predicts a conditional mean, whose spread is smaller than the data's by exactly
+        this residual variance (the law of total variance): sampled decoding adds it back, so that generated ages
+        and admission counts keep the real spread instead of crowding around the middle."""
+        columns = self._columns(("continuous", "count")).nonzero().squeeze(1)
+        residual = vectors[:, columns].float() - probabilities[:, columns].float().clamp(0.0, 1.0)
+        self.residual_std[columns] = residual.std(dim=0) if len(residual) > 1 else torch.zeros_like(columns).float()
+
     # ------------------------------------------------------------------ decoding
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Sigmoid for binary fields and codes, softmax within one-hot groups; continuous values as they are."""
@@ -247,9 +259,10 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Logits -> schema vectors: binary fields and codes by the calibrated thresholds (or Bernoulli draws with
-        ``sample``), one-hot groups by their most likely category (or a categorical draw), scaled values clipped to
-        [0, 1]. ``EHRSchema.decode`` turns the result into records. With one generator per row, row i's draws depend
-        only on generator i."""
+        ``sample``), one-hot groups by their most likely category (or a categorical draw), scaled values as predicted
+        (or with Gaussian noise at the calibrated ``residual_std`` added, with ``sample``), clipped to [0, 1].
+        ``EHRSchema.decode`` turns the result into records. With one generator per row, row i's draws depend only on
+        generator i."""
         probabilities = self.probabilities(logits.float())
         vectors = torch.zeros_like(probabilities)
         # one uniform per column, drawn at once (one call per row's generator): a binary column is on below its
@@ -268,5 +281,8 @@ class EHRAutoencoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
                     else block.argmax(dim=1)
                 vectors[:, where] = F.one_hot(chosen, block.shape[1]).float()
             else:
+                if sample:  # a normal draw from the column's uniform, by the inverse normal CDF
+                    normal = torch.special.ndtri(uniform[:, where].clamp(1e-7, 1.0 - 1e-7))
+                    block = block + normal * self.residual_std[where]
                 vectors[:, where] = block.clamp(0.0, 1.0)
         return vectors

@@ -223,7 +223,7 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         num_records_per_prompt: int = 1,
-        num_inference_steps: int = 10,
+        num_inference_steps: int = 25,
         guidance_scale: float = 2.0,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -241,8 +241,9 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         Args:
             prompt: text(s) describing the patients to generate; None generates unconditionally.
             num_records_per_prompt: records per prompt (or in all, without a prompt).
-            num_inference_steps: sampler steps; the default DPM-Solver++(2M) needs few (on the demo model 10 steps
-                match 25 in fidelity, see BENCHMARKS.md).
+            num_inference_steps: sampler steps of the default DPM-Solver++(2M); on the demo model 25 give records
+                with the real number of codes per patient and 10 about one code fewer, at 40% of the time
+                (BENCHMARKS.md).
             guidance_scale: classifier-free guidance g (HealthForge's s = g - 1); 1 or less turns it off.
             negative_prompt: text(s) to guide away from, in place of the learned null condition.
             prompt_embeds / negative_prompt_embeds: precomputed condition embeddings ``(n_prompts, condition_dim)``.

@@ -131,7 +131,8 @@ def _correlation_difference(real: np.ndarray, synthetic: np.ndarray, schema: EHR
 
 
 def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, Mapping[str, Any]],
-                  prompts: dict[str, Any], primary: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
+                  prompts: dict[str, Any], primary: str = "model",
+                  autoencoder: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """metrics.json's document and the report's plot arrays from :func:`score_sets` and the prompt section."""
     main = scored[primary]
     raw_fidelity, raw_privacy = main["raw"]["fidelity"], main["raw"]["privacy"]
@@ -174,6 +175,7 @@ def build_metrics(run: Mapping[str, Any], real: RealData, scored: Mapping[str, M
                          "detail": strip_arrays({k: v for k, v in main["raw"]["plausibility"].items()
                                                   if k in ("rules", "any_rule")})},
         "methods": {name: {"rows": entry["rows"], "figures": entry["figures"]} for name, entry in scored.items()},
+        "autoencoder_reconstruction": dict(autoencoder) if autoencoder else None,
         "definitions": DEFINITIONS,
     }
     codes = real.schema.slices["icd10_categories"]
@@ -215,13 +217,16 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
                       baselines: tuple[str, ...] = DEFAULT_BASELINES, ehrdiff_steps: int = 4000,
                       bootstrap_reps: int = BOOTSTRAP_REPS, fidelity_bootstrap_reps: int = FIDELITY_BOOTSTRAP_REPS,
                       batch_size: int = 4096,
-                      generation: Mapping[str, Any] | None = None, show_progress: bool = True
+                      generation: Mapping[str, Any] | None = None, show_progress: bool = True,
+                      autoencoder_metrics: Mapping[str, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Generates the model's records, scores them with the baselines and returns ``(metrics, plots)``.
 
     ``prompts`` (default: ``n_prompts`` summaries of train patients, ``real.prompts``) are refused with a ValueError
     when any is a holdout patient's summary. ``generation`` goes to the pipeline; its decode mode defaults to the
-    pipeline's own (``pipe.config.decode_mode``, "threshold" for pipelines saved without one) and is recorded."""
+    pipeline's own (``pipe.config.decode_mode``, "threshold" for pipelines saved without one) and is recorded.
+    ``autoencoder_metrics`` (the training's ``autoencoder_metrics.json``) brings the autoencoder's reconstruction of
+    holdout records, scored beside independent marginals, into the report."""
     from ...sampling import generate_records
 
     try:
@@ -270,4 +275,5 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
                           "prompted": {"prompts": len(prompts), "records_per_prompt": records_per_prompt,
                                        "split": prompt_split}}}
     section = prompt_section(prompts_raw, extraction, reason, prompt_split)
-    return build_metrics(run, real, scored, section)
+    return build_metrics(run, real, scored, section,
+                         autoencoder=(autoencoder_metrics or {}).get("holdout_figures"))
