@@ -112,7 +112,7 @@ def _seed_sampler_vectors(pipe, n: int, seed: int, batch_size: int) -> np.ndarra
     pipe.scheduler = LogSNRCosineScheduler.from_config(default.config, solver="ancestral", variance_interpolation=0.1)
     try:
         return generate_records(pipe, None, n, batch_size=batch_size, seed=seed, show_progress=False,
-                                num_inference_steps=1000, decode_mode="threshold").vectors
+                                num_inference_steps=1000).vectors
     finally:
         pipe.scheduler = default
 
@@ -147,8 +147,9 @@ def run(model: str, dataset: Path, seeds: list[int], methods: tuple[str, ...], r
         for method in methods:
             begun = time.perf_counter()
             if method == "model":
+                # as a user gets them: the pipeline's default steps and decoding (its config's decode_mode)
                 sets[method] = generate_records(pipe, None, records, batch_size=batch_size, seed=seed,
-                                                show_progress=False, decode_mode="threshold").vectors
+                                                show_progress=False).vectors
             elif method == "seed_sampler":
                 sets[method] = _seed_sampler_vectors(pipe, records, seed, batch_size)
             elif method == "gaussian_copula":
