@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..training import AUTOENCODER_METRICS_NAME
 from .common import load_pipeline
-
-AUTOENCODER_METRICS_NAME = "autoencoder_metrics.json"  # what train-ehr saves beside the pipeline
 
 
 def _baseline_names(text: str) -> tuple[str, ...]:

@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# What train_ehr_autoencoder writes and train_ehr_diffusion copies beside the pipeline; `evaluate` reads it there.
+AUTOENCODER_METRICS_NAME = "autoencoder_metrics.json"
+
 
 @dataclass
 class TrainingRun:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ehr_diffusers.data.ehr.schema import EHRSchema
 from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
-from ehr_diffusers.training import TrainingRun
+from ehr_diffusers.training import AUTOENCODER_METRICS_NAME, TrainingRun
 from ehr_diffusers.training.checkpointing import (
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -49,7 +49,7 @@ from ehr_diffusers.training.data import HOLDOUT_SPLIT, TRAIN_SPLIT, iter_vectors
 
 logger = get_logger(__name__, log_level="INFO")
 
-METRICS_NAME = "autoencoder_metrics.json"
+METRICS_NAME = AUTOENCODER_METRICS_NAME
 TRAINING_ARGS_NAME = "training_args.json"
 SUBFOLDER = "autoencoder"
 
@@ -200,8 +200,10 @@ def finalize(model: EHRAutoencoderModel, dataset: Any, schema: EHRSchema, batch_
     latents, logits, vectors = reconstruct_split(model, dataset[TRAIN_SPLIT], schema, batch_size, device,
                                                  "calibrating on train")
     model.fit_latent_statistics(latents.to(device))
-    model.calibrate_thresholds(model.probabilities(logits.to(device)), vectors.to(device))
-    model.calibrate_residuals(model.probabilities(logits.to(device)), vectors.to(device))
+    probabilities, on_device = model.probabilities(logits.to(device)), vectors.to(device)
+    model.calibrate_thresholds(probabilities, on_device)
+    model.calibrate_residuals(probabilities, on_device)
+    del probabilities, on_device
     del latents
     metrics = {TRAIN_SPLIT: reconstruction_metrics(model, schema, logits, vectors, TRAIN_SPLIT)}
     train_vectors = vectors

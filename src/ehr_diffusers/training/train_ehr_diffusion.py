@@ -35,7 +35,7 @@ from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel
 from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
-from ehr_diffusers.training import TrainingRun
+from ehr_diffusers.training import AUTOENCODER_METRICS_NAME, TrainingRun
 from ehr_diffusers.training.checkpointing import (
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -63,7 +63,6 @@ from ehr_diffusers.training.data import (
 logger = get_logger(__name__, log_level="INFO")
 
 SUBFOLDER = "denoiser"
-AUTOENCODER_METRICS_NAME = "autoencoder_metrics.json"
 AUTOENCODER_ARGS_NAME = "training_args.json"
 INFERENCE_SOLVER = "dpmsolver++"
 
@@ -296,11 +295,12 @@ def card_configs(args: argparse.Namespace, config: dict[str, Any], rows: int, dr
                 autoencoder_config[key] = recorded[key]
     metrics_file = Path(args.autoencoder_path) / AUTOENCODER_METRICS_NAME
     if metrics_file.is_file():
-        holdout = json.loads(metrics_file.read_text()).get("holdout") or {}
+        recorded_metrics = json.loads(metrics_file.read_text())
+        holdout = recorded_metrics.get("holdout") or {}
         codes = (holdout.get("groups") or {}).get("icd10_categories") or {}
         if "micro_f1" in codes:
             autoencoder_config["holdout code F1 (reconstruction)"] = round(codes["micro_f1"], 4)
-        figures = (json.loads(metrics_file.read_text()).get("holdout_figures") or {}).get("reconstruction") or {}
+        figures = (recorded_metrics.get("holdout_figures") or {}).get("reconstruction") or {}
         for key, label in (("pairs_pearson", "pair r"), ("codes_per_patient_wasserstein", "codes-per-patient W"),
                            ("age_wasserstein", "age W (years)")):
             if key in figures:
