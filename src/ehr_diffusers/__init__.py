@@ -17,8 +17,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "EHRLatentDiffusionPipeline": "pipelines.pipeline_ehr_latent_diffusion",
     "EHRLatentDiffusionPipelineOutput": "pipelines.pipeline_ehr_latent_diffusion",
+    "EHRXDiffPipeline": "pipelines.pipeline_ehrxdiff",
+    "EHRXDiffPipelineOutput": "pipelines.pipeline_ehrxdiff",
     "EHRAutoencoderModel": "models.ehr_autoencoder",
     "EHRDenoiserModel": "models.ehr_denoiser",
+    "EventEncoderModel": "models.event_encoder",
+    "FusionAdapterModel": "models.fusion_adapter",
     "LogSNRCosineScheduler": "schedulers.scheduling_logsnr_cosine",
     "SentenceEmbedder": "text.embed",
 }

@@ -32,7 +32,7 @@ from ..models.ehr_autoencoder import EHRAutoencoderModel
 from ..models.ehr_denoiser import EHRDenoiserModel
 from ..schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
 from ..text.embed import SentenceEmbedder
-from .pipeline_utils import RemoteCodePipelineMixin
+from .pipeline_utils import RemoteCodePipelineMixin, check_callback_outputs
 
 OutputType = Literal["records", "pd", "np", "pt", "latent"]
 OUTPUT_TYPES = ("records", "pd", "np", "pt", "latent")
@@ -315,8 +315,8 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    self._check_callback_outputs(callback_outputs, {"latents": latents, "prompt_embeds": prompt_embeds,
-                                                                    "negative_prompt_embeds": negative_prompt_embeds})
+                    check_callback_outputs(callback_outputs, {"latents": latents, "prompt_embeds": prompt_embeds,
+                                                              "negative_prompt_embeds": negative_prompt_embeds})
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -353,21 +353,6 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
                              f"{self._callback_tensor_inputs}")
-
-    def _check_callback_outputs(self, outputs: Any, tensors: dict[str, torch.Tensor]) -> None:
-        """A callback's replacements must fit where they go: a misfit would fail steps later, far from its cause."""
-        if not isinstance(outputs, dict):
-            raise ValueError(f"callback_on_step_end must return a dict of tensors (keys among {list(tensors)}), got "
-                             f"{type(outputs).__name__}")
-        for name, value in outputs.items():
-            if name not in tensors:
-                raise ValueError(f"callback_on_step_end returned {name!r}, which is none of the tensors it may "
-                                 f"replace: {list(tensors)}")
-            expected = tuple(tensors[name].shape)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
-                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"callback_on_step_end returned {name} with {got}; expected a tensor of shape "
-                                 f"{expected}")
 
     @torch.no_grad()
     def decode_latents(

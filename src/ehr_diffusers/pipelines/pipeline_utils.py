@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..hub.export import PACKAGE, download_own_pipeline, is_own_module, read_own_shims, remote_code_files
 from ..io import refuse_pickle
 
@@ -60,6 +62,23 @@ def installed_model_index(config: dict[str, Any], folder: str | os.PathLike) -> 
               and all(isinstance(item, str) for item in value) and is_own_module(value[0])):
             config[key] = [_installed_class(*value, where).__module__, value[1]]
     return config
+
+
+def check_callback_outputs(outputs: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """What a ``callback_on_step_end`` returned must fit where it goes (``tensors``: name -> the current tensor): a
+    misfit would fail steps later, far from its cause."""
+    if not isinstance(outputs, dict):
+        raise ValueError(f"callback_on_step_end must return a dict of tensors (keys among {list(tensors)}), got "
+                         f"{type(outputs).__name__}")
+    for name, value in outputs.items():
+        if name not in tensors:
+            raise ValueError(f"callback_on_step_end returned {name!r}, which is none of the tensors it may "
+                             f"replace: {list(tensors)}")
+        expected = tuple(tensors[name].shape)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"callback_on_step_end returned {name} with {got}; expected a tensor of shape "
+                             f"{expected}")
 
 
 class RemoteCodePipelineMixin:
