@@ -47,6 +47,12 @@ SHIMS = {
     "scheduler/scheduling_logsnr_cosine.py": "from ehr_diffusers import LogSNRCosineScheduler  # noqa: F401\n",
     "text_embedder/embed.py": "from ehr_diffusers import SentenceEmbedder  # noqa: F401\n",
 }
+XDIFF_SHIMS = {
+    "pipeline.py": "from ehr_diffusers import EHRXDiffPipeline  # noqa: F401\n",
+    "event_encoder/event_encoder.py": "from ehr_diffusers import EventEncoderModel  # noqa: F401\n",
+    "fusion_adapter/fusion_adapter.py": "from ehr_diffusers import FusionAdapterModel  # noqa: F401\n",
+    "event_embedder/embed.py": "from ehr_diffusers import SentenceEmbedder  # noqa: F401\n",
+}
 # What the exporter wrote before shims imported from the package root: still ehr-diffusers' own files.
 MODULE_PATH_SHIMS = {
     "pipeline.py": "from ehr_diffusers.pipelines.pipeline_ehr_latent_diffusion import EHRLatentDiffusionPipeline  "
@@ -172,6 +178,22 @@ def test_checked_in_shims_and_card_template_match_what_the_package_writes(saved)
     assert _code(REPO_ROOT / "pipelines/ehr_latent_diffusion") == SHIMS
     assert (REPO_ROOT / "pipelines/ehr_latent_diffusion/README.md").is_file()
     assert (REPO_ROOT / "model_cards/ehr_latent_diffusion.md").read_bytes() == PACKAGE_TEMPLATE.read_bytes()
+
+
+def test_checked_in_ehrxdiff_shims_match_what_the_package_writes(tmp_path) -> None:
+    from ehr_diffusers import EHRXDiffPipeline, EventEncoderModel, FusionAdapterModel
+    from test_ehrxdiff_pipeline import _tiny_components
+
+    index = {"_class_name": EHRXDiffPipeline.__name__, "vae": ["diffusers", "AutoencoderKL"],
+             "image_encoder": ["transformers", "CLIPVisionModel"]}
+    for name, cls in (("event_encoder", EventEncoderModel), ("fusion_adapter", FusionAdapterModel),
+                      ("event_embedder", SentenceEmbedder)):
+        index[name] = [cls.__module__, cls.__name__]
+    _, files = remote_code_files(index)
+    EHRXDiffPipeline(**_tiny_components()).save_pretrained(tmp_path / "full")
+    assert files == XDIFF_SHIMS == _code(tmp_path / "full")
+    assert _code(REPO_ROOT / "pipelines/ehrxdiff") == XDIFF_SHIMS
+    assert (REPO_ROOT / "pipelines/ehrxdiff/README.md").is_file()
 
 
 def test_every_class_a_saved_folder_names_is_a_root_export(saved) -> None:

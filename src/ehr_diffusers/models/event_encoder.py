@@ -56,7 +56,8 @@ def pad_events(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Ragged per-interval events (each ``(n_i, dim)``, oldest first) -> the encoder's padded input.
 
-    Returns ``embeddings`` (batch, n, dim) float32, ``hours`` (batch, n) (zeros where none were given), ``mask``
+    Returns ``embeddings`` (batch, n, dim) float32, ``hours`` (batch, n) (NaN, "time unknown", for an interval given
+    no hours), ``mask``
     (batch, n) True for a real event, and how many events were dropped: an interval longer than ``max_events``
     keeps its most recent ``max_events``, as the dataset does. ``n`` is the longest interval kept (at least 0).
     """
@@ -79,7 +80,9 @@ def pad_events(
         kept = array[max(0, len(array) - limit):]
         padded[row, :len(kept)] = kept
         mask[row, :len(kept)] = True
-        if hours is not None and hours[row] is not None:
+        if hours is None or hours[row] is None:
+            times[row] = float("nan")
+        else:
             given = torch.as_tensor(np.asarray(hours[row], dtype=np.float32)).reshape(-1)
             if len(given) != len(array):
                 raise ValueError(f"interval {row}: {len(array)} event embeddings but {len(given)} event hours")
@@ -140,7 +143,8 @@ class EventEncoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> EventEncoderOutput | tuple:
         """``event_embeddings`` (batch, events, event_dim), padded; ``event_mask`` (batch, events), True for a real
-        event (None: all real); ``event_hours`` (batch, events), hours before the target study (None: no time)."""
+        event (None: all real); ``event_hours`` (batch, events), hours before the target study (None or NaN: time
+        unknown)."""
         batch, length, dim = event_embeddings.shape
         if dim != self.config.event_dim:
             raise ValueError(f"event embeddings are {dim}-d but the event encoder takes {self.config.event_dim}-d "
@@ -153,8 +157,10 @@ class EventEncoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
                 else event_mask.to(device=device, dtype=torch.bool))
         h = self.input_proj(event_embeddings.to(self.fc.weight.dtype))
         if self.time_proj is not None and event_hours is not None:
-            features = time_features(event_hours.to(device), self.config.time_features_dim, self.config.max_hours)
-            h = h + self.time_proj(features.to(h.dtype))
+            hours = event_hours.to(device)
+            known = torch.isfinite(hours)  # NaN: an event whose time is unknown gets no time encoding
+            features = time_features(hours.nan_to_num(0.0), self.config.time_features_dim, self.config.max_hours)
+            h = h + self.time_proj(features.to(h.dtype)) * known[..., None].to(h.dtype)
         if self.start is not None:
             h = torch.cat([self.start.to(h.dtype).expand(batch, 1, -1), h], dim=1)
             mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), mask], dim=1)

@@ -122,10 +122,7 @@ class FusionAdapterModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
             groups.append(vae_tokens)
             masks.append(torch.ones(vae_tokens.shape[:2], dtype=torch.bool, device=event_tokens.device))
         if config.adapter_type == "token_linear":
-            events = groups[0] * masks[0][..., None].to(event_tokens.dtype)
-            events = events[:, -config.num_event_tokens:]  # the most recent events
-            pad = config.num_event_tokens - events.shape[1]
-            groups[0] = nn.functional.pad(events, (0, 0, 0, pad))
+            groups[0] = self._last_event_tokens(groups[0], masks[0])
             tokens = torch.cat(groups, dim=1)
             return self.adaptor(tokens.transpose(1, 2)).transpose(1, 2)
         tokens = torch.cat([group + self.group_embedding[index].to(group.dtype)
@@ -135,6 +132,18 @@ class FusionAdapterModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         for block in self.blocks:
             queries = block(queries, tokens, mask)
         return self.norm_out(queries)
+
+    def _last_event_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each row's last ``num_event_tokens`` real tokens (the most recent events; real tokens come first, padding
+        after), then zeros: the fixed-length token group the token-axis Linear mixes."""
+        count = self.config.num_event_tokens
+        lengths = mask.sum(dim=1)
+        if tokens.shape[1] < count:
+            tokens = nn.functional.pad(tokens, (0, 0, 0, count - tokens.shape[1]))
+        positions = (lengths - count).clamp(min=0)[:, None] + torch.arange(count, device=tokens.device)[None]
+        real = positions < lengths[:, None]
+        picked = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1)[..., None].expand(-1, -1, tokens.shape[2]))
+        return picked * real[..., None].to(tokens.dtype)
 
     def _group_indices(self) -> list[int]:
         """The group embedding index of each token group present: events 0, image 1, VAE 2."""

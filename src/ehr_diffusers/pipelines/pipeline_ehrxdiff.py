@@ -102,9 +102,10 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         expected = 2 * channels if conditioning == "hybrid" else channels
         if unet.config.in_channels != expected or unet.config.out_channels != channels:
-            raise ValueError(f"{conditioning} conditioning with a {channels}-channel VAE needs a UNet with "
-                             f"in_channels {expected} and out_channels {channels}, got {unet.config.in_channels} "
-                             f"and {unet.config.out_channels}")
+            raise ValueError(f"a UNet with in_channels {unet.config.in_channels} and out_channels "
+                             f"{unet.config.out_channels} fits neither conditioning with a {channels}-channel VAE: "
+                             f"hybrid needs in_channels {2 * channels}, cross_attention {channels}, and out_channels "
+                             f"{channels} (conditioning asked: {conditioning})")
         if event_embedder is not None and event_embedder.dim != event_encoder.config.event_dim:
             raise ValueError(f"the event embedder makes {event_embedder.dim}-d embeddings but the event encoder takes "
                              f"{event_encoder.config.event_dim}-d ones")
@@ -247,7 +248,7 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         latent, one row per previous image."""
         device = self._execution_device
         maximum = self.event_encoder.config.max_events
-        padded, times, mask, dropped = pad_events(embeddings, [h for h in hours], max_events=maximum)
+        padded, times, mask, dropped = pad_events(embeddings, hours, max_events=maximum)
         if dropped:
             logger.warning("%d event(s) beyond the model's %d per interval dropped: the most recent are kept",
                            dropped, maximum)
@@ -263,9 +264,7 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             image_tokens = self.image_encoder(pixel_values=image.to(device=device, dtype=self.image_encoder.dtype)
                                               ).last_hidden_state
         dtype = self.event_encoder.dtype
-        use_hours = any(h is not None for h in hours)
-        events = self.event_encoder(padded.to(device=device, dtype=dtype), mask.to(device),
-                                    times.to(device) if use_hours else None)
+        events = self.event_encoder(padded.to(device=device, dtype=dtype), mask.to(device), times.to(device))
         empty = self.event_encoder(padded.new_zeros(len(embeddings), 0, padded.shape[-1]).to(device=device,
                                                                                              dtype=dtype))
         vae_tokens = latent if self.fusion_adapter.config.vae_channels is not None else None

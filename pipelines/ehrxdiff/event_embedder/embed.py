@@ -1,0 +1,1 @@
+from ehr_diffusers import SentenceEmbedder  # noqa: F401

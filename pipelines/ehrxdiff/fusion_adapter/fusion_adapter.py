@@ -1,0 +1,1 @@
+from ehr_diffusers import FusionAdapterModel  # noqa: F401
