@@ -1,10 +1,11 @@
 """prepare-cxr end to end on a hand-made cohort: triplets with their events, event embeddings (one per distinct
-event content, float16) from the text layer's EventEmbedder, retrieval on and off, the card and summary, the command
-and its errors."""
+event content, float16) from the text layer's EventEmbedder, retrieval on and off, the card and summary, small image
+copies and reading them back, the command and its errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,9 +14,19 @@ import numpy as np
 import polars as pl
 import pytest
 from datasets import load_from_disk
+from PIL import Image
 
 from ehr_diffusers.cli import main
-from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, build_cxr_dataset, prepare_cxr
+from ehr_diffusers.data.cxr.dataset import (
+    SUMMARY_NAME,
+    CXRDatasetOptions,
+    EventEmbeddingOptions,
+    build_cxr_dataset,
+    format_cxr_summary,
+    image_copy_path,
+    prepare_cxr,
+    read_cxr_images,
+)
 from ehr_diffusers.data.cxr.events import event_content
 from ehr_diffusers.data.cxr.triplets import TripletOptions
 from ehr_diffusers.text.event_embeddings import EventEmbedder
@@ -125,6 +136,8 @@ def test_prepare_cxr_command(cohort, tmp_path: Path, capsys) -> None:  # noqa: F
     (["--retrieval", "--retrieval-weight", "1.5"], "--retrieval-weight must be in [0, 1]"),
     (["--retrieval", "--knowledge", "/nonexistent.txt"], "--knowledge /nonexistent.txt: no such file"),
     (["--window-hours", "inf"], "--window-hours must be positive and under a year"),
+    (["--image-size", "8"], "--image-size must be an integer from 16 to 1024 (pixels per side), got 8"),
+    (["--image-size", "2048"], "--image-size must be an integer from 16 to 1024"),
 ])
 def test_prepare_cxr_errors_name_the_option(cohort, tmp_path: Path, capsys, extra, message) -> None:  # noqa: F811
     cxr, mimic = cohort
@@ -133,6 +146,72 @@ def test_prepare_cxr_errors_name_the_option(cohort, tmp_path: Path, capsys, extr
                  *extra]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def _random_originals(cxr: Path) -> list[Path]:
+    """Replaces the fixture's flat 8 x 8 images by noisy RGB ones of another shape, so that the conversion to
+    grayscale and the resize show in the pixels."""
+    paths = sorted((cxr / "files").rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path, format="JPEG")
+    return paths
+
+
+def _resized(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L").resize((size, size), Image.BILINEAR))
+
+
+def test_image_copies_are_written_recorded_and_read_without_the_originals(cohort, tmp_path: Path) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    _random_originals(cxr)
+    out = tmp_path / "triplets"
+    summary = prepare_cxr(cxr, mimic, out, _options(), show_progress=False, image_size=16)
+    train = load_from_disk(str(out))["train"]
+    paths = sorted(set(train["previous_image"]) | set(train["target_image"]))
+    expected = {"size": 16, "folder": "images", "format": "png", "count": len(paths)}
+    assert summary["image_copies"] == expected == json.loads((out / SUMMARY_NAME).read_text())["image_copies"]
+    written = sorted(str(path.relative_to(out)) for path in (out / "images").rglob("*") if path.is_file())
+    assert written == sorted(str(image_copy_path(path)) for path in paths)
+    assert all(name.endswith(".png") for name in written)
+    for path in paths:
+        with Image.open(out / image_copy_path(path)) as copy:
+            assert copy.mode == "L" and copy.size == (16, 16) and copy.format == "PNG"
+    assert f"16 x 16 grayscale PNG copy of each of the {len(paths)} images" in (out / "README.md").read_text()
+    assert f"image copies        {len(paths)} PNG, 16 x 16 grayscale, in images/" in format_cxr_summary(summary)
+
+    wanted = [paths[1], paths[0], paths[1]]  # any order, repeats allowed
+    copies = read_cxr_images(out, wanted, 16, show_progress=False)
+    assert copies.dtype == np.uint8 and copies.shape == (3, 16, 16)
+    np.testing.assert_array_equal(copies, np.stack([_resized(cxr / path, 16) for path in wanted]))
+    assert copies.std() > 0
+    other_size = read_cxr_images(out, wanted, 12, show_progress=False)  # no copies of 12 px: the originals
+    np.testing.assert_array_equal(other_size, np.stack([_resized(cxr / path, 12) for path in wanted]))
+
+    shutil.rmtree(cxr)
+    np.testing.assert_array_equal(read_cxr_images(out, wanted, 16, show_progress=False), copies)
+    with pytest.raises(FileNotFoundError, match="original images are gone"):
+        read_cxr_images(out, wanted, 12, show_progress=False)
+
+
+def test_no_image_copies_by_default_and_bad_sizes_write_nothing(cohort, tmp_path: Path, capsys) -> None:  # noqa: F811
+    cxr, mimic = cohort
+    _add_events(mimic)
+    out = tmp_path / "triplets"
+    assert prepare_cxr(cxr, mimic, out, _options(), show_progress=False)["image_copies"] is None
+    assert not (out / "images").exists() and "Images are not included" in (out / "README.md").read_text()
+    np.testing.assert_array_equal(read_cxr_images(out, ["files/p10/p10000001/s502/b-ap.jpg"], 8, show_progress=False),
+                                  np.full((1, 8, 8), 128, dtype=np.uint8))
+    for size in (15, 1025, 64.0, True, "64"):
+        with pytest.raises(ValueError, match="--image-size must be an integer from 16 to 1024"):
+            prepare_cxr(cxr, mimic, tmp_path / "bad", _options(), show_progress=False, image_size=size)
+    with pytest.raises(SystemExit):
+        main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(tmp_path / "bad"),
+              "--image-size", "big"])
+    assert "--image-size: invalid int value" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_embedding_options_are_checked_before_any_work(tmp_path: Path, monkeypatch) -> None:
@@ -184,12 +263,18 @@ def test_prepare_cxr_on_the_demo_cohort(tmp_path: Path, capsys) -> None:
     demo, out = tmp_path / "demo", tmp_path / "triplets"
     assert main(["demo-cxr-data", "--subjects", str(SMALL_SUBJECTS), "--seed", "1", "--out", str(demo), "-q"]) == 0
     assert main(["prepare-cxr", "--cxr-dir", str(demo / "mimic-cxr-jpg"), "--mimic-dir", str(demo / "mimic-iv"),
-                 "--out", str(out), "-q", "--retrieval"]) == 0, capsys.readouterr().err
+                 "--out", str(out), "-q", "--retrieval", "--image-size", "32"]) == 0, capsys.readouterr().err
     assert "(from the synthetic demo cohort)" in capsys.readouterr().out
     summary = json.loads((out / "cxr_summary.json").read_text())
     assert summary["images_missing"] == summary["images_unreadable"] == 0 and summary["triplets"] > 20
     assert "Synthetic data." in (out / "README.md").read_text()
     rows = [row for split in load_from_disk(str(out)).values() for row in split]
+    # every image of every split's triplets has its copy
+    named = sorted({row[column] for row in rows for column in ("previous_image", "target_image")})
+    assert len({row["subject_id"] for row in rows}) > 1 and summary["image_copies"]["count"] == len(named)
+    assert all((out / image_copy_path(path)).is_file() for path in named)
+    np.testing.assert_array_equal(read_cxr_images(out, named[:3], 32, show_progress=False),
+                                  np.stack([_resized(demo / "mimic-cxr-jpg" / path, 32) for path in named[:3]]))
     changed = [row for row in rows if row["previous_chexpert"] != row["target_chexpert"]]
     assert changed and all(row["event_texts"] for row in changed)
     assert all(np.asarray(row["event_embeddings"]).shape == (len(row["event_texts"]), 384) for row in rows)

@@ -4,6 +4,10 @@ an event written between the two studies, and a phantom whose pixels respond to 
 from __future__ import annotations
 
 import csv
+import hashlib
+import inspect
+import multiprocessing
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,19 +172,40 @@ def test_share_of_unchanged_pairs(cohort):
     assert 0.3 < summary["pairs_with_label_change"] < 0.95
 
 
-def test_same_seed_same_bytes_and_another_seed_differs(cohort, tmp_path):
+def _files(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count_and_another_seed_differs(cohort, tmp_path, monkeypatch):
+    """The fixture rendered its images in this process (too few to start workers); here two worker processes
+    render them in chunks of 8: every file is the same."""
     out, _ = cohort
     again = tmp_path / "again"
-    write_demo_cxr(again, n_subjects=N_SUBJECTS, seed=0, show_progress=False)
-    for relative in ("mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-jpg/mimic-cxr-2.0.0-chexpert.csv.gz",
-                     "mimic-iv/hosp/labevents.csv.gz", "mimic-iv/icu/procedureevents.csv.gz", "README.md"):
-        assert (out / relative).read_bytes() == (again / relative).read_bytes(), relative
-    image = sorted((out / "mimic-cxr-jpg" / "files").rglob("*.jpg"))[0]
-    assert image.read_bytes() == (again / image.relative_to(out)).read_bytes()
+    monkeypatch.setattr(demo_cxr, "MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(demo_cxr, "CHUNK_IMAGES", 8)
+    write_demo_cxr(again, n_subjects=N_SUBJECTS, seed=0, show_progress=False, workers=2)
+    written = _files(out)
+    assert sum(name.endswith(".jpg") for name in written) == (
+        pl.read_csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz").height)
+    assert _files(again) == written
     other = tmp_path / "other"
     write_demo_cxr(other, n_subjects=3, seed=1, show_progress=False)
     assert (other / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz").read_bytes() != \
         (out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz").read_bytes()
+
+
+def test_default_cohort_size_and_workers_on_the_command_line():
+    """The default cohort is large enough for a test split of about 100 patients; tests pass small counts."""
+    from ehr_diffusers.cli import build_parser
+
+    args = build_parser().parse_args(["demo-cxr-data", "--out", "demo"])
+    assert args.subjects == demo_cxr.DEFAULT_SUBJECTS >= 1000
+    assert inspect.signature(write_demo_cxr).parameters["n_subjects"].default == demo_cxr.DEFAULT_SUBJECTS
+    assert args.workers is None and 1 <= demo_cxr.default_workers() <= 2
+    assert build_parser().parse_args(["demo-cxr-data", "--out", "demo", "--workers", "3"]).workers == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo-cxr-data", "--out", "demo", "--workers", "0"])
 
 
 def test_fallback_without_real_data_files(tmp_path):
@@ -216,13 +241,19 @@ def test_explaining_items_are_kept_by_the_chest_item_lists():
 def test_bad_arguments_name_the_argument_and_leave_nothing(tmp_path):
     out = tmp_path / "bad"
     for kwargs, name in (({"n_subjects": 0}, "n_subjects"), ({"n_subjects": 2.5}, "n_subjects"),
-                         ({"seed": -1}, "seed"), ({"real_data": "yes"}, "real_data")):
+                         ({"seed": -1}, "seed"), ({"real_data": "yes"}, "real_data"), ({"workers": 0}, "workers"),
+                         ({"workers": 1.5}, "workers")):
         with pytest.raises(ValueError, match=name):
             write_demo_cxr(out, show_progress=False, **kwargs)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_partial_output_when_rendering_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods() or sys.platform == "darwin",
+    reason="spawned workers do not see the patched render"))])
+def test_no_partial_output_when_rendering_fails(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(demo_cxr, "MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(demo_cxr, "CHUNK_IMAGES", 2)
     calls = []
 
     def failing(params):
@@ -233,7 +264,7 @@ def test_no_partial_output_when_rendering_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo_cxr, "render", failing)
     with pytest.raises(RuntimeError, match="disk full"):
-        write_demo_cxr(tmp_path / "partial", n_subjects=2, show_progress=False)
+        write_demo_cxr(tmp_path / "partial", n_subjects=2, show_progress=False, workers=workers)
     assert list(tmp_path.iterdir()) == []
 
 

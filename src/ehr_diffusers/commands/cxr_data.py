@@ -10,7 +10,7 @@ def run_demo_data(args: argparse.Namespace) -> None:
     from ..data.cxr.demo import write_demo_cxr
 
     summary = write_demo_cxr(args.out, n_subjects=args.subjects, seed=args.seed, overwrite=args.overwrite,
-                             show_progress=not args.quiet, real_data=not args.no_real_data)
+                             show_progress=not args.quiet, real_data=not args.no_real_data, workers=args.workers)
     print(f"synthetic chest X-ray cohort written to {args.out}: {summary['subjects']:,} patients, "
           f"{summary['admissions']:,} admissions, {summary['studies']:,} studies, {summary['images']:,} images "
           f"(statistics: {summary['statistics_source']}, real lung masks: {summary['real_lung_masks']})")
@@ -19,7 +19,13 @@ def run_demo_data(args: argparse.Namespace) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from ..data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, format_cxr_summary, prepare_cxr
+    from ..data.cxr.dataset import (
+        CXRDatasetOptions,
+        EventEmbeddingOptions,
+        check_image_size,
+        format_cxr_summary,
+        prepare_cxr,
+    )
     from ..data.cxr.demo import is_demo_cxr
     from ..data.cxr.triplets import TripletOptions
 
@@ -27,6 +33,7 @@ def run_prepare(args: argparse.Namespace) -> None:
                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
                               check_images=not args.no_image_check)
     options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items)
+    check_image_size(args.image_size)  # before the embedder loads
     embedding = EventEmbeddingOptions(embedder=None if args.embedder == "none" else args.embedder,
                                       batch_size=args.batch_size, retrieval=args.retrieval,
                                       retrieval_k=args.retrieval_k, retrieval_weight=args.retrieval_weight,
@@ -38,6 +45,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         embed_events = EventEmbedder(embedding)  # checks that faiss is there for --retrieval, before any work
     synthetic = is_demo_cxr(args.cxr_dir)
     summary = prepare_cxr(args.cxr_dir, args.mimic_dir, args.out, options, overwrite=args.overwrite,
-                          show_progress=not args.quiet, synthetic=synthetic, embed_events=embed_events)
+                          show_progress=not args.quiet, synthetic=synthetic, embed_events=embed_events,
+                          image_size=args.image_size)
     print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))

@@ -121,6 +121,16 @@ def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False)
     hours = summary["hours_between_median"]
     changes = ", ".join(f"{label} {rate:.3f}" for label, rate in summary["label_change_rates"].items()
                         if rate is not None) or "no triplets"
+    copies = summary.get("image_copies")
+    relative = ("`previous_image` and `target_image` are paths relative to the MIMIC-CXR-JPG folder "
+                f"`{summary['cxr_dir']}`")
+    if copies:
+        images_note = (f"{relative}; a {copies['size']} x {copies['size']} grayscale {copies['format'].upper()} copy "
+                       f"of each of the {copies['count']:,} images they name is included under `{copies['folder']}/` "
+                       f"(the same path, suffix `.{copies['format']}`; the whole image, bilinear resize), read by "
+                       "`ehr_diffusers.data.cxr.dataset.read_cxr_images`.")
+    else:
+        images_note = f"Images are not included: {relative}."
     return template.substitute(
         license_lines="license: cc0-1.0" if synthetic else _MIMIC_LICENSE_LINES,
         source_kind="synthetic demo" if synthetic else "MIMIC-CXR-JPG + MIMIC-IV",
@@ -130,7 +140,6 @@ def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False)
         version=__version__,
         source_description=("the synthetic demo cohort" if synthetic else "MIMIC-CXR-JPG and MIMIC-IV")
         + f" (`{summary['cxr_dir']}`)",
-        cxr_dir=summary["cxr_dir"],
         views=", ".join(triplet_options["views"]), min_age=triplet_options["min_age"],
         window_hours=f"{triplet_options['window_hours']:g}", max_events=f"{options['max_events']:,}",
         images=f"{summary['images']:,}", studies=f"{summary['studies']:,}", subjects=f"{summary['subjects']:,}",
@@ -148,6 +157,7 @@ def render_cxr_dataset_card(summary: Mapping[str, Any], synthetic: bool = False)
         train_rows=f"{summary['splits']['train']:,}", validation_rows=f"{summary['splits']['validation']:,}",
         test_rows=f"{summary['splits']['test']:,}",
         labels=", ".join(summary["label_change_rates"]), embedding_lines=embedding_lines, label_changes=changes,
+        images_note=images_note,
         licence_note=(_SYNTHETIC_LICENCE if synthetic
                       else _MIMIC_LICENCE.replace("MIMIC-IV", "MIMIC-CXR-JPG and MIMIC-IV")),
     )

@@ -10,21 +10,25 @@ time is ``event_hours``). The embedder itself belongs to the text layer
 augmentation); this module only defines what it must do (:class:`EmbedEvents`) and how its settings are recorded
 (:class:`EventEmbeddingOptions`), so that the data layer never imports the text layer.
 
-Images are not copied: ``previous_image`` and ``target_image`` are paths relative to the MIMIC-CXR-JPG folder,
-recorded in the summary, so the dataset is small and the credentialed images stay where they are.
+Images are not copied by default: ``previous_image`` and ``target_image`` are paths relative to the MIMIC-CXR-JPG
+folder, recorded in the summary, so the dataset is small and the credentialed images stay where they are. With
+``image_size`` (``prepare-cxr --image-size N``) every image a triplet names is also written as an N x N grayscale PNG
+under ``images/`` (the same relative path, ``.png``), so that a model of small images trains from the dataset folder
+alone; :func:`read_cxr_images` reads those copies when they have the size asked for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ...io import atomic_directory, check_output_dir
@@ -34,6 +38,8 @@ from .triplets import SPLITS, TripletOptions, build_triplets
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "cxr_summary.json"
+IMAGE_COPIES_FOLDER = "images"
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -174,21 +180,136 @@ def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDa
     return DatasetDict(datasets), summary
 
 
+def check_image_size(image_size: int | None) -> None:
+    """Fails before any work on an image size the copies cannot have (None: no copies)."""
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
+            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise ValueError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels per "
+                         f"side), got {image_size!r}")
+
+
+def image_copy_path(relative: str) -> Path:
+    """Where the PNG copy of the image at ``relative`` (a ``previous_image`` / ``target_image`` path) lies inside the
+    dataset folder."""
+    return Path(IMAGE_COPIES_FOLDER) / Path(relative).with_suffix(".png")
+
+
+def _relative_image_path(relative: str, source: str) -> Path:
+    """``relative`` as a path that stays inside the folder it is relative to; an error naming ``source`` otherwise."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"{source}: image path {relative!r} is not relative to the MIMIC-CXR-JPG folder")
+    return path
+
+
+def _load_gray(path: Path, size: int, source: str) -> Image.Image:
+    """One image as grayscale, resized to ``size`` x ``size`` (bilinear, the whole image) unless it has that size."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            return image
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image named by {source} not found") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+
+
+def write_image_copies(dataset: Any, cxr_dir: str | Path, out: str | Path, size: int,
+                       show_progress: bool = True) -> dict[str, Any]:
+    """Writes a ``size`` x ``size`` grayscale PNG of every image any split's triplets name into ``out/images/``;
+    returns the summary's ``image_copies``.
+
+    Each image is converted to one channel and resized whole with bilinear filtering, as :func:`read_cxr_images`
+    does with the originals, so that a model reads the same pixels from either.
+    """
+    check_image_size(size)
+    paths = sorted({path for split in dataset.values() for column in ("previous_image", "target_image")
+                    for path in split.unique(column)})
+    root, out = Path(cxr_dir), Path(out)
+    for relative in paths:
+        _relative_image_path(relative, "the triplets")
+    for folder in sorted({(out / image_copy_path(relative)).parent for relative in paths}):
+        folder.mkdir(parents=True, exist_ok=True)
+    for relative in tqdm(paths, desc="image copies", unit="image", disable=not show_progress):
+        _load_gray(root / relative, size, "the triplets").save(out / image_copy_path(relative), format="PNG")
+    logger.info("%d image copies of %d x %d written to %s", len(paths), size, size, out / IMAGE_COPIES_FOLDER)
+    return {"size": int(size), "folder": IMAGE_COPIES_FOLDER, "format": "png", "count": len(paths)}
+
+
 def prepare_cxr(cxr_dir: str | Path, mimic_dir: str | Path, out: str | Path, options: CXRDatasetOptions | None = None,
                 overwrite: bool = False, show_progress: bool = True, synthetic: bool = False, *,
-                embed_events: EmbedEvents | None = None) -> dict[str, Any]:
-    """Builds the dataset and saves it (``save_to_disk`` + ``cxr_summary.json`` + card) atomically into ``out``."""
+                embed_events: EmbedEvents | None = None, image_size: int | None = None) -> dict[str, Any]:
+    """Builds the dataset and saves it (``save_to_disk`` + ``cxr_summary.json`` + card) atomically into ``out``;
+    with ``image_size``, also the PNG copies of its images (:func:`write_image_copies`)."""
     from ...hub.cards import render_cxr_dataset_card
 
+    check_image_size(image_size)
     check_output_dir(out, overwrite, inputs=[cxr_dir, mimic_dir])
     dataset, summary = build_cxr_dataset(cxr_dir, mimic_dir, options, show_progress=show_progress,
                                          embed_events=embed_events)
     summary["synthetic"] = synthetic
     with atomic_directory(out, overwrite, inputs=[cxr_dir, mimic_dir]) as staging:
         dataset.save_to_disk(str(staging))
+        summary["image_copies"] = (None if image_size is None else
+                                   write_image_copies(dataset, cxr_dir, staging, image_size, show_progress))
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / "README.md").write_text(render_cxr_dataset_card(summary, synthetic=synthetic))
     return summary
+
+
+def read_cxr_images(dataset_dir: str | Path, paths: Sequence[str], size: int, show_progress: bool = True
+                    ) -> np.ndarray:
+    """The images named by a prepared dataset's ``previous_image`` / ``target_image`` paths, as grayscale ``uint8``
+    ``(len(paths), size, size)``.
+
+    When the dataset holds image copies of this ``size`` (``prepare-cxr --image-size``), they are read from its own
+    folder, so it works without the original images; otherwise the originals are read from the MIMIC-CXR-JPG folder
+    recorded in its summary (``cxr_dir``). Chest X-rays are grayscale: every image is converted to one channel; one
+    of another size is resized (bilinear, the whole image: MIMIC-CXR-JPG frontal films are near-square, and the
+    models were trained on the same resize), exactly as the copies were made. An unreadable file is an error naming
+    it.
+    """
+    folder = Path(dataset_dir)
+    summary_path = folder / SUMMARY_NAME
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a prepare-cxr dataset ({SUMMARY_NAME} missing)")
+    summary = json.loads(summary_path.read_text())
+    copies = summary.get("image_copies")
+    from_copies = bool(copies) and copies.get("size") == size
+    if from_copies:
+        root = folder / copies.get("folder", IMAGE_COPIES_FOLDER)
+    else:
+        root = Path(summary["cxr_dir"])
+        if copies and not root.is_dir():
+            raise FileNotFoundError(f"{root}: the original images are gone, and the copies in {folder} are "
+                                    f"{copies['size']} x {copies['size']}, not {size} x {size}")
+    images = np.empty((len(paths), size, size), dtype=np.uint8)
+    source = str(summary_path)
+    first: dict[str, int] = {}  # an image is the previous one of a triplet and the target of another: decode it once
+    for index, relative in enumerate(tqdm(paths, desc="images", unit="image", disable=not show_progress)):
+        if relative in first:
+            images[index] = images[first[relative]]
+            continue
+        first[relative] = index
+        if from_copies:
+            path = root / _relative_image_path(relative, source).with_suffix(".png")
+            try:
+                with Image.open(path) as image:
+                    if image.mode == "L" and image.size == (size, size):  # the copies: decode only
+                        images[index] = np.asarray(image)
+                        continue
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: image copy named by {source} not found") from None
+            except (UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"{path}: not a readable image ({error})") from None
+        else:
+            path = root / relative
+        images[index] = np.asarray(_load_gray(path, size, source))
+    return images
 
 
 def format_cxr_summary(summary: dict[str, Any]) -> str:
@@ -207,6 +328,10 @@ def format_cxr_summary(summary: dict[str, Any]) -> str:
         f"{events['events_per_triplet_median']:.0f}; {events['triplets_without_events']:,} triplets without events",
         f"label change rates  {changes or 'n/a'}",
     ]
+    copies = summary.get("image_copies")
+    if copies:
+        lines.append(f"image copies        {copies['count']:,} {copies['format'].upper()}, {copies['size']} x "
+                     f"{copies['size']} grayscale, in {copies['folder']}/")
     if summary.get("embeddings"):
         info = summary["embeddings"]
         found = info["retrieval"]

@@ -8,7 +8,9 @@ inputevents, outputevents, procedureevents) with MIMIC-CXR-JPG 2.x and MIMIC-IV 
 formats, for the same subjects and admissions, plus a ``README.md`` in each folder that says the data is
 synthetic. ``ehr_diffusers.data.cxr.triplets.build_triplets(out / "mimic-cxr-jpg", out / "mimic-iv")`` makes EHRXDiff
 triplets from it. Everything is drawn from ``numpy.random.default_rng(seed)``: the same seed (and the same
-installed data files, see below) gives byte-identical files.
+installed data files and numpy build, see below) gives byte-identical files. Each image depends only on its own
+phantom parameters (its noise seed among them), so the images are rendered in ``workers`` processes without
+changing a byte.
 
 ## Generative process
 
@@ -59,6 +61,11 @@ The data is for demos and tests only: it describes no real person and supports n
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
+import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -88,9 +95,15 @@ from .triplets import CHEXPERT_LABELS
 logger = logging.getLogger(__name__)
 
 README_TITLE = "# SYNTHETIC DATA: not MIMIC-CXR-JPG or MIMIC-IV, describes no real person"
-DEFAULT_SUBJECTS = 134  # 1,045 triplets with torchxrayvision's data files, seed 0
+# prepare-cxr's default split of the seed-0 cohort: test 104 patients (850 triplets), validation 104 (937), train
+# 829 (6,458), without torchxrayvision's data files
+DEFAULT_SUBJECTS = 1_050
 SMALL_SUBJECTS = 12  # a few seconds: for tests
 MAX_SUBJECTS = 100_000
+# Images are rendered in chunks of this many per task, and a worker process is started only for every
+# MIN_IMAGES_PER_WORKER images: starting one (importing numpy, scipy, polars) costs about as much as rendering 30.
+CHUNK_IMAGES = 32
+MIN_IMAGES_PER_WORKER = 400
 CHEXPERT_FILE = "chexpert_train.csv.gz"
 
 FINDINGS = ("effusion", "cardiomegaly", "edema", "consolidation", "pneumothorax")
@@ -1037,12 +1050,64 @@ def is_demo_cxr(folder: str | Path) -> bool:
     return readme_opens_with(folder, README_TITLE)
 
 
+def default_workers() -> int:
+    """Image-rendering processes when none are asked for: two, or one on a single-core machine."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _render_images(jobs: list[tuple[str, PhantomParams]]) -> int:
+    """Renders and writes one chunk of images (in a worker process, or in this one); returns how many."""
+    for path, params in jobs:
+        Image.fromarray(render(params)).save(path, format="JPEG", quality=90)
+    return len(jobs)
+
+
+def _ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group; the parent alone handles it (and stops us)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _write_images(jobs: list[tuple[str, PhantomParams]], workers: int, show_progress: bool) -> None:
+    """Writes every image, in ``workers`` processes when there are enough images to pay for starting them.
+
+    Workers are forked where the platform allows it (Linux): they start at once, inherit the lung masks, and need
+    no ``if __name__ == "__main__"`` guard in the calling script. They only render (numpy, scipy, Pillow) and never
+    touch polars, whose thread pool is what makes a fork of this process unsafe in general; elsewhere they are
+    spawned. On any error or interrupt the workers are terminated before it is raised, so that none still writes
+    while the caller removes the staging folder.
+    """
+    chunks = [jobs[start:start + CHUNK_IMAGES] for start in range(0, len(jobs), CHUNK_IMAGES)]
+    workers = min(workers, max(1, len(jobs) // MIN_IMAGES_PER_WORKER), max(1, len(chunks)))
+    logger.info("rendering %d images in %d process(es)", len(jobs), workers)
+    with tqdm(total=len(jobs), desc="demo-cxr-data", unit="image", disable=not show_progress) as bar:
+        if workers == 1:
+            for chunk in chunks:
+                bar.update(_render_images(chunk))
+            return
+        fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+        with warnings.catch_warnings():  # Python 3.12+ warns on any fork of a multi-threaded process
+            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks",
+                                    category=DeprecationWarning)
+            pool = multiprocessing.get_context("fork" if fork else "spawn").Pool(workers, _ignore_interrupts)
+        try:
+            for count in pool.imap_unordered(_render_images, chunks):  # raises a worker's error here
+                bar.update(count)
+        except BaseException:
+            pool.terminate()
+            raise
+        else:
+            pool.close()
+        finally:
+            pool.join()
+
+
 def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: int = 0, overwrite: bool = False,
-                   show_progress: bool = True, real_data: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, real_data: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Writes the synthetic MIMIC-CXR-JPG + MIMIC-IV cohort of the module docstring to ``out``; returns its summary.
 
-    ``real_data=False`` ignores an installed torchxrayvision (hand-set rates, parametric lungs). The folder is
-    written whole or not at all: an existing ``out`` raises ``OutputExistsError`` before any work unless
+    ``real_data=False`` ignores an installed torchxrayvision (hand-set rates, parametric lungs). ``workers``
+    processes render the images (default :func:`default_workers`); the files do not depend on how many. The folder
+    is written whole or not at all: an existing ``out`` raises ``OutputExistsError`` before any work unless
     ``overwrite``, and an error leaves nothing half-written.
     """
     if not is_integer(n_subjects) or not 1 <= n_subjects <= MAX_SUBJECTS:
@@ -1051,6 +1116,10 @@ def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: in
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(real_data, bool):
         raise ValueError(f"real_data must be True or False, got {real_data!r}")
+    if workers is None:
+        workers = default_workers()
+    if not is_integer(workers) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     logger.info("generating a synthetic chest X-ray cohort of %d subjects with seed %d", n_subjects, seed)
     with atomic_directory(out, overwrite) as staging:
         tables, studies, stats, n_masks, counts = _generate(int(n_subjects), int(seed), real_data)
@@ -1064,10 +1133,10 @@ def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: in
         cxr_dir.mkdir()
         for name, frame in cxr.items():
             write_csv_gz(frame, cxr_dir / f"mimic-cxr-2.0.0-{name}.csv.gz")
-        for relative, params in tqdm(images, desc="demo-cxr-data", unit="image", disable=not show_progress):
-            path = cxr_dir / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render(params)).save(path, format="JPEG", quality=90)
+        for folder in sorted({(cxr_dir / relative).parent for relative, _ in images}):
+            folder.mkdir(parents=True, exist_ok=True)
+        _write_images([(str(cxr_dir / relative), params) for relative, params in images], int(workers),
+                      show_progress)
         for folder, text in ((staging, "MIMIC-CXR-JPG 2.x and MIMIC-IV v3"), (cxr_dir, "MIMIC-CXR-JPG 2.x"),
                              (mimic_dir, "MIMIC-IV v3 (hosp and icu)")):
             (folder / "README.md").write_text(_readme(text, int(n_subjects), int(seed), summary), encoding="utf-8")
