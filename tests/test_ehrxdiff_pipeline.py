@@ -272,9 +272,8 @@ def test_guidance_changes_the_output_and_one_is_the_unguided_path(pipe, monkeypa
 
 
 def test_guidance_over_an_image_without_events_changes_nothing(pipe) -> None:
-    context, null_context, _ = pipe.encode_condition(pipe.preprocess_images(_image()), [torch.zeros(0, EVENT_DIM)],
-                                                     [None])
-    torch.testing.assert_close(context, null_context, rtol=0, atol=0)
+    condition = pipe.encode_condition(pipe.preprocess_images(_image()), [torch.zeros(0, EVENT_DIM)], [None])
+    torch.testing.assert_close(condition.context, condition.null_context, rtol=0, atol=0)
     inputs = {"event_embeddings": torch.zeros(0, EVENT_DIM), "output_type": "latent"}
     unguided = _predict(pipe, **inputs)
     guided = _predict(pipe, guidance_scale=3.0, **inputs)

@@ -1,6 +1,7 @@
 """The ``ehr-diffusers`` command line: demo data, preparation, text labels, training, generation, evaluation.
 
-Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, generate, evaluate and demo.
+Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, train-cxr, generate, predict-cxr,
+convert-ehrxdiff, evaluate and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output. This module holds the parser and the dispatch;
@@ -20,7 +21,7 @@ from . import __version__
 # the command functions that lived here before the commands package, importable from here as they were
 from .commands.evaluate import run_evaluation
 from .commands.generate import write_records
-from .commands.train import TRAINING_PRESETS, TrainingFailedError, train_ehr
+from .commands.train import CXR_TRAINING_PRESETS, TRAINING_PRESETS, TrainingFailedError, train_ehr
 
 __all__ = ["TRAINING_PRESETS", "TrainingFailedError", "build_parser", "main", "run_evaluation", "train_ehr",
            "write_records"]
@@ -85,14 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cxr = commands.add_parser("demo-cxr-data", parents=[common],
                                    help="write the synthetic longitudinal chest X-ray cohort (MIMIC-CXR-JPG and "
                                         "MIMIC-IV layouts)")
-    demo_cxr.add_argument("--subjects", type=_positive_int, default=134,
-                          help="number of patients (default 134: about 1,000 triplets)")
+    demo_cxr.add_argument("--subjects", type=_positive_int, default=1050,
+                          help="number of patients (default 1050: prepare-cxr's test split then holds 100+ patients)")
     demo_cxr.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     demo_cxr.add_argument("--out", type=Path, required=True,
                           help="folder to create (holds mimic-cxr-jpg/ and mimic-iv/)")
     demo_cxr.add_argument("--no-real-data", action="store_true",
                           help="use the built-in lung shapes and rates even when torchxrayvision's data files are "
                                "installed")
+    demo_cxr.add_argument("--workers", type=_positive_int, default=None,
+                          help="processes that render the images (default min(2, CPU count)); the files do not "
+                               "depend on it")
     demo_cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     cxr = commands.add_parser("prepare-cxr", parents=[common],
@@ -126,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
     cxr.add_argument("--no-image-check", action="store_true",
                      help="do not check that the listed image files exist and open")
+    cxr.add_argument("--image-size", type=int, default=None,
+                     help="also write an N x N grayscale PNG copy of every image of a triplet into OUT/images/ "
+                          "(16 to 1024; default: no copies)")
     cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     label = commands.add_parser("label", parents=[common],
@@ -167,6 +174,57 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                        help="upload the pipeline to this private Hub repo (make it public on the Hub only when "
                             "the training data allow it)")
+
+    train_cxr = commands.add_parser("train-cxr", parents=[common],
+                                    help="train the X-ray VAE, the event-image CLIP and the EHRXDiff diffusion model "
+                                         "with accelerate launch and save the pipeline")
+    train_cxr.add_argument("--dataset", type=Path, required=True,
+                           help="triplet dataset folder (prepare-cxr, with event embeddings)")
+    train_cxr.add_argument("--output-dir", type=Path, required=True,
+                           help="run folder: vae/, event-clip/ and model/ (the pipeline) are written inside")
+    train_cxr.add_argument("--preset", choices=sorted(CXR_TRAINING_PRESETS), default="demo",
+                           help="model sizes and run lengths (default demo: 64 px, minutes on a CPU; paper: "
+                                "EHRXDiff's sizes, for GPUs)")
+    train_cxr.add_argument("--vae", default=None,
+                           help="a pretrained chest X-ray AutoencoderKL (folder or Hub id) instead of training one")
+    train_cxr.add_argument("--event-clip", default=None,
+                           help="a train_event_clip output folder instead of pretraining the encoders here")
+    train_cxr.add_argument("--diffusion-steps", type=_positive_int, default=None,
+                           help="diffusion optimisation steps (overrides the preset)")
+    train_cxr.add_argument("--num-processes", type=_positive_int, default=1,
+                           help="processes for accelerate launch, one per GPU (default 1)")
+    train_cxr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                           help="mixed precision of every run (default no)")
+    train_cxr.add_argument("--resume", action="store_true", help="resume every run from its latest checkpoint")
+    train_cxr.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    train_cxr.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                           help="upload the pipeline to this private Hub repo")
+
+    predict = commands.add_parser("predict-cxr", parents=[common],
+                                  help="predict the next chest X-ray from the previous one and the events since it")
+    predict.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-cxr")
+    predict.add_argument("--prev", type=Path, required=True, help="the previous chest X-ray (png or jpg)")
+    predict.add_argument("--events", type=Path, required=True,
+                         help="the events since it: a text file with one event per line, or a .npy array of event "
+                              "embeddings (n_events, dim); an empty file means no events")
+    predict.add_argument("--out", type=Path, required=True, help="the predicted image (.png or .jpg)")
+    predict.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps (default 100)")
+    predict.add_argument("--guidance-scale", type=float, default=1.0,
+                         help="classifier-free guidance against the no-events context (default 1: none)")
+    predict.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
+    predict.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    predict.add_argument("--device", default=None, help="torch device (default cpu)")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    convert = commands.add_parser("convert-ehrxdiff", parents=[common],
+                                  help="the released EHRXDiff weights (dek924/EHRXDiff) -> an EHRXDiffPipeline folder")
+    convert.add_argument("--checkpoint", type=Path, required=True,
+                         help="original weights: Lightning .ckpt, bare state dict, model.safetensors or its folder")
+    convert.add_argument("--config", type=Path, required=True,
+                         help="the original configs/EHRXDiff.yml, or the Hub mixin's config.json")
+    convert.add_argument("--out", type=Path, required=True, help="pipeline folder to create")
+    convert.add_argument("--ema", action="store_true", help="use the UNet's EMA weights (model_ema.*)")
+    convert.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
     generate = commands.add_parser("generate", parents=[common],
                                    help="synthetic patient records from a trained pipeline, as csv, parquet or "
@@ -253,17 +311,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-        if args.command in ("generate", "train-ehr", "evaluate", "demo"):
+        if args.command in ("generate", "train-ehr", "train-cxr", "predict-cxr", "evaluate", "demo"):
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
-    from .commands import cxr_data, demo, ehr_data, evaluate, generate, label, train
+    from .commands import convert, cxr_data, demo, ehr_data, evaluate, generate, label, predict, train
     from .data.mimic import MimicFormatError
     from .io import OutputExistsError
 
     handlers = {"demo-data": ehr_data.run_demo_data, "demo-cxr-data": cxr_data.run_demo_data,
                 "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
-                "train-ehr": train.run, "generate": generate.run, "evaluate": evaluate.run, "demo": demo.run}
+                "train-ehr": train.run, "train-cxr": train.run_cxr, "predict-cxr": predict.run,
+                "convert-ehrxdiff": convert.run_convert_ehrxdiff,
+                "generate": generate.run, "evaluate": evaluate.run, "demo": demo.run}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:

@@ -52,6 +52,25 @@ class EHRXDiffPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+@dataclass
+class EHRXDiffCondition:
+    """What the denoising loop needs of the previous image and its events, one row per previous image: the context
+    with the events and without (the null context guidance steers from), the previous image's scaled latent, and the
+    pooled event vectors with and without events (None unless the UNet takes them as its class embedding)."""
+
+    context: torch.Tensor
+    null_context: torch.Tensor
+    previous: torch.Tensor
+    pooled: torch.Tensor | None = None
+    null_pooled: torch.Tensor | None = None
+
+    def repeat(self, times: int, dtype: torch.dtype) -> EHRXDiffCondition:
+        """Each row ``times`` times (``num_images_per_prompt``), in ``dtype``."""
+        return EHRXDiffCondition(*(None if value is None else value.repeat_interleave(times, dim=0).to(dtype)
+                                   for value in (self.context, self.null_context, self.previous, self.pooled,
+                                                 self.null_pooled)))
+
+
 def split_event_text(text: str) -> tuple[str, float | None]:
     """An event as ``prepare-cxr`` renders it ("..., time -3.5 h") -> its content (what is embedded) and its hours
     before the target study; a text without the time suffix keeps its content and has no time."""
@@ -243,9 +262,9 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         pixels: torch.Tensor,
         embeddings: list[torch.Tensor],
         hours: list[np.ndarray | None],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The context with the events, the null context (same image, no events) and the previous image's scaled
-        latent, one row per previous image."""
+    ) -> EHRXDiffCondition:
+        """The context with the events, the null context (same image, no events), the previous image's scaled
+        latent and, for a UNet with a class embedding, the pooled events with and without them."""
         device = self._execution_device
         maximum = self.event_encoder.config.max_events
         padded, times, mask, dropped = pad_events(embeddings, hours, max_events=maximum)
@@ -270,7 +289,10 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         vae_tokens = latent if self.fusion_adapter.config.vae_channels is not None else None
         context = self.fusion_adapter(events.tokens, events.mask, image_tokens, vae_tokens)
         null_context = self.fusion_adapter(empty.tokens, empty.mask, image_tokens, vae_tokens)
-        return context, null_context, latent * self.vae.config.scaling_factor
+        condition = EHRXDiffCondition(context, null_context, latent * self.vae.config.scaling_factor)
+        if self.unet.config.class_embed_type == "projection":  # the pooled events also enter the time embedding
+            condition.pooled, condition.null_pooled = events.pooled, empty.pooled
+        return condition
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -331,10 +353,9 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
 
         pixels = self.preprocess_images(prev_image)
         embeddings, hours = self.embed_events(events, event_embeddings, event_hours, pixels.shape[0])
-        context, null_context, previous = self.encode_condition(pixels, embeddings, hours)
-        context = context.repeat_interleave(num_images_per_prompt, dim=0)
-        null_context = null_context.repeat_interleave(num_images_per_prompt, dim=0)
-        previous = previous.repeat_interleave(num_images_per_prompt, dim=0)
+        condition = self.encode_condition(pixels, embeddings, hours).repeat(num_images_per_prompt, self.unet.dtype)
+        context, null_context, previous = condition.context, condition.null_context, condition.previous
+        pooled, null_pooled = condition.pooled, condition.null_pooled
         n_images = context.shape[0]
         if isinstance(generator, list) and len(generator) != n_images:
             raise ValueError(f"generator is a list of {len(generator)} generators for {n_images} images; pass one "
@@ -347,8 +368,6 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
-        previous = previous.to(dtype)
-        context, null_context = context.to(dtype), null_context.to(dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -360,11 +379,12 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
                 model_input = self.scheduler.scale_model_input(latents, t)
                 if self.config.conditioning == "hybrid":
                     model_input = torch.cat([model_input, previous], dim=1)
-                states = context
+                states, labels = context, pooled
                 if self.do_classifier_free_guidance:
                     model_input = torch.cat([model_input, model_input])
                     states = torch.cat([null_context, context])
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=states).sample
+                    labels = None if pooled is None else torch.cat([null_pooled, pooled])
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=states, class_labels=labels).sample
                 if self.do_classifier_free_guidance:
                     noise_null, noise_events = noise_pred.chunk(2)
                     noise_pred = noise_null + self.guidance_scale * (noise_events - noise_null)

@@ -1,0 +1,86 @@
+"""``predict-cxr``: the next chest X-ray of one patient from the previous image and the events since it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_events(path: Path) -> dict[str, Any]:
+    """``--events``: a text file with one event per line ("..., time -3.5 h" gives its time), or a ``.npy`` array of
+    per-event embeddings ``(n_events, dim)`` (loaded without pickle). An empty file means no events."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--events {path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise ValueError(f"--events {path}: not a numeric .npy array ({error})") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"--events {path}: expected a numeric (n_events, dim) array, got {array.dtype} "
+                             f"{array.shape}")
+        return {"event_embeddings": array.astype(np.float32)}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--events {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return {"events": [line.strip() for line in text.splitlines() if line.strip()]}
+
+
+def read_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--prev {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("L")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--prev {path}: not a readable image ({error})") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..hub.errors import explain_missing_model
+    from ..io import atomic_file
+    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
+
+    if args.out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {args.out}: name a .png or .jpg file")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    if not args.guidance_scale >= 0 or args.guidance_scale == float("inf"):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    previous = read_image(args.prev)
+    events = read_events(args.events)
+
+    with explain_missing_model(str(args.model), "--model"):
+        pipe = EHRXDiffPipeline.from_pretrained(str(args.model))
+    if args.device:
+        pipe.to(args.device)
+    dim = pipe.event_encoder.config.event_dim
+    if "event_embeddings" in events and events["event_embeddings"].shape[1] != dim:
+        raise ValueError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "
+                         f"--model {args.model} takes {dim}-d ones")
+    if "events" in events and pipe.event_embedder is None:
+        raise ValueError(f"--model {args.model} has no event embedder: give --events as a .npy array of event "
+                         "embeddings")
+    if events.get("events") == []:
+        logger.info("--events %s holds no event: predicting from the previous image alone (the null context)",
+                    args.events)
+    image = pipe(previous, **events, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                 eta=args.eta, generator=torch.Generator().manual_seed(args.seed)).images[0]
+    with atomic_file(args.out) as temporary:
+        image.save(temporary, format="JPEG" if args.out.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    print(f"predicted image written to {args.out} ({image.size[0]} x {image.size[1]}, {args.steps} DDIM steps, "
+          f"guidance {args.guidance_scale:g}, seed {args.seed})")
