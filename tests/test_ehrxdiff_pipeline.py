@@ -508,3 +508,47 @@ def test_bad_arguments_are_named(pipe, kwargs, message) -> None:
     prev_image = kwargs.pop("prev_image", None)
     with pytest.raises(ValueError, match=message):
         _predict(pipe, prev_image, **kwargs)
+
+
+def _pooled_residual_pipeline(residual_scale: float | None = 2.0) -> EHRXDiffPipeline:
+    """A UNet that also takes the pooled events as its class embedding, diffusing the change from the previous
+    latent (``residual_scale``)."""
+    components = _tiny_components()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(
+        sample_size=16, in_channels=8, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=4, norm_num_groups=4, class_embed_type="projection",
+        projection_class_embeddings_input_dim=CONTEXT_DIM).eval()
+    pipe = EHRXDiffPipeline(**components, residual_scale=residual_scale)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_residual_target_adds_the_sampled_change_to_the_previous_latent() -> None:
+    pipe = _pooled_residual_pipeline(residual_scale=2.0)
+    seen = {}
+
+    def keep(pipeline, step, timestep, tensors):
+        seen["latents"] = tensors["latents"]
+        return {}
+
+    image = _image()
+    out = pipe(image, event_embeddings=_events(3), num_inference_steps=2, generator=_gen(0), output_type="latent",
+               callback_on_step_end=keep).images
+    previous = pipe.encode_condition(pipe.preprocess_images(image), [_events(3)], [None]).previous
+    torch.testing.assert_close(out, previous + seen["latents"] / 2.0)
+    assert pipe.config.residual_scale == 2.0
+    with pytest.raises(ValueError, match="residual_scale .* needs hybrid"):
+        EHRXDiffPipeline(**_tiny_components(hybrid=False), residual_scale=2.0)
+
+
+def test_pooled_events_reach_the_unet_and_guidance_one_is_unguided() -> None:
+    pipe = _pooled_residual_pipeline(residual_scale=None)
+    with_events = _predict(pipe, event_embeddings=_events(3), output_type="latent")
+    other_events = _predict(pipe, event_embeddings=_events(3, seed=5), output_type="latent")
+    assert not np.allclose(with_events, other_events, atol=1e-6)
+    np.testing.assert_array_equal(_predict(pipe, event_embeddings=_events(3), output_type="latent",
+                                           guidance_scale=1.0), with_events)
+    guided = _predict(pipe, event_embeddings=_events(3), output_type="latent", guidance_scale=3.0)
+    assert guided.shape == with_events.shape and not np.allclose(guided, with_events, atol=1e-6)

@@ -95,6 +95,20 @@ def test_a_short_run_saves_a_pipeline_with_its_event_effect_check(triplets, tiny
     assert image.shape == (1, 32, 32, 1)
 
 
+def test_residual_target_with_pooled_events(triplets, tiny_vae, tmp_path) -> None:
+    from ehr_diffusers import EHRXDiffPipeline
+
+    out = tmp_path / "model"
+    run = main(_args(triplets, tiny_vae, out, "--max_train_steps", "2", "--target", "residual", "--pooled_events",
+                     "--event_change_weight", "1.0", "--validation_images", "1"))
+    assert run.global_step == 2 and all(np.isfinite(run.losses))
+    pipe = EHRXDiffPipeline.from_pretrained(out)
+    assert pipe.config.residual_scale > 0 and pipe.unet.config.class_embed_type == "projection"
+    assert not any("change_head" in path.name for path in out.rglob("*") if path.is_dir())
+    with pytest.raises(ValueError, match="--augment_previous"):
+        main(_args(triplets, tiny_vae, tmp_path / "bad", "--target", "residual", "--augment_previous"))
+
+
 def test_cross_attention_conditioning_and_the_token_linear_adapter(triplets, tiny_vae, tmp_path) -> None:
     from ehr_diffusers import EHRXDiffPipeline
 
@@ -107,15 +121,18 @@ def test_cross_attention_conditioning_and_the_token_linear_adapter(triplets, tin
     assert pipe.fusion_adapter.config.adapter_type == "token_linear" and pipe.event_embedder is None
 
 
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(triplets, tiny_vae, tmp_path) -> None:
+@pytest.mark.parametrize("variant", [["--augment_previous"],
+                                     ["--target", "residual", "--pooled_events", "--event_change_weight", "0.5"]],
+                         ids=["augmented", "residual"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(variant, triplets, tiny_vae, tmp_path) -> None:
     """Stopped after checkpoint-3 and resumed, the run ends with the uninterrupted run's losses and EMA weights bit
-    for bit (with condition dropout and previous-image augmentation drawing random numbers at every step). Step 3
-    ends the first epoch (135 triplets in batches of 45): an epoch's shuffle order is drawn when it starts."""
+    for bit (with condition dropout and previous-image augmentation drawing random numbers at every step, or with the
+    residual target and the auxiliary event-change head, which only the checkpoint holds). Step 3 ends the first
+    epoch (135 triplets in batches of 45): an epoch's shuffle order is drawn when it starts."""
     from safetensors.torch import load_file
 
     flags = ["--use_ema", "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "100",
-             "--train_batch_size", "45",
-             "--validation_images", "0", "--condition_dropout", "0.3", "--augment_previous"]
+             "--train_batch_size", "45", "--validation_images", "0", "--condition_dropout", "0.3", *variant]
     whole = main(_args(triplets, tiny_vae, tmp_path / "whole", *flags))
     _reset_accelerate_state()
     shutil.copytree(whole.output_dir / "checkpoint-3", tmp_path / "stopped" / "checkpoint-3")

@@ -30,27 +30,34 @@ TRAINING_PRESETS = {
     },
 }
 
-# The X-ray side: the VAE (unless one is given), the event-image CLIP pretraining, then the diffusion model. "demo" is
-# 64 px with small widths, sized to train on 2 CPU cores in about 10 minutes on the demo cohort and still show an event
-# effect in validation (the true-events loss below the shuffled-events loss); "paper" is EHRXDiff's sizes (256 px,
-# Cheff's VAE 128/256/512, the 505.8M-parameter UNet, lr 5e-5, effective batch 128) for GPUs.
+# The X-ray side: the VAE (unless one is given), the event-image CLIP pretraining (unless the preset skips it or one
+# is given), then the diffusion model. "demo" is 64 px with small widths, sized for about 10 minutes on 2 CPU cores on
+# the demo cohort: a 400-step VAE (validation PSNR about 31.5 dB), then a UNet that diffuses the change from the
+# previous image (--target residual) with the pooled events in its time embedding, its event encoder trained with it
+# from scratch and taught by the auxiliary event-change loss: without that loss no event effect showed within 1,000
+# steps; with it, one does by step 350 (BENCHMARKS.md). It skips the CLIP pretraining: 300 CLIP steps (2.5 minutes)
+# retrieve events from images at chance level on the demo cohort. "paper" is EHRXDiff's sizes (256 px, Cheff's VAE
+# 128/256/512, the 505.8M-parameter UNet, lr 5e-5, effective batch 128) for GPUs.
 CXR_TRAINING_PRESETS = {
     "demo": {
         "vae": ["--resolution", "64", "--block_out_channels", "16,32,64", "--layers_per_block", "1",
-                "--latent_channels", "4", "--train_batch_size", "16", "--max_train_steps", "600",
-                "--learning_rate", "1e-3"],
-        "event_clip": ["--resolution", "64", "--context_dim", "128", "--train_batch_size", "64",
-                       "--max_train_steps", "300", "--learning_rate", "5e-4", "--max_events", "256"],
-        "diffusion": ["--resolution", "64", "--unet_config", "demo", "--conditioning", "hybrid",
-                      "--adapter_type", "cross_attention", "--train_batch_size", "32", "--max_train_steps", "1500",
-                      "--learning_rate", "3e-4", "--use_ema", "--ema_decay", "0.999", "--condition_dropout", "0.1",
-                      "--max_events", "256", "--validation_steps", "500"],
+                "--latent_channels", "4", "--train_batch_size", "16", "--max_train_steps", "400",
+                "--learning_rate", "2e-3"],
+        "event_clip": None,
+        "diffusion": ["--resolution", "64", "--unet_config", "demo", "--conditioning", "hybrid", "--target",
+                      "residual", "--pooled_events", "--adapter_type", "cross_attention", "--train_batch_size", "32",
+                      "--max_train_steps", "700", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.995",
+                      "--condition_dropout", "0.1", "--event_change_weight", "1.0", "--max_events", "128",
+                      "--validation_steps", "350",
+                      "--validation_triplets", "1024", "--validation_images", "8"],
         "cpu_threads": 1,
     },
     "paper": {
         "vae": ["--resolution", "256", "--block_out_channels", "128,256,512", "--layers_per_block", "2",
                 "--latent_channels", "3", "--in_channels", "3", "--gradient_checkpointing"],
-        "event_clip": ["--resolution", "256", "--context_dim", "768", "--max_events", "1024"],
+        "event_clip": ["--resolution", "256", "--image_patch_size", "32", "--image_hidden_size", "768",
+                       "--image_layers", "12", "--image_heads", "12", "--hidden_dim", "768", "--num_heads", "12",
+                       "--ff_dim", "3072", "--context_dim", "768", "--max_events", "1024"],
         "diffusion": ["--resolution", "256", "--unet_config", "paper", "--conditioning", "cross_attention",
                       "--learning_rate", "5e-5", "--train_batch_size", "16", "--gradient_accumulation_steps", "8",
                       "--use_ema", "--condition_dropout", "0.1", "--max_events", "1024", "--gradient_checkpointing"],
@@ -154,14 +161,15 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
         vae = str(output_dir / "vae")
         _accelerate_launch("ehr_diffusers.training.train_cxr_vae", [*common, *steps["vae"], "--output_dir", vae],
                            num_processes, mixed_precision, quiet, threads)
-    if event_clip is None:
+    if event_clip is None and steps["event_clip"] is not None:
         event_clip = str(output_dir / "event-clip")
         _accelerate_launch("ehr_diffusers.training.train_event_clip",
                            [*common, *steps["event_clip"], "--output_dir", event_clip], num_processes,
                            mixed_precision, quiet, threads)
     model_dir = output_dir / "model"
-    diffusion = [*common, *steps["diffusion"], "--vae_path", vae, "--event_clip_path", event_clip,
-                 "--output_dir", str(model_dir)]
+    diffusion = [*common, *steps["diffusion"], "--vae_path", vae, "--output_dir", str(model_dir)]
+    if event_clip is not None:
+        diffusion += ["--event_clip_path", event_clip]
     if diffusion_steps is not None:
         diffusion += ["--max_train_steps", str(diffusion_steps)]
     if push_to_hub:

@@ -96,6 +96,9 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         event_embedder ([`SentenceEmbedder`], *optional*): embeds event texts; its width must be the event encoder's
             ``event_dim``. Without it, pass ``event_embeddings``.
         conditioning (`str`, *optional*): "hybrid" or "cross_attention"; default: read from the UNet's input width.
+        residual_scale (`float`, *optional*): set when the UNet diffuses the change from the previous image's latent
+            (times this scale, which gives it unit variance on the training split) rather than the target's latent;
+            the prediction is then the previous latent plus the sampled change over the scale. Needs "hybrid".
     """
 
     model_cpu_offload_seq = "event_embedder->image_encoder->event_encoder->fusion_adapter->unet->vae"
@@ -112,6 +115,7 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         image_encoder: CLIPVisionModel | None = None,
         event_embedder: SentenceEmbedder | None = None,
         conditioning: str | None = None,
+        residual_scale: float | None = None,
     ):
         super().__init__()
         channels = vae.config.latent_channels
@@ -135,7 +139,9 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, event_encoder=event_encoder,
                               fusion_adapter=fusion_adapter, image_encoder=image_encoder,
                               event_embedder=event_embedder)
-        self.register_to_config(conditioning=conditioning)
+        if residual_scale is not None and (conditioning != "hybrid" or not residual_scale > 0):
+            raise ValueError(f"residual_scale {residual_scale!r} needs hybrid conditioning and a positive value")
+        self.register_to_config(conditioning=conditioning, residual_scale=residual_scale)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         gray = vae.config.in_channels == 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bilinear",
@@ -402,6 +408,8 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
                     null_context = callback_outputs.pop("null_context", null_context)
                 progress_bar.update()
 
+        if self.config.get("residual_scale") is not None:  # the sampled change, added to the previous latent
+            latents = previous + latents / self.config.residual_scale
         if output_type == "latent":
             images = latents
         else:

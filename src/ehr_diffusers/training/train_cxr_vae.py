@@ -5,7 +5,11 @@ X-ray VAE is given.
 
     accelerate launch -m ehr_diffusers.training.train_cxr_vae \\
         --train_data_dir demo/cxr-dataset --output_dir demo/cxr-vae --resolution 64 \\
-        --block_out_channels 16,32,64 --layers_per_block 1 --max_train_steps 600 --seed 0
+        --block_out_channels 16,32,64 --layers_per_block 1 --learning_rate 2e-3 --max_train_steps 500 --seed 0
+
+(the demo settings; on the 150-subject demo cohort, 874 train images, this reaches a validation PSNR of about 32.5 dB
+against 20.3 dB for the train mean image; on a shared 2-core machine set OMP_NUM_THREADS=1, since two threads
+competing with other processes run many times slower).
 
 It fits the distinct images (previous and target) of the train split. The loss is that of Cheff (Weber et al.
 2023, a chest X-ray latent diffusion model) and of latent diffusion's KL autoencoder (Rombach et al. 2022) **without
@@ -79,7 +83,7 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a chest X-ray AutoencoderKL on a prepare-cxr dataset.")
-    add_common_arguments(parser, learning_rate=1e-3, num_train_epochs=100, train_batch_size=16,
+    add_common_arguments(parser, learning_rate=2e-3, num_train_epochs=10, train_batch_size=16,
                          tracker_project_name="cxr-vae")
     add = parser.add_argument
     add("--resolution", type=int, default=64, help="Images are resized to this many pixels a side.")

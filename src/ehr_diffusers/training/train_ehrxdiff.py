@@ -107,6 +107,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Also add the event encoder's pooled output to the UNet's time embedding (class_embed_type "
              "'projection'): a global path from the events to every ResNet block, beside cross-attention.")
     add("--max_events", type=int, default=256, help="Most recent events per triplet the model reads.")
+    add("--target", type=str, default="image", choices=["image", "residual"],
+        help="What is diffused: the target image's latent ('image', as the original) or its change from the previous "
+             "image's latent ('residual'), scaled to unit variance on the train split. Most of a follow-up film is "
+             "the previous one; diffusing the change leaves the model only what the events explain.")
+    add("--event_change_weight", type=float, default=0.0,
+        help="Weight of an auxiliary loss: a linear head on the event encoder's pooled output regresses the latent "
+             "change from the previous image to the target (discarded after training). It teaches the event "
+             "encoder what in the events predicts the change, which the diffusion loss alone conveys slowly.")
     add("--timestep_power", type=float, default=1.0,
         help="Training timesteps are drawn as T * u ** p with u uniform: 1 is the usual uniform draw; p > 1 spends "
              "more steps at low noise, where the small changes that events explain decide the loss.")
@@ -139,6 +147,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.validation_images < 0:
         raise ValueError(f"--validation_images must be 0 or more, got {args.validation_images}")
+    if args.target == "residual" and args.augment_previous:
+        raise ValueError("--augment_previous changes the previous image that --target residual is the change from; "
+                         "use one of them")
+    if args.target == "residual" and args.conditioning != "hybrid":
+        raise ValueError("--target residual needs --conditioning hybrid: the change is added to the previous latent")
+    if args.event_change_weight < 0:
+        raise ValueError(f"--event_change_weight must be 0 or more, got {args.event_change_weight}")
     if not args.timestep_power > 0:
         raise ValueError(f"--timestep_power must be positive, got {args.timestep_power}")
     if not 0.0 <= args.condition_dropout < 1.0:
@@ -270,22 +285,27 @@ class ConditionedBatch:
     """What one step needs for a batch of triplet indices: the cached latents and image tokens, and the events."""
 
     def __init__(self, split: CXRSplit, previous: torch.Tensor, target: torch.Tensor, image_tokens: torch.Tensor | None,
-                 scaling_factor: float, max_events: int):
+                 scaling_factor: float, max_events: int, residual_scale: float | None = None):
         self.split, self.previous, self.target = split, previous, target
         self.image_tokens, self.scaling_factor, self.max_events = image_tokens, scaling_factor, max_events
+        self.residual_scale = residual_scale
 
     def __call__(self, indices: np.ndarray, events_from: np.ndarray | None = None) -> dict[str, Any]:
         sources = indices if events_from is None else events_from
         embeddings, hours, mask = collate_events(self.split, sources, self.max_events)
-        return {"target": self.target[indices] * self.scaling_factor, "previous": self.previous[indices],
+        target = self.target[indices] * self.scaling_factor
+        if self.residual_scale is not None:  # the change from the previous latent, at unit variance
+            target = (target - self.previous[indices] * self.scaling_factor) * self.residual_scale
+        return {"target": target, "previous": self.previous[indices],
                 "image_tokens": None if self.image_tokens is None else self.image_tokens[indices],
                 "embeddings": embeddings, "hours": hours, "mask": mask}
 
 
 def predict_noise(models: dict[str, Any], batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor,
                   conditioning: str, scaling_factor: float, use_vae_tokens: bool, drop: torch.Tensor | None = None,
-                  image_pixels: torch.Tensor | None = None) -> torch.Tensor:
-    """The UNet's epsilon prediction for ``noisy`` at ``timesteps``; rows where ``drop`` is True get no events."""
+                  image_pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's epsilon prediction for ``noisy`` at ``timesteps`` and the event encoder's pooled output; rows where
+    ``drop`` is True get no events."""
     device = noisy.device
     mask = batch["mask"].to(device)
     if drop is not None:
@@ -300,7 +320,8 @@ def predict_noise(models: dict[str, Any], batch: dict[str, Any], noisy: torch.Te
                                        previous if use_vae_tokens else None)
     model_input = torch.cat([noisy, previous * scaling_factor], dim=1) if conditioning == "hybrid" else noisy
     pooled = events.pooled if unwrap_config(models["unet"]).class_embed_type == "projection" else None
-    return models["unet"](model_input, timesteps, encoder_hidden_states=context, class_labels=pooled).sample
+    return (models["unet"](model_input, timesteps, encoder_hidden_states=context, class_labels=pooled).sample,
+            events.pooled)
 
 
 def unwrap_config(model: Any) -> Any:
@@ -313,9 +334,7 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
                  use_vae_tokens: bool, device: torch.device) -> dict[str, Any]:
     """Validation epsilon loss per triplet with true, shuffled and no events, under the same noise and timesteps
     (seeded, ``--validation_draws`` per triplet, timesteps stratified over the schedule); the paired differences
-    carry Student t 95% intervals over triplets."""
-    from ehr_diffusers.evaluation.stats import mean_interval
-
+    carry Student t 95% intervals over triplets, over all of them and over those whose findings changed."""
     n = min(args.validation_triplets, len(batches.split))
     indices = np.arange(n)
     shuffled = derangement(n, seed=0)
@@ -333,24 +352,41 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
             for name, events_from, drop in (("true", None, None), ("shuffled", shuffled[rows], None),
                                             ("none", None, torch.ones(len(rows), dtype=torch.bool, device=device))):
                 conditioned = batch if events_from is None else batches(rows, events_from)
-                prediction = predict_noise(models, conditioned, noisy, timesteps, args.conditioning,
-                                           batches.scaling_factor, use_vae_tokens, drop)
+                prediction, _ = predict_noise(models, conditioned, noisy, timesteps, args.conditioning,
+                                              batches.scaling_factor, use_vae_tokens, drop)
                 error = ((prediction.float() - noise) ** 2).flatten(1).mean(dim=1).cpu().numpy()
                 losses[name][rows] += error / args.validation_draws
     result: dict[str, Any] = {"triplets": n, "draws_per_triplet": args.validation_draws}
     for name, values in losses.items():
         result[f"loss_{name}_events"] = float(values.mean())
     for name in ("shuffled", "none"):
-        difference = losses[name] - losses["true"]
-        low, high = mean_interval(difference)
-        result[f"{name}_minus_true"] = {"mean": float(difference.mean()), "ci95": [low, high],
-                                        "relative": float(difference.mean() / losses["true"].mean()),
-                                        "share_of_triplets_better_with_true": float((difference > 0).mean())}
+        result[f"{name}_minus_true"] = paired_difference(losses[name] - losses["true"], losses["true"])
     result["event_effect"] = bool(result["shuffled_minus_true"]["ci95"][0] > 0)
+    split = batches.split
+    if split.chexpert_previous is not None and split.chexpert_target is not None:
+        # the "Diff" triplets: a CheXpert finding present (1) in one study and not in the other
+        changed = ((split.chexpert_previous[:n] == 1) != (split.chexpert_target[:n] == 1)).any(axis=1)
+        if changed.sum() >= 2:
+            result["changed_findings"] = {
+                "triplets": int(changed.sum()),
+                "shuffled_minus_true": paired_difference(losses["shuffled"][changed] - losses["true"][changed],
+                                                         losses["true"][changed])}
     return result
 
 
-def build_pipeline(models: dict[str, Any], vae: Any, event_embedder: Any, conditioning: str) -> Any:
+def paired_difference(difference: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """Mean of per-triplet loss differences with a Student t 95% interval, relative to the mean reference loss, and
+    the share of triplets where the difference is positive."""
+    from ehr_diffusers.evaluation.stats import mean_interval
+
+    low, high = mean_interval(difference)
+    return {"mean": float(difference.mean()), "ci95": [low, high],
+            "relative": float(difference.mean() / reference.mean()),
+            "share_of_triplets_better_with_true": float((difference > 0).mean())}
+
+
+def build_pipeline(models: dict[str, Any], vae: Any, event_embedder: Any, conditioning: str,
+                   residual_scale: float | None = None) -> Any:
     from diffusers import DDIMScheduler
 
     from ehr_diffusers.pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
@@ -358,7 +394,7 @@ def build_pipeline(models: dict[str, Any], vae: Any, event_embedder: Any, condit
     return EHRXDiffPipeline(vae=vae, unet=models["unet"], scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
                             event_encoder=models["event_encoder"], fusion_adapter=models["fusion_adapter"],
                             image_encoder=models.get("image_encoder"), event_embedder=event_embedder,
-                            conditioning=conditioning)
+                            conditioning=conditioning, residual_scale=residual_scale)
 
 
 @torch.no_grad()
@@ -414,6 +450,7 @@ def resolve_event_embedder(spec: str | None, summary: dict[str, Any], event_dim:
 
 def render_card(args: argparse.Namespace, summary: dict[str, Any], training: dict[str, Any],
                 validation: dict[str, Any] | None, repo_id: str) -> str:
+    from ehr_diffusers.hub.cards import MIMIC_LICENSE_NAME
     from ehr_diffusers.hub.cxr_cards import cxr_training_data_record
 
     def table(rows: dict[str, Any]) -> str:
@@ -428,9 +465,10 @@ def render_card(args: argparse.Namespace, summary: dict[str, Any], training: dic
                   f" with none; shuffled - true = {gap['mean']:.5f} (95% CI {gap['ci95'][0]:.5f} to "
                   f"{gap['ci95'][1]:.5f}) over {validation['triplets']} validation triplets")
     synthetic = bool(data.get("synthetic"))
+    licence = "license: cc0-1.0" if synthetic else f"license: other\nlicense_name: {MIMIC_LICENSE_NAME}"
     return f"""---
 library_name: diffusers
-license: other
+{licence}
 tags:
 - ehr-diffusers
 - ehrxdiff
@@ -538,8 +576,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             image_encoder.eval()
             train_tokens = encode_images(image_encoder, train.images, args.eval_batch_size, device, show
                                          )[torch.from_numpy(train.previous_index)]
+    residual_scale = None
+    if args.target == "residual":
+        change = (train_target - train_previous) * vae.config.scaling_factor
+        residual_scale = float(1.0 / change.std().clamp(min=1e-6))
+        logger.info(f"residual target: the change from the previous latent has std {1 / residual_scale:.4f} "
+                    f"(scaled latents); residual_scale {residual_scale:.4f}")
     batches = ConditionedBatch(train, train_previous, train_target, train_tokens, vae.config.scaling_factor,
-                               args.max_events)
+                               args.max_events, residual_scale)
     validation_batches = None
     if validation_split is not None:
         previous, target = encode_split(vae, validation_split, args.eval_batch_size, device, show)
@@ -547,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             image_encoder, validation_split.images, args.eval_batch_size, device, show
         )[torch.from_numpy(validation_split.previous_index)]
         validation_batches = ConditionedBatch(validation_split, previous, target, tokens,
-                                              vae.config.scaling_factor, args.max_events)
+                                              vae.config.scaling_factor, args.max_events, residual_scale)
 
     noise_scheduler = DDPMScheduler(**{key: value for key, value in SCHEDULER_CONFIG.items()
                                        if key != "set_alpha_to_one"})
@@ -576,7 +620,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                               model_config=models[name].config) for name in trained}
     register_checkpoint_hooks(accelerator, {name: models[name] for name in trained}, ema or None)
 
+    change_head = None
+    if args.event_change_weight > 0:
+        if args.freeze_event_encoder:
+            raise ValueError("--event_change_weight trains the event encoder: leave out --freeze_event_encoder")
+        change_head = torch.nn.Linear(context_dim, latent_channels * latent_size * latent_size)
     parameters = [parameter for name in trained for parameter in models[name].parameters()]
+    if change_head is not None:
+        parameters += list(change_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     indices = torch.utils.data.TensorDataset(torch.arange(len(train)))
@@ -587,10 +638,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
-    prepared = accelerator.prepare(*[models[name] for name in trained], optimizer, train_dataloader, lr_scheduler)
+    extra = [] if change_head is None else [change_head]  # checkpointed by accelerate itself, never saved
+    prepared = accelerator.prepare(*[models[name] for name in trained], *extra, optimizer, train_dataloader,
+                                   lr_scheduler)
     for name, model in zip(trained, prepared):
         models[name] = model
-    optimizer, train_dataloader, lr_scheduler = prepared[len(trained):]
+    if change_head is not None:
+        change_head = prepared[len(trained)]
+    optimizer, train_dataloader, lr_scheduler = prepared[len(trained) + len(extra):]
     for model in ema.values():
         model.to(device)
     steps_per_epoch, max_train_steps, num_train_epochs = plan_steps(args, len(train_dataloader))
@@ -634,14 +689,19 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         copies = eval_models()
         result = event_effect(copies, validation_batches, noise_scheduler, args, use_vae_tokens, device)
         gap = result["shuffled_minus_true"]
+        changed = result.get("changed_findings")
         logger.info(f"validation at step {step}: epsilon loss true {result['loss_true_events']:.5f}, shuffled "
                     f"{result['loss_shuffled_events']:.5f}, none {result['loss_none_events']:.5f}; shuffled - true "
-                    f"{gap['mean']:.5f} (95% CI {gap['ci95'][0]:.5f} to {gap['ci95'][1]:.5f})")
+                    f"{gap['mean']:.5f} (95% CI {gap['ci95'][0]:.5f} to {gap['ci95'][1]:.5f})"
+                    + ("" if changed is None else f"; on the {changed['triplets']} triplets whose findings changed "
+                       f"{changed['shuffled_minus_true']['mean']:.5f} (95% CI "
+                       f"{changed['shuffled_minus_true']['ci95'][0]:.5f} to "
+                       f"{changed['shuffled_minus_true']['ci95'][1]:.5f})"))
         accelerator.log({"validation/loss_true": result["loss_true_events"],
                          "validation/loss_shuffled": result["loss_shuffled_events"],
                          "validation/loss_none": result["loss_none_events"]}, step=step)
         if args.validation_images:
-            pipeline = build_pipeline(copies, vae, None, args.conditioning)
+            pipeline = build_pipeline(copies, vae, None, args.conditioning, residual_scale)
             validation_grid(pipeline, validation_batches.split, args, output_dir / "validation" / f"step-{step}.png")
         return result
 
@@ -675,9 +735,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                                              args.timestep_power, device)
                 noisy = noise_scheduler.add_noise(clean, noise, timesteps)
                 drop = torch.rand(clean.shape[0], device=device) < args.condition_dropout
-                prediction = predict_noise(models, batch, noisy, timesteps, args.conditioning,
-                                           vae.config.scaling_factor, use_vae_tokens, drop, image_pixels)
+                prediction, pooled = predict_noise(models, batch, noisy, timesteps, args.conditioning,
+                                                   vae.config.scaling_factor, use_vae_tokens, drop, image_pixels)
                 loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+                if change_head is not None and bool((~drop).any()):
+                    change = clean if residual_scale is not None else \
+                        clean - batch["previous"].to(device) * vae.config.scaling_factor
+                    guess = change_head(pooled[~drop]).view_as(change[~drop])
+                    loss = loss + args.event_change_weight * F.mse_loss(guess.float(), change[~drop].float())
                 train_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / \
                     args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -713,12 +778,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         final = validate(global_step)
         copies = eval_models()
         pipeline = build_pipeline({name: model.to("cpu").float() for name, model in copies.items()}, vae.to("cpu"),
-                                  event_embedder, args.conditioning)
+                                  event_embedder, args.conditioning, residual_scale)
         training = {"UNet preset": args.unet_config, **{f"UNet {key}": value for key, value in config.items()
                                                         if key in ("block_out_channels", "layers_per_block",
                                                                    "cross_attention_dim", "in_channels")},
                     "conditioning": args.conditioning, "fusion adapter": args.adapter_type,
                     "pooled events in the time embedding": args.pooled_events,
+                    "event-change auxiliary loss weight": args.event_change_weight,
+                    "diffused": "the change from the previous latent" if residual_scale else "the target latent",
                     "timesteps": "uniform" if args.timestep_power == 1 else f"T u^{args.timestep_power:g}",
                     "VAE tokens in the context": args.vae_tokens, "resolution": resolution,
                     "VAE": args.vae_path, "event encoder": args.event_clip_path or "fresh",

@@ -3,7 +3,12 @@
 the symmetric InfoNCE loss of CLIP (Radford et al. 2021), diffusers-examples style.
 
     accelerate launch -m ehr_diffusers.training.train_event_clip \\
-        --train_data_dir demo/cxr-dataset --output_dir demo/event-clip --max_train_steps 400 --seed 0
+        --train_data_dir demo/cxr-dataset --output_dir demo/event-clip --max_train_steps 300 --seed 0
+
+On the 150-subject demo cohort the events say little about the previous image (a logistic probe on mean event
+embeddings predicts its CheXpert findings at validation AUROC 0.50-0.76), and retrieval within the validation split
+stays near chance after 300-800 steps while train-split retrieval climbs far above it: the encoders memorise
+training pairs. Learning rates of 2e-3 and above collapsed every embedding to one point (loss stuck at log(batch)).
 
 Each train triplet gives a positive pair: its previous image and the events recorded after it (the event encoder's
 ``pooled`` output, :class:`~ehr_diffusers.models.event_encoder.EventEncoderModel`). The other pairs of the batch are
@@ -90,7 +95,7 @@ TOP_K = (1, 5)
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain the EHRXDiff event encoder and a chest X-ray image "
                                                  "encoder with CLIP's contrastive loss.")
-    add_common_arguments(parser, learning_rate=5e-4, num_train_epochs=50, train_batch_size=64,
+    add_common_arguments(parser, learning_rate=1e-3, num_train_epochs=30, train_batch_size=32,
                          tracker_project_name="event-clip")
     add = parser.add_argument
     add("--resolution", type=int, default=64, help="Images are read at this many pixels a side.")
