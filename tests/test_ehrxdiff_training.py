@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.training import train_ehrxdiff
-from ehr_diffusers.training.train_ehrxdiff import derangement, main
+from ehr_diffusers.training.train_ehrxdiff import main
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(variant, tr
     epoch (135 triplets in batches of 45): an epoch's shuffle order is drawn when it starts."""
     from safetensors.torch import load_file
 
-    flags = ["--use_ema", "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "100",
+    # validation at step 2 and 4 in the whole run, only at 4 in the resumed one: it must not touch the training RNG
+    flags = ["--use_ema", "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "2",
              "--train_batch_size", "45", "--validation_images", "0", "--condition_dropout", "0.3", *variant]
     whole = main(_args(triplets, tiny_vae, tmp_path / "whole", *flags))
     _reset_accelerate_state()
@@ -195,6 +197,20 @@ def test_derangement_moves_every_triplet() -> None:
         order = derangement(n, seed=1)
         assert sorted(order) == list(range(n)) and not np.any(order == np.arange(n))
     assert np.array_equal(derangement(50, seed=3), derangement(50, seed=3))
+    with pytest.raises(ValueError, match="at least 2 triplets"):
+        derangement(1, seed=0)
+
+
+def test_paired_difference_intervals_are_over_subjects() -> None:
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(20), 5)  # 5 triplets per patient, sharing the patient's offset
+    difference = np.repeat(rng.normal(0.0, 1.0, 20), 5) + rng.normal(0.0, 0.01, 100)
+    per_triplet = paired_difference(difference, np.ones(100))
+    per_subject = paired_difference(difference, np.ones(100), subjects)
+    assert per_subject["units"] == 20 and per_triplet["units"] == 100
+    assert per_subject["mean"] == pytest.approx(per_triplet["mean"])
+    width = lambda result: result["ci95"][1] - result["ci95"][0]  # noqa: E731
+    assert width(per_subject) > 1.8 * width(per_triplet)  # correlated triplets no longer narrow the interval
 
 
 def test_augmentation_keeps_shape_and_range() -> None:

@@ -32,8 +32,11 @@ def inputs(tmp_path) -> dict[str, Path]:
     text = tmp_path / "events.txt"
     text.write_text(EVENTS, encoding="utf-8")
     array = tmp_path / "events.npy"
-    np.save(array, rng.standard_normal((3, EVENT_DIM)).astype(np.float32))
-    return {"prev": prev, "text": text, "npy": array, "dir": tmp_path}
+    embeddings = rng.standard_normal((3, EVENT_DIM)).astype(np.float32)
+    np.save(array, embeddings)
+    archive = tmp_path / "events.npz"
+    np.savez(archive, event_embeddings=embeddings, event_hours=np.array([-30.0, -12.5, -1.0], np.float32))
+    return {"prev": prev, "text": text, "npy": array, "npz": archive, "dir": tmp_path}
 
 
 def _run(model: Path, prev: Path, events: Path, out: Path, *extra: str) -> int:
@@ -45,7 +48,7 @@ def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-@pytest.mark.parametrize("events", ["text", "npy"])
+@pytest.mark.parametrize("events", ["text", "npy", "npz"])
 def test_predicts_an_image_of_the_model_size(model, inputs, events, capsys) -> None:
     out = inputs["dir"] / "next.png"
     assert _run(model, inputs["prev"], inputs[events], out, "--guidance-scale", "2") == 0
@@ -133,3 +136,12 @@ def test_bad_inputs_exit_2_naming_the_argument(model, inputs, case, named, capsy
         assert out.read_bytes() == b"keep me"
     else:
         assert not out.exists()
+
+
+def test_npz_event_hours_reach_the_pipeline(model, inputs) -> None:
+    """The .npz's hours are the events' times: the prediction equals the pipeline's with those hours, and differs from
+    the same embeddings without times (.npy)."""
+    from_npz, from_npy = inputs["dir"] / "npz.png", inputs["dir"] / "npy.png"
+    assert _run(model, inputs["prev"], inputs["npz"], from_npz) == 0
+    assert _run(model, inputs["prev"], inputs["npy"], from_npy) == 0
+    assert from_npz.read_bytes() != from_npy.read_bytes()

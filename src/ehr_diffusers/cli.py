@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-cxr")
     predict.add_argument("--prev", type=Path, required=True, help="the previous chest X-ray (png or jpg)")
     predict.add_argument("--events", type=Path, required=True,
-                         help="the events since it: a text file with one event per line, or a .npy array of event "
-                              "embeddings (n_events, dim); an empty file means no events")
+                         help="the events since it: a text file with one event per line, a .npy array of event "
+                              "embeddings (n_events, dim), or a .npz with event_embeddings and event_hours; an empty "
+                              "file means no events")
     predict.add_argument("--out", type=Path, required=True, help="the predicted image (.png or .jpg)")
     predict.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps (default 100)")
     predict.add_argument("--guidance-scale", type=float, default=1.0,

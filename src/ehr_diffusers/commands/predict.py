@@ -13,12 +13,33 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def read_events(path: Path) -> dict[str, Any]:
-    """``--events``: a text file with one event per line ("..., time -3.5 h" gives its time), or a ``.npy`` array of
-    per-event embeddings ``(n_events, dim)`` (loaded without pickle). An empty file means no events."""
+    """``--events``: a text file with one event per line ("..., time -3.5 h" gives its time), a ``.npy`` array of
+    per-event embeddings ``(n_events, dim)``, or a ``.npz`` with ``event_embeddings`` and ``event_hours`` (hours
+    before the next study, negative; without them the times are unknown). Arrays load without pickle. An empty text
+    file means no events."""
     import numpy as np
 
     if not path.is_file():
         raise FileNotFoundError(f"--events {path}: no such file")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--events {path}: not a numeric .npz archive ({error})") from None
+        if "event_embeddings" not in arrays:
+            raise ValueError(f"--events {path}: no event_embeddings array (found {sorted(arrays)})")
+        embeddings = arrays["event_embeddings"]
+        if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.number):
+            raise ValueError(f"--events {path}: event_embeddings must be a numeric (n_events, dim) array, got "
+                             f"{embeddings.dtype} {embeddings.shape}")
+        found = {"event_embeddings": embeddings.astype(np.float32)}
+        if "event_hours" in arrays:
+            hours = np.asarray(arrays["event_hours"], dtype=np.float32).reshape(-1)
+            if len(hours) != len(embeddings):
+                raise ValueError(f"--events {path}: {len(hours)} event_hours for {len(embeddings)} events")
+            found["event_hours"] = [hours.tolist()]
+        return found
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)

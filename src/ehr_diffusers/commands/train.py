@@ -32,7 +32,7 @@ TRAINING_PRESETS = {
 
 # The X-ray side: the VAE (unless one is given), the event-image CLIP pretraining (unless the preset skips it or one
 # is given), then the diffusion model. "demo" is 64 px with small widths, sized for about 10 minutes on 2 CPU cores on
-# the demo cohort: a 400-step VAE (validation PSNR about 31.5 dB), then a UNet that diffuses the change from the
+# the demo cohort: a 300-step VAE (validation PSNR about 31 dB), then a UNet that diffuses the change from the
 # previous image (--target residual) with the pooled events in its time embedding, its event encoder trained with it
 # from scratch and taught by the auxiliary event-change loss: without that loss no event effect showed within 1,000
 # steps; with it, one does by step 350 (BENCHMARKS.md). It skips the CLIP pretraining: 300 CLIP steps (2.5 minutes)
@@ -41,15 +41,14 @@ TRAINING_PRESETS = {
 CXR_TRAINING_PRESETS = {
     "demo": {
         "vae": ["--resolution", "64", "--block_out_channels", "16,32,64", "--layers_per_block", "1",
-                "--latent_channels", "4", "--train_batch_size", "16", "--max_train_steps", "400",
+                "--latent_channels", "4", "--train_batch_size", "16", "--max_train_steps", "300",
                 "--learning_rate", "2e-3"],
         "event_clip": None,
         "diffusion": ["--resolution", "64", "--unet_config", "demo", "--conditioning", "hybrid", "--target",
                       "residual", "--pooled_events", "--adapter_type", "cross_attention", "--train_batch_size", "32",
-                      "--max_train_steps", "700", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.995",
+                      "--max_train_steps", "450", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.995",
                       "--condition_dropout", "0.1", "--event_change_weight", "1.0", "--max_events", "128",
-                      "--validation_steps", "350",
-                      "--validation_triplets", "1024", "--validation_images", "8"],
+                      "--validation_steps", "450", "--validation_triplets", "1024", "--validation_images", "8"],
         "cpu_threads": 1,
     },
     "paper": {

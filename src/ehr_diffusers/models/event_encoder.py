@@ -42,7 +42,7 @@ class EventEncoderOutput(BaseOutput):
 
 def time_features(hours: torch.Tensor, dim: int, max_hours: float) -> torch.Tensor:
     """sin/cos features of ``hours / max_hours`` at ``dim / 2`` log-spaced frequencies (periods from ``2 max_hours``
-    down to about a tenth of an hour): the transformer's usual position encoding, on a clock instead of an index."""
+    down to ``0.2 h``): the transformer's usual position encoding, on a clock instead of an index."""
     half = dim // 2
     frequencies = torch.exp(torch.linspace(0.0, math.log(10.0 * max_hours), half, device=hours.device))
     angles = (hours.float() / max_hours)[..., None] * frequencies * math.pi
@@ -167,7 +167,8 @@ class EventEncoderModel(SafetensorsModelMixin, ModelMixin, ConfigMixin):
         elif h.shape[1] == 0:  # no start token and no events: one zero event, the original's "zero table"
             h = h.new_zeros(batch, 1, h.shape[-1])
             mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        else:  # a row without events attends to its first (zero-padded) slot instead of to nothing
+        else:  # a row without events attends to its first slot, zeroed, instead of to nothing
+            h = h * mask[..., None].to(h.dtype)
             mask = mask.clone()
             mask[~mask.any(dim=1), 0] = True
         h = h * mask[..., None].to(h.dtype)

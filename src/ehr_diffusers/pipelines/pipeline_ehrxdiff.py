@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 CONDITIONINGS = ("hybrid", "cross_attention")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
-_TIME = re.compile(r", time (-?[0-9]+(?:\.[0-9]+)?) h$")
 
 
 @dataclass
@@ -71,12 +70,23 @@ class EHRXDiffCondition:
                                                  self.null_pooled)))
 
 
+def image_encoder_pixels(pixels: torch.Tensor, image_encoder: CLIPVisionModel) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the image encoder's size and channels (the channel mean repeated), as training feeds it.
+    The encoders trained here see [-1, 1]; a pretrained CLIP's own mean/std normalisation is not applied."""
+    size = image_encoder.config.image_size
+    image = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
+    if image_encoder.config.num_channels != image.shape[1]:
+        image = image.mean(dim=1, keepdim=True).expand(-1, image_encoder.config.num_channels, -1, -1)
+    return image
+
+
 def split_event_text(text: str) -> tuple[str, float | None]:
     """An event as ``prepare-cxr`` renders it ("..., time -3.5 h") -> its content (what is embedded) and its hours
     before the target study; a text without the time suffix keeps its content and has no time."""
-    found = _TIME.search(text)
-    content = re.sub(TIME_SUFFIX, "", text)
-    return content, (float(found.group(1)) if found else None)
+    found = re.search(TIME_SUFFIX, text)
+    if found is None:
+        return text, None
+    return text[:found.start()], float(found.group(0)[len(", time "):-len(" h")])
 
 
 class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
@@ -189,7 +199,10 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
                 if image.ndim != 3 or image.shape[0] not in (1, 3):
                     raise ValueError(f"prev_image[{index}]: a tensor must be (C, H, W) with 1 or 3 channels, got "
                                      f"{tuple(image.shape)}")
-                array = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+                array = image.detach().float().cpu().permute(1, 2, 0).numpy()
+                if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+                    raise ValueError(f"prev_image[{index}]: a tensor must hold values in [0, 1] (diffusers' image "
+                                     "convention), got values outside it")
                 image = PIL.Image.fromarray((array[..., 0] if array.shape[-1] == 1 else array).__mul__(255)
                                             .round().astype(np.uint8))
             elif not isinstance(image, PIL.Image.Image):
@@ -282,10 +295,7 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
         latent = moments.mode()
         image_tokens = None
         if self.image_encoder is not None:
-            size = self.image_encoder.config.image_size
-            image = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
-            if self.image_encoder.config.num_channels != image.shape[1]:
-                image = image.mean(dim=1, keepdim=True).expand(-1, self.image_encoder.config.num_channels, -1, -1)
+            image = image_encoder_pixels(pixels, self.image_encoder)
             image_tokens = self.image_encoder(pixel_values=image.to(device=device, dtype=self.image_encoder.dtype)
                                               ).last_hidden_state
         dtype = self.event_encoder.dtype

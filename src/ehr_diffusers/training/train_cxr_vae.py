@@ -7,7 +7,7 @@ X-ray VAE is given.
         --train_data_dir demo/cxr-dataset --output_dir demo/cxr-vae --resolution 64 \\
         --block_out_channels 16,32,64 --layers_per_block 1 --learning_rate 2e-3 --max_train_steps 500 --seed 0
 
-(the demo settings; on the 150-subject demo cohort, 874 train images, this reaches a validation PSNR of about 32.5 dB
+(the demo settings; on the 150-subject demo cohort, 874 train images, this reaches a validation PSNR of about 32 dB
 against 20.3 dB for the train mean image; on a shared 2-core machine set OMP_NUM_THREADS=1, since two threads
 competing with other processes run many times slower).
 

@@ -6,8 +6,9 @@ the whole ``EHRXDiffPipeline``, diffusers-examples style.
         --event_clip_path CLIP --output_dir MODEL --unet_config demo --max_train_steps 10000 --use_ema
 
 The VAE is frozen: every previous and target image is encoded once (the latent's mode) and kept in memory, as is the
-image encoder's output when it is frozen. Each step noises the target latent on the DDPM schedule (scaled-linear
-betas 0.0015 -> 0.0295, as EHRXDiff, arXiv 2409.07012) and regresses the UNet's epsilon prediction (MSE). The UNet
+image encoder's output (it stays frozen). Each step noises the target latent (or, with ``--target residual``, its
+change from the previous latent) on the DDPM schedule (scaled-linear betas 0.0015 -> 0.0295, as EHRXDiff, arXiv
+2409.07012) and regresses the UNet's epsilon prediction (MSE). The UNet
 sees the previous latent concatenated to the noisy one ("hybrid", the default) and the fused context through
 cross-attention. With probability ``--condition_dropout`` a triplet's events are dropped: the event encoder then
 sees no events, which is the null context that classifier-free guidance steers away from (the original trains none).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,11 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.event_encoder import EventEncoderModel
 from ehr_diffusers.models.fusion_adapter import ADAPTER_TYPES, FusionAdapterModel
+from ehr_diffusers.pipelines.pipeline_ehrxdiff import image_encoder_pixels
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
     register_checkpoint_hooks,
@@ -57,7 +61,6 @@ from ehr_diffusers.training.cxr_data import CXRSplit, collate_events, load_cxr_s
 logger = get_logger(__name__, log_level="INFO")
 
 VALIDATION_METRICS_NAME = "validation_metrics.json"
-TRAINABLE = ("unet", "fusion_adapter", "event_encoder", "image_encoder")
 
 # The original's DDPM schedule (EHRXDiff.yml): "linear" in sqrt(beta), i.e. diffusers' scaled_linear.
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.0015,
@@ -115,13 +118,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Weight of an auxiliary loss: a linear head on the event encoder's pooled output regresses the latent "
              "change from the previous image to the target (discarded after training). It teaches the event "
              "encoder what in the events predicts the change, which the diffusion loss alone conveys slowly.")
+    add("--sample_clip_range", type=float, default=3.0,
+        help="The saved DDIM sampler clips its estimate of the clean latent to +- this (latents have unit variance; "
+             "0 turns it off, as the original). Near the noise end that estimate divides the epsilon error by "
+             "sqrt(alpha_bar), up to 250x here: a briefly trained model otherwise drifts off the latent range.")
     add("--timestep_power", type=float, default=1.0,
         help="Training timesteps are drawn as T * u ** p with u uniform: 1 is the usual uniform draw; p > 1 spends "
              "more steps at low noise, where the small changes that events explain decide the loss.")
     add("--condition_dropout", type=float, default=0.1,
         help="Probability per triplet of training with no events (the null context for guidance).")
     add("--freeze_event_encoder", action="store_true", help="Keep the (pretrained) event encoder fixed.")
-    add("--train_image_encoder", action="store_true", help="Train the image encoder too (default: frozen).")
     add("--augment_previous", action="store_true",
         help="Shift and rescale the intensity of the previous image a little each step (re-encoded by the VAE).")
     add("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet (GPUs).")
@@ -152,6 +158,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "use one of them")
     if args.target == "residual" and args.conditioning != "hybrid":
         raise ValueError("--target residual needs --conditioning hybrid: the change is added to the previous latent")
+    if args.sample_clip_range < 0:
+        raise ValueError(f"--sample_clip_range must be 0 or more, got {args.sample_clip_range}")
     if args.event_change_weight < 0:
         raise ValueError(f"--event_change_weight must be 0 or more, got {args.event_change_weight}")
     if not args.timestep_power > 0:
@@ -192,6 +200,10 @@ def load_event_clip(args: argparse.Namespace, event_dim: int) -> tuple[EventEnco
     if encoder.config.event_dim != event_dim:
         raise ValueError(f"--event_clip_path {folder}: its event encoder takes {encoder.config.event_dim}-d events, "
                          f"the dataset holds {event_dim}-d embeddings")
+    if args.max_events > encoder.config.max_events:
+        raise ValueError(f"--max_events {args.max_events}: the pretrained event encoder takes at most "
+                         f"{encoder.config.max_events}")
+    encoder.register_to_config(max_events=args.max_events)  # the pipeline keeps as many as training read
     if args.context_dim is not None and args.context_dim != encoder.config.context_dim:
         raise ValueError(f"--context_dim {args.context_dim}: the pretrained event encoder's is "
                          f"{encoder.config.context_dim}")
@@ -232,21 +244,12 @@ def encode_split(vae: Any, split: CXRSplit, batch_size: int, device: torch.devic
     return latents[torch.from_numpy(split.previous_index)], latents[torch.from_numpy(split.target_index)]
 
 
-def image_encoder_input(pixels: torch.Tensor, image_encoder: Any) -> torch.Tensor:
-    """Pixels in [-1, 1] -> the image encoder's size and channels (as the pipeline feeds it)."""
-    size = image_encoder.config.image_size
-    image = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", align_corners=False)
-    if image_encoder.config.num_channels != image.shape[1]:
-        image = image.mean(dim=1, keepdim=True).expand(-1, image_encoder.config.num_channels, -1, -1)
-    return image
-
-
 @torch.no_grad()
 def encode_images(image_encoder: Any, images: torch.Tensor, batch_size: int, device: torch.device,
                   show_progress: bool) -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="image tokens", disable=not show_progress):
-        pixels = image_encoder_input(to_pixels(images[start:start + batch_size]), image_encoder).to(device)
+        pixels = image_encoder_pixels(to_pixels(images[start:start + batch_size]), image_encoder).to(device)
         chunks.append(image_encoder(pixel_values=pixels).last_hidden_state.float().cpu())
     return torch.cat(chunks)
 
@@ -256,14 +259,6 @@ def sample_timesteps(batch: int, num_timesteps: int, power: float, device: torch
     if power == 1.0:
         return torch.randint(0, num_timesteps, (batch,), device=device)
     return (torch.rand(batch) ** power * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation with no fixed point: triplet i takes the events of triplet ``result[i]`` != i."""
-    order = np.random.default_rng(seed).permutation(n)
-    result = np.empty(n, dtype=np.int64)
-    result[order] = np.roll(order, -1)
-    return result
 
 
 def augment(pixels: torch.Tensor) -> torch.Tensor:
@@ -285,8 +280,9 @@ class ConditionedBatch:
     """What one step needs for a batch of triplet indices: the cached latents and image tokens, and the events."""
 
     def __init__(self, split: CXRSplit, previous: torch.Tensor, target: torch.Tensor, image_tokens: torch.Tensor | None,
-                 scaling_factor: float, max_events: int, residual_scale: float | None = None):
-        self.split, self.previous, self.target = split, previous, target
+                 scaling_factor: float, max_events: int, residual_scale: float | None = None,
+                 subjects: np.ndarray | None = None):
+        self.split, self.previous, self.target, self.subjects = split, previous, target, subjects
         self.image_tokens, self.scaling_factor, self.max_events = image_tokens, scaling_factor, max_events
         self.residual_scale = residual_scale
 
@@ -302,8 +298,8 @@ class ConditionedBatch:
 
 
 def predict_noise(models: dict[str, Any], batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor,
-                  conditioning: str, scaling_factor: float, use_vae_tokens: bool, drop: torch.Tensor | None = None,
-                  image_pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  conditioning: str, scaling_factor: float, use_vae_tokens: bool, drop: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's epsilon prediction for ``noisy`` at ``timesteps`` and the event encoder's pooled output; rows where
     ``drop`` is True get no events."""
     device = noisy.device
@@ -312,8 +308,6 @@ def predict_noise(models: dict[str, Any], batch: dict[str, Any], noisy: torch.Te
         mask = mask & ~drop[:, None]
     events = models["event_encoder"](batch["embeddings"].to(device), mask, batch["hours"].to(device))
     image_tokens = batch["image_tokens"]
-    if models.get("image_encoder") is not None and image_pixels is not None:
-        image_tokens = models["image_encoder"](pixel_values=image_pixels).last_hidden_state
     previous = batch["previous"].to(device)
     context = models["fusion_adapter"](events.tokens, events.mask,
                                        None if image_tokens is None else image_tokens.to(device),
@@ -334,7 +328,8 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
                  use_vae_tokens: bool, device: torch.device) -> dict[str, Any]:
     """Validation epsilon loss per triplet with true, shuffled and no events, under the same noise and timesteps
     (seeded, ``--validation_draws`` per triplet, timesteps stratified over the schedule); the paired differences
-    carry Student t 95% intervals over triplets, over all of them and over those whose findings changed."""
+    carry Student t 95% intervals over subjects (a patient's triplets are not independent), over all triplets and
+    over those whose findings changed."""
     n = min(args.validation_triplets, len(batches.split))
     indices = np.arange(n)
     shuffled = derangement(n, seed=0)
@@ -346,7 +341,7 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
             batch = batches(rows)
             clean = batch["target"].to(device)
             noise = torch.randn(clean.shape, generator=generator).to(device)
-            strata = (torch.arange(len(rows)) * args.validation_draws + draw) / (n * args.validation_draws)
+            strata = (torch.from_numpy(rows) * args.validation_draws + draw) / (n * args.validation_draws)
             timesteps = (strata * scheduler.config.num_train_timesteps).long().to(device)
             noisy = scheduler.add_noise(clean, noise, timesteps)
             for name, events_from, drop in (("true", None, None), ("shuffled", shuffled[rows], None),
@@ -356,11 +351,12 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
                                               batches.scaling_factor, use_vae_tokens, drop)
                 error = ((prediction.float() - noise) ** 2).flatten(1).mean(dim=1).cpu().numpy()
                 losses[name][rows] += error / args.validation_draws
+    subjects = None if batches.subjects is None else batches.subjects[:n]
     result: dict[str, Any] = {"triplets": n, "draws_per_triplet": args.validation_draws}
     for name, values in losses.items():
         result[f"loss_{name}_events"] = float(values.mean())
     for name in ("shuffled", "none"):
-        result[f"{name}_minus_true"] = paired_difference(losses[name] - losses["true"], losses["true"])
+        result[f"{name}_minus_true"] = paired_difference(losses[name] - losses["true"], losses["true"], subjects)
     result["event_effect"] = bool(result["shuffled_minus_true"]["ci95"][0] > 0)
     split = batches.split
     if split.chexpert_previous is not None and split.chexpert_target is not None:
@@ -370,28 +366,19 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
             result["changed_findings"] = {
                 "triplets": int(changed.sum()),
                 "shuffled_minus_true": paired_difference(losses["shuffled"][changed] - losses["true"][changed],
-                                                         losses["true"][changed])}
+                                                         losses["true"][changed],
+                                                         None if subjects is None else subjects[changed])}
     return result
 
 
-def paired_difference(difference: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Mean of per-triplet loss differences with a Student t 95% interval, relative to the mean reference loss, and
-    the share of triplets where the difference is positive."""
-    from ehr_diffusers.evaluation.stats import mean_interval
-
-    low, high = mean_interval(difference)
-    return {"mean": float(difference.mean()), "ci95": [low, high],
-            "relative": float(difference.mean() / reference.mean()),
-            "share_of_triplets_better_with_true": float((difference > 0).mean())}
-
-
 def build_pipeline(models: dict[str, Any], vae: Any, event_embedder: Any, conditioning: str,
-                   residual_scale: float | None = None) -> Any:
+                   residual_scale: float | None = None, clip_range: float = 0.0) -> Any:
     from diffusers import DDIMScheduler
 
     from ehr_diffusers.pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
 
-    return EHRXDiffPipeline(vae=vae, unet=models["unet"], scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+    clip = {"clip_sample": True, "clip_sample_range": clip_range} if clip_range > 0 else {}
+    return EHRXDiffPipeline(vae=vae, unet=models["unet"], scheduler=DDIMScheduler(**{**SCHEDULER_CONFIG, **clip}),
                             event_encoder=models["event_encoder"], fusion_adapter=models["fusion_adapter"],
                             image_encoder=models.get("image_encoder"), event_embedder=event_embedder,
                             conditioning=conditioning, residual_scale=residual_scale)
@@ -565,16 +552,10 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if "validation" in splits else None
     vae.to(device)
     train_previous, train_target = encode_split(vae, train, args.eval_batch_size, device, show)
-    if args.max_events > event_encoder.config.max_events:
-        raise ValueError(f"--max_events {args.max_events}: the event encoder takes at most "
-                         f"{event_encoder.config.max_events}")
-    train_image_encoder = image_encoder is not None and args.train_image_encoder
     train_tokens = None
-    if image_encoder is not None:
-        image_encoder.to(device).requires_grad_(train_image_encoder)
-        if not train_image_encoder:
-            image_encoder.eval()
-            train_tokens = encode_images(image_encoder, train.images, args.eval_batch_size, device, show
+    if image_encoder is not None:  # frozen (its CLIP pretraining trained it): its tokens are computed once
+        image_encoder.to(device).eval().requires_grad_(False)
+        train_tokens = encode_images(image_encoder, train.images, args.eval_batch_size, device, show
                                          )[torch.from_numpy(train.previous_index)]
     residual_scale = None
     if args.target == "residual":
@@ -591,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             image_encoder, validation_split.images, args.eval_batch_size, device, show
         )[torch.from_numpy(validation_split.previous_index)]
         validation_batches = ConditionedBatch(validation_split, previous, target, tokens,
-                                              vae.config.scaling_factor, args.max_events, residual_scale)
+                                              vae.config.scaling_factor, args.max_events, residual_scale,
+                                              np.asarray(splits["validation"]["subject_id"]))
 
     noise_scheduler = DDPMScheduler(**{key: value for key, value in SCHEDULER_CONFIG.items()
                                        if key != "set_alpha_to_one"})
@@ -611,8 +593,6 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     trained = ["unet", "fusion_adapter"] + ([] if args.freeze_event_encoder else ["event_encoder"])
     if image_encoder is not None:
         models["image_encoder"] = image_encoder
-        if train_image_encoder:
-            trained.append("image_encoder")
     event_encoder.to(device).requires_grad_(not args.freeze_event_encoder)
     ema: dict[str, Any] = {}
     if args.use_ema:
@@ -676,8 +656,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             if name not in trained:
                 copies[name] = model
                 continue
-            copy = type(model).from_config(model.config)
-            copy.load_state_dict(model.state_dict())
+            copy = deepcopy(model)  # not from_config: a fresh init would draw from the RNG training goes on with
             if name in ema:
                 ema[name].copy_to(copy.parameters())
             copies[name] = copy.to(device).eval()
@@ -701,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                          "validation/loss_shuffled": result["loss_shuffled_events"],
                          "validation/loss_none": result["loss_none_events"]}, step=step)
         if args.validation_images:
-            pipeline = build_pipeline(copies, vae, None, args.conditioning, residual_scale)
+            pipeline = build_pipeline(copies, vae, None, args.conditioning, residual_scale, args.sample_clip_range)
             validation_grid(pipeline, validation_batches.split, args, output_dir / "validation" / f"step-{step}.png")
         return result
 
@@ -721,28 +700,24 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             with accelerator.accumulate(*[models[name] for name in trained]):
                 batch = batches(rows.cpu().numpy())
                 clean = batch["target"].to(device)
-                image_pixels = None
-                if args.augment_previous or train_image_encoder:
-                    pixels = to_pixels(train.previous[rows.cpu()], vae.config.in_channels).to(device)
-                    if args.augment_previous:
-                        pixels = augment(pixels)
-                        with torch.no_grad():
-                            batch["previous"] = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
-                    if train_image_encoder:
-                        image_pixels = image_encoder_input(pixels, unwrapped["image_encoder"])
+                if args.augment_previous:
+                    pixels = augment(to_pixels(train.previous[rows.cpu()], vae.config.in_channels).to(device))
+                    with torch.no_grad():
+                        batch["previous"] = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
                 noise = torch.randn_like(clean)
                 timesteps = sample_timesteps(clean.shape[0], noise_scheduler.config.num_train_timesteps,
                                              args.timestep_power, device)
                 noisy = noise_scheduler.add_noise(clean, noise, timesteps)
                 drop = torch.rand(clean.shape[0], device=device) < args.condition_dropout
                 prediction, pooled = predict_noise(models, batch, noisy, timesteps, args.conditioning,
-                                                   vae.config.scaling_factor, use_vae_tokens, drop, image_pixels)
+                                                   vae.config.scaling_factor, use_vae_tokens, drop)
                 loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
-                if change_head is not None and bool((~drop).any()):
+                if change_head is not None:  # on every row, weighted by the rows that kept their events
                     change = clean if residual_scale is not None else \
                         clean - batch["previous"].to(device) * vae.config.scaling_factor
-                    guess = change_head(pooled[~drop]).view_as(change[~drop])
-                    loss = loss + args.event_change_weight * F.mse_loss(guess.float(), change[~drop].float())
+                    error = ((change_head(pooled).view_as(change).float() - change.float()) ** 2).flatten(1).mean(1)
+                    kept = (~drop).float()
+                    loss = loss + args.event_change_weight * (error * kept).sum() / kept.sum().clamp(min=1.0)
                 train_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / \
                     args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -778,13 +753,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         final = validate(global_step)
         copies = eval_models()
         pipeline = build_pipeline({name: model.to("cpu").float() for name, model in copies.items()}, vae.to("cpu"),
-                                  event_embedder, args.conditioning, residual_scale)
+                                  event_embedder, args.conditioning, residual_scale, args.sample_clip_range)
         training = {"UNet preset": args.unet_config, **{f"UNet {key}": value for key, value in config.items()
                                                         if key in ("block_out_channels", "layers_per_block",
                                                                    "cross_attention_dim", "in_channels")},
                     "conditioning": args.conditioning, "fusion adapter": args.adapter_type,
                     "pooled events in the time embedding": args.pooled_events,
                     "event-change auxiliary loss weight": args.event_change_weight,
+                    "sampler x0 clipping": f"+-{args.sample_clip_range:g}" if args.sample_clip_range else "off",
                     "diffused": "the change from the previous latent" if residual_scale else "the target latent",
                     "timesteps": "uniform" if args.timestep_power == 1 else f"T u^{args.timestep_power:g}",
                     "VAE tokens in the context": args.vae_tokens, "resolution": resolution,
