@@ -208,7 +208,8 @@ def test_paired_difference_intervals_are_over_subjects() -> None:
     per_triplet = paired_difference(difference, np.ones(100))
     per_subject = paired_difference(difference, np.ones(100), subjects)
     assert per_subject["units"] == 20 and per_triplet["units"] == 100
-    assert per_subject["mean"] == pytest.approx(per_triplet["mean"])
+    assert per_subject["mean_per_triplet"] == pytest.approx(per_triplet["mean"])  # equal-sized clusters: one mean
+    assert per_subject["ci95"][0] <= per_subject["mean"] <= per_subject["ci95"][1]
     width = lambda result: result["ci95"][1] - result["ci95"][0]  # noqa: E731
     assert width(per_subject) > 1.8 * width(per_triplet)  # correlated triplets no longer narrow the interval
 

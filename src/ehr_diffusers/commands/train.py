@@ -42,13 +42,13 @@ CXR_TRAINING_PRESETS = {
     "demo": {
         "vae": ["--resolution", "64", "--block_out_channels", "16,32,64", "--layers_per_block", "1",
                 "--latent_channels", "4", "--train_batch_size", "16", "--max_train_steps", "300",
-                "--learning_rate", "2e-3"],
+                "--learning_rate", "2e-3", "--validation_steps", "300"],
         "event_clip": None,
         "diffusion": ["--resolution", "64", "--unet_config", "demo", "--conditioning", "hybrid", "--target",
                       "residual", "--pooled_events", "--adapter_type", "cross_attention", "--train_batch_size", "32",
-                      "--max_train_steps", "450", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.995",
+                      "--max_train_steps", "400", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.995",
                       "--condition_dropout", "0.1", "--event_change_weight", "1.0", "--max_events", "128",
-                      "--validation_steps", "450", "--validation_triplets", "1024", "--validation_images", "8"],
+                      "--validation_steps", "400", "--validation_triplets", "1024", "--validation_images", "8"],
         "cpu_threads": 1,
     },
     "paper": {

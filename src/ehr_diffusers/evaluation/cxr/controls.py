@@ -27,15 +27,16 @@ def derangement(n: int, seed: int) -> np.ndarray:
 
 def paired_difference(difference: np.ndarray, reference: np.ndarray, clusters: np.ndarray | None = None
                       ) -> dict[str, Any]:
-    """Mean of per-triplet differences (control minus true events) with a Student t 95% interval, relative to the mean
-    reference, and the share of triplets where it is positive. With ``clusters`` (the subject of each triplet) the
-    interval is over subject means: one patient's consecutive triplets are not independent."""
+    """Mean difference (control minus true events) with a Student t 95% interval, relative to the mean reference, and
+    the share of triplets where it is positive. With ``clusters`` (the subject of each triplet) the mean and its
+    interval are over subject means (``mean_per_triplet`` keeps the plain mean): one patient's consecutive triplets
+    are not independent."""
     difference = np.asarray(difference, dtype=np.float64)
     units = difference
     if clusters is not None:
         _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
         units = np.bincount(inverse, weights=difference) / np.bincount(inverse)
     low, high = mean_interval(units)
-    return {"mean": float(difference.mean()), "ci95": [low, high], "units": int(len(units)),
-            "relative": float(difference.mean() / np.mean(reference)),
+    return {"mean": float(units.mean()), "ci95": [low, high], "units": int(len(units)),
+            "mean_per_triplet": float(difference.mean()), "relative": float(units.mean() / np.mean(reference)),
             "share_of_triplets_better_with_true": float((difference > 0).mean())}
