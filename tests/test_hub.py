@@ -178,6 +178,8 @@ def test_checked_in_shims_and_card_template_match_what_the_package_writes(saved)
     assert _code(REPO_ROOT / "pipelines/ehr_latent_diffusion") == SHIMS
     assert (REPO_ROOT / "pipelines/ehr_latent_diffusion/README.md").is_file()
     assert (REPO_ROOT / "model_cards/ehr_latent_diffusion.md").read_bytes() == PACKAGE_TEMPLATE.read_bytes()
+    ehrxdiff_template = Path(__file__).parents[1] / "src/ehr_diffusers/templates/model_card_ehrxdiff.md"
+    assert (REPO_ROOT / "model_cards/ehrxdiff.md").read_bytes() == ehrxdiff_template.read_bytes()
 
 
 def test_checked_in_ehrxdiff_shims_match_what_the_package_writes(tmp_path) -> None:

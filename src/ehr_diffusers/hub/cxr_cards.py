@@ -1,5 +1,6 @@
-"""Model cards of the chest X-ray components that ehr-diffusers trains on their own: the X-ray VAE
-(``train_cxr_vae``) and the event-image CLIP encoders (``train_event_clip``), from one template.
+"""Model cards of the X-ray side: the chest X-ray components that ehr-diffusers trains on their own (the X-ray VAE of
+``train_cxr_vae`` and the event-image CLIP encoders of ``train_event_clip``, from one template) and the
+EHRXDiffPipeline (``train_ehrxdiff``, its own template).
 
 A leaf like the rest of ``hub/``: it reads the prepared dataset's files itself (``cxr_summary.json``,
 ``dataset_dict.json``) and imports nothing of the project above ``io``.
@@ -56,6 +57,21 @@ def cxr_training_data_record(dataset_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _data_table(record: Mapping[str, Any]) -> str:
+    """The card's training-data table: source, how "synthetic" was decided, the train fingerprint, triplets per split
+    and the event embedder."""
+    rows = {
+        "source": ("synthetic demo cohort (`ehr-diffusers demo-cxr-data`)" if record["synthetic"]
+                   else "MIMIC-CXR-JPG + MIMIC-IV (credentialed)"),
+        "synthetic decided by": record["synthetic_evidence"],
+        "train fingerprint (`datasets`)": f"`{record['fingerprint']}`",
+        **{f"triplets: {split}": f"{n:,}" for split, n in record["rows"].items()},
+        "event embedder": f"`{record['embedder']}` ({record['embedding_dim']}-d)" if record.get("embedder")
+        else "none",
+    }
+    return "\n".join(["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows.items())])
+
+
 def render_cxr_model_card(component: str, record: Mapping[str, Any], training_config: Mapping[str, Any],
                           metrics: Mapping[str, Any] | None = None, model_id: str = "path/to/model",
                           resolution: int = 64) -> str:
@@ -69,16 +85,7 @@ def render_cxr_model_card(component: str, record: Mapping[str, Any], training_co
     tags = ["ehr-diffusers", "chest-x-ray", "ehrxdiff", "synthetic" if synthetic else "mimic-cxr"]
     tags += ["autoencoder", "vae"] if component == "vae" else ["clip", "contrastive-learning"]
     card_data = ModelCardData(library_name="diffusers", tags=tags, **licence)
-    data_rows = {
-        "source": ("synthetic demo cohort (`ehr-diffusers demo-cxr-data`)" if synthetic
-                   else "MIMIC-CXR-JPG + MIMIC-IV (credentialed)"),
-        "synthetic decided by": record["synthetic_evidence"],
-        "train fingerprint (`datasets`)": f"`{record['fingerprint']}`",
-        **{f"triplets: {split}": f"{n:,}" for split, n in record["rows"].items()},
-        "event embedder": f"`{record['embedder']}` ({record['embedding_dim']}-d)" if record.get("embedder")
-        else "none",
-    }
-    data_table = "\n".join(["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in data_rows.items())])
+    data_table = _data_table(record)
     template = resources.files("ehr_diffusers").joinpath(CXR_MODEL_CARD_TEMPLATE)
     with resources.as_file(template) as template_path:
         card = ModelCard.from_template(
@@ -103,3 +110,30 @@ def save_cxr_model_card(output_dir: str | Path, component: str, *, dataset_dir: 
     write_text_atomic(path, card)
     logger.info("wrote model card %s", path)
     return path
+
+
+EHRXDIFF_CARD_TEMPLATE = "templates/model_card_ehrxdiff.md"
+
+
+def render_ehrxdiff_model_card(record: Mapping[str, Any], training_config: Mapping[str, Any], event_effect: str,
+                               model_id: str = "path/to/model", adapter: str = "cross_attention",
+                               conditioning: str = "hybrid", resolution: int = 64) -> str:
+    """The EHRXDiffPipeline's model card (YAML metadata + markdown) for a model trained on the triplet dataset that
+    ``record`` (:func:`cxr_training_data_record`) describes; ``event_effect`` is the validation's shuffled-events
+    comparison in words."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    synthetic = bool(record["synthetic"])
+    licence = {"license": "cc0-1.0"} if synthetic else {"license": "other", "license_name": MIMIC_LICENSE_NAME}
+    card_data = ModelCardData(library_name="diffusers", pipeline_tag="image-to-image",
+                              tags=["ehr-diffusers", "ehrxdiff", "chest-x-ray", "image-to-image",
+                                    "synthetic" if synthetic else "mimic-cxr"], **licence)
+    template = resources.files("ehr_diffusers").joinpath(EHRXDIFF_CARD_TEMPLATE)
+    with resources.as_file(template) as template_path:
+        card = ModelCard.from_template(
+            card_data, template_path=str(template_path), model_id=model_id, synthetic=synthetic, version=__version__,
+            adapter=adapter, conditioning=conditioning, resolution=resolution, event_effect=event_effect,
+            data_table=_data_table(record),
+            training_table=_table(training_config) if training_config else "No training settings recorded.",
+        )
+    return str(card).rstrip("\n") + "\n"

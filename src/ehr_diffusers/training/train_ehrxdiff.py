@@ -435,66 +435,27 @@ def resolve_event_embedder(spec: str | None, summary: dict[str, Any], event_dim:
     return embedder.eval().requires_grad_(False)
 
 
-def render_card(args: argparse.Namespace, summary: dict[str, Any], training: dict[str, Any],
-                validation: dict[str, Any] | None, repo_id: str) -> str:
-    from ehr_diffusers.hub.cards import MIMIC_LICENSE_NAME
-    from ehr_diffusers.hub.cxr_cards import cxr_training_data_record
+def render_card(args: argparse.Namespace, training: dict[str, Any], validation: dict[str, Any] | None,
+                repo_id: str, resolution: int) -> str:
+    """The model card (``templates/model_card_ehrxdiff.md``) with the validation's event-effect figures in words."""
+    from ehr_diffusers.hub.cxr_cards import cxr_training_data_record, render_ehrxdiff_model_card
 
-    def table(rows: dict[str, Any]) -> str:
-        return "\n".join(["| key | value |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows.items())])
-
-    data = cxr_training_data_record(args.train_data_dir)
-    effect = "not measured"
+    effect = "Not measured: the dataset has no validation split."
     if validation:
         gap = validation["shuffled_minus_true"]
-        effect = (f"validation epsilon loss {validation['loss_true_events']:.5f} with the true events, "
-                  f"{validation['loss_shuffled_events']:.5f} with shuffled events, {validation['loss_none_events']:.5f}"
-                  f" with none; shuffled - true = {gap['mean']:.5f} (95% CI {gap['ci95'][0]:.5f} to "
-                  f"{gap['ci95'][1]:.5f}) over {validation['triplets']} validation triplets")
-    synthetic = bool(data.get("synthetic"))
-    licence = "license: cc0-1.0" if synthetic else f"license: other\nlicense_name: {MIMIC_LICENSE_NAME}"
-    return f"""---
-library_name: diffusers
-{licence}
-tags:
-- ehr-diffusers
-- ehrxdiff
-- chest-x-ray
-- image-to-image
-- {"synthetic-data" if synthetic else "mimic-cxr"}
-pipeline_tag: image-to-image
----
-
-# {repo_id}
-
-An `EHRXDiffPipeline` (ehr-diffusers): it predicts a patient's next chest X-ray from the previous one and the EHR
-events in between, after EHRXDiff (Kyung et al., arXiv 2409.07012; github dek924/EHRXDiff), with per-event tokens, a
-{args.adapter_type} fusion adapter, {args.conditioning} conditioning and classifier-free guidance against the
-no-events context.
-
-```py
-from ehr_diffusers import EHRXDiffPipeline
-
-pipe = EHRXDiffPipeline.from_pretrained("{repo_id}")
-image = pipe(previous_image, events=["..., time -12.0 h"], guidance_scale=2.0).images[0]
-```
-
-{"Trained on a synthetic demo cohort: it describes no real patient and supports no clinical conclusion."
- if synthetic else "Trained on MIMIC-CXR-JPG and MIMIC-IV (PhysioNet credentialed data): share it only as the "
- "PhysioNet data use agreement allows. Not for clinical use."}
-
-## Event effect
-
-{effect}.
-
-## Training
-
-{table(training)}
-
-## Training data
-
-{table({key: value for key, value in data.items() if not isinstance(value, (dict, list))})}
-"""
+        effect = (f"Validation epsilon loss over {validation['triplets']} triplets ({validation['draws_per_triplet']} "
+                  f"noise draws each): {validation['loss_true_events']:.5f} with the true events, "
+                  f"{validation['loss_shuffled_events']:.5f} with shuffled events, "
+                  f"{validation['loss_none_events']:.5f} with none; shuffled - true = {gap['mean']:.5f} (95% CI "
+                  f"{gap['ci95'][0]:.5f} to {gap['ci95'][1]:.5f}, over {gap['units']} subjects).")
+        changed = validation.get("changed_findings")
+        if changed:
+            sub = changed["shuffled_minus_true"]
+            effect += (f" On the {changed['triplets']} triplets whose CheXpert findings changed: {sub['mean']:.5f} "
+                       f"(95% CI {sub['ci95'][0]:.5f} to {sub['ci95'][1]:.5f}).")
+    return render_ehrxdiff_model_card(cxr_training_data_record(args.train_data_dir), training, effect, model_id=repo_id,
+                                      adapter=args.adapter_type, conditioning=args.conditioning,
+                                      resolution=resolution)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -776,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         with atomic_merge(output_dir) as staging:
             pipeline.save_pretrained(str(staging))
             write_json(staging / VALIDATION_METRICS_NAME, metrics)
-            (staging / "README.md").write_text(render_card(args, summary, training, final, repo_id))
+            (staging / "README.md").write_text(render_card(args, training, final, repo_id, resolution))
         logger.info(f"saved the pipeline to {output_dir}")
         if args.push_to_hub:
             url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
