@@ -154,7 +154,8 @@ def preset_args(size: str) -> dict[str, argparse.Namespace]:
     preset = CXR_TRAINING_PRESETS[size]
     paths = ["--train_data_dir", "unused", "--output_dir", "unused"]
     return {"vae": train_cxr_vae.parse_args(paths + preset["vae"]),
-            "event_clip": train_event_clip.parse_args(paths + preset["event_clip"]),
+            # a preset that skips the CLIP pretraining ("event_clip": None) builds the encoders with the defaults
+            "event_clip": train_event_clip.parse_args(paths + (preset["event_clip"] or [])),
             "diffusion": train_ehrxdiff.parse_args(paths + ["--vae_path", "unused"] + preset["diffusion"])}
 
 
@@ -339,8 +340,8 @@ def bench_train(batch_size: int = 32, steps: int = 20, warmup: int = 3, mean_eve
                           "image_tokens": batch["image_tokens"], "embeddings": padded, "hours": times, "mask": mask}
             noisy = scheduler.add_noise(step_batch["target"], batch["noise"], batch["timesteps"])
             forward_start = time.perf_counter()
-            prediction = predict_noise(run["models"], step_batch, noisy, batch["timesteps"], run["conditioning"],
-                                       scaling_factor, args.vae_tokens, batch["drop"])
+            prediction, _ = predict_noise(run["models"], step_batch, noisy, batch["timesteps"], run["conditioning"],
+                                          scaling_factor, args.vae_tokens, batch["drop"])
             forward_end = time.perf_counter()
             loss = torch.nn.functional.mse_loss(prediction.float(), batch["noise"], reduction="mean")
             loss.item()
