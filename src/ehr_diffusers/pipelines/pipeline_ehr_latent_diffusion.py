@@ -32,7 +32,7 @@ from ..models.ehr_autoencoder import EHRAutoencoderModel
 from ..models.ehr_denoiser import EHRDenoiserModel
 from ..schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
 from ..text.embed import SentenceEmbedder
-from .pipeline_utils import RemoteCodePipelineMixin, check_callback_outputs
+from .pipeline_utils import RemoteCodePipelineMixin, check_callback_inputs, check_callback_outputs
 
 OutputType = Literal["records", "pd", "np", "pt", "latent"]
 OUTPUT_TYPES = ("records", "pd", "np", "pt", "latent")
@@ -349,10 +349,7 @@ class EHRLatentDiffusionPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
-                             f"{self._callback_tensor_inputs}")
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     @torch.no_grad()
     def decode_latents(

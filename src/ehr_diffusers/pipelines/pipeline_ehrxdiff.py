@@ -34,7 +34,7 @@ from ..data.cxr.events import TIME_SUFFIX
 from ..models.event_encoder import EventEncoderModel, pad_events
 from ..models.fusion_adapter import FusionAdapterModel
 from ..text.embed import SentenceEmbedder
-from .pipeline_utils import RemoteCodePipelineMixin, check_callback_outputs
+from .pipeline_utils import RemoteCodePipelineMixin, check_callback_inputs, check_callback_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -449,7 +449,4 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
-                             f"{self._callback_tensor_inputs}")
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)

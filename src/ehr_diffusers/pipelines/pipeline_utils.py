@@ -64,6 +64,13 @@ def installed_model_index(config: dict[str, Any], folder: str | os.PathLike) -> 
     return config
 
 
+def check_callback_inputs(requested: list[str], allowed: list[str]) -> None:
+    """``callback_on_step_end_tensor_inputs`` may only name tensors the pipeline hands its callback."""
+    unknown = [name for name in requested if name not in allowed]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {allowed}")
+
+
 def check_callback_outputs(outputs: Any, tensors: dict[str, torch.Tensor]) -> None:
     """What a ``callback_on_step_end`` returned must fit where it goes (``tensors``: name -> the current tensor): a
     misfit would fail steps later, far from its cause."""

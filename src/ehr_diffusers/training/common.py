@@ -187,3 +187,12 @@ def write_json(path: Path, data: Any) -> None:
     """Writes ``data`` as indented JSON through ``write_text_atomic``: a reader never sees half a file."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
+
+def push_output(args: argparse.Namespace, output_dir: Path, repo_id: str, logger: Any) -> None:
+    """``--push_to_hub``: uploads the finished ``output_dir`` (``hub.push_to_hub`` leaves the checkpoints out and keeps
+    MIMIC-derived models private) with the flags every script takes."""
+    from .. import hub
+
+    url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
+                          commit_message="End of training")
+    logger.info(f"pushed {output_dir} to {url}")

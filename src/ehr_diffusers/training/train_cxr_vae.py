@@ -54,6 +54,7 @@ from ehr_diffusers.training.common import (
     check_common_arguments,
     make_accelerator,
     plan_steps,
+    push_output,
     recorded_arguments,
     tracker_config,
     warmup_steps,
@@ -287,7 +288,6 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ehr_diffusers import hub
     from ehr_diffusers.hub.cxr_cards import save_cxr_model_card
 
     accelerator = make_accelerator(args, logger)
@@ -468,9 +468,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                                 metrics=card_metrics, resolution=args.resolution)
         logger.info(f"saved the VAE to {output_dir}")
         if args.push_to_hub:
-            url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
-                                  commit_message="End of training")
-            logger.info(f"pushed {output_dir} to {url}")
+            push_output(args, output_dir, repo_id, logger)
     accelerator.end_training()
     return TrainingRun(output_dir=Path(output_dir), global_step=global_step, resumed_from=resume_from,
                        first_step=first_step, losses=losses, metrics=metrics)

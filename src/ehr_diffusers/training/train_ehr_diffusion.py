@@ -48,6 +48,7 @@ from ehr_diffusers.training.common import (
     log_text,
     make_accelerator,
     plan_steps,
+    push_output,
     tracker_config,
     warmup_steps,
 )
@@ -486,9 +487,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if args.validation_prompts:
             validation = log_validation(pipeline.to(accelerator.device), args, accelerator, global_step)
         if args.push_to_hub:
-            url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
-                                  commit_message="End of training")
-            logger.info(f"pushed {output_dir} to {url}")
+            push_output(args, output_dir, repo_id, logger)
     accelerator.end_training()
     return TrainingRun(output_dir=Path(output_dir), global_step=global_step, resumed_from=resume_from,
                        first_step=first_step, losses=losses, validation=validation)

@@ -52,6 +52,7 @@ from ehr_diffusers.training.common import (
     check_common_arguments,
     make_accelerator,
     plan_steps,
+    push_output,
     tracker_config,
     warmup_steps,
     write_json,
@@ -498,8 +499,6 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ehr_diffusers import hub
-
     accelerator = make_accelerator(args, logger)
     if args.seed is not None:
         set_seed(args.seed)
@@ -740,9 +739,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             (staging / "README.md").write_text(render_card(args, training, final, repo_id, resolution))
         logger.info(f"saved the pipeline to {output_dir}")
         if args.push_to_hub:
-            url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
-                                  commit_message="End of training")
-            logger.info(f"pushed {output_dir} to {url}")
+            push_output(args, output_dir, repo_id, logger)
     accelerator.end_training()
     return TrainingRun(output_dir=Path(output_dir), global_step=global_step, resumed_from=resume_from,
                        first_step=first_step, losses=losses, metrics=metrics)
