@@ -338,16 +338,16 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
     losses = {name: np.zeros(n) for name in ("true", "shuffled", "none")}
     for start in range(0, n, args.eval_batch_size):
         rows = indices[start:start + args.eval_batch_size]
+        batch = batches(rows)  # the events are padded once per batch of rows, not once per draw
+        conditions = (("true", batch, None), ("shuffled", batches(rows, shuffled[rows]), None),
+                      ("none", batch, torch.ones(len(rows), dtype=torch.bool, device=device)))
+        clean = batch["target"].to(device)
         for draw in range(args.validation_draws):
-            batch = batches(rows)
-            clean = batch["target"].to(device)
             noise = torch.randn(clean.shape, generator=generator).to(device)
             strata = (torch.from_numpy(rows) * args.validation_draws + draw) / (n * args.validation_draws)
             timesteps = (strata * scheduler.config.num_train_timesteps).long().to(device)
             noisy = scheduler.add_noise(clean, noise, timesteps)
-            for name, events_from, drop in (("true", None, None), ("shuffled", shuffled[rows], None),
-                                            ("none", None, torch.ones(len(rows), dtype=torch.bool, device=device))):
-                conditioned = batch if events_from is None else batches(rows, events_from)
+            for name, conditioned, drop in conditions:
                 prediction, _ = predict_noise(models, conditioned, noisy, timesteps, args.conditioning,
                                               batches.scaling_factor, use_vae_tokens, drop)
                 error = ((prediction.float() - noise) ** 2).flatten(1).mean(dim=1).cpu().numpy()
