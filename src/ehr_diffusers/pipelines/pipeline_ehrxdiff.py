@@ -187,24 +187,20 @@ class EHRXDiffPipeline(RemoteCodePipelineMixin, DiffusionPipeline):
             raise ValueError("prev_image is empty: pass one image or a list of images")
         converted = []
         for index, image in enumerate(images):
+            if isinstance(image, torch.Tensor):  # (C, H, W) -> the (H, W, C) array the numpy path takes
+                if image.ndim != 3 or image.shape[0] not in (1, 3):
+                    raise ValueError(f"prev_image[{index}]: a tensor must be (C, H, W) with 1 or 3 channels, got "
+                                     f"{tuple(image.shape)}")
+                image = image.detach().float().cpu().permute(1, 2, 0).numpy()
             if isinstance(image, np.ndarray):
                 if image.ndim == 3 and image.shape[-1] == 1:
                     image = image[..., 0]
                 if image.dtype != np.uint8:
                     if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                        raise ValueError(f"prev_image[{index}]: a float array must hold values in [0, 1]")
+                        raise ValueError(f"prev_image[{index}]: float values must lie in [0, 1] (diffusers' image "
+                                         "convention)")
                     image = (image * 255).round().astype(np.uint8)
                 image = PIL.Image.fromarray(image)
-            elif isinstance(image, torch.Tensor):
-                if image.ndim != 3 or image.shape[0] not in (1, 3):
-                    raise ValueError(f"prev_image[{index}]: a tensor must be (C, H, W) with 1 or 3 channels, got "
-                                     f"{tuple(image.shape)}")
-                array = image.detach().float().cpu().permute(1, 2, 0).numpy()
-                if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-                    raise ValueError(f"prev_image[{index}]: a tensor must hold values in [0, 1] (diffusers' image "
-                                     "convention), got values outside it")
-                image = PIL.Image.fromarray((array[..., 0] if array.shape[-1] == 1 else array).__mul__(255)
-                                            .round().astype(np.uint8))
             elif not isinstance(image, PIL.Image.Image):
                 raise ValueError(f"prev_image[{index}] is a {type(image).__name__}; pass a PIL image, a numpy array "
                                  "or a tensor")
