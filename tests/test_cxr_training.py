@@ -16,15 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from ehr_diffusers.training import checkpointing, cxr_data
-from ehr_diffusers.training.cxr_data import (
-    CHEXPERT_BLANK,
-    collate_events,
-    from_pixels,
-    load_cxr_images,
-    load_cxr_split,
-    to_pixels,
-)
+from ehr_diffusers.data.cxr import split as cxr_split
+from ehr_diffusers.data.cxr.split import CHEXPERT_BLANK, from_pixels, load_cxr_images, load_cxr_split, to_pixels
+from ehr_diffusers.training import checkpointing
+from ehr_diffusers.training.cxr_data import collate_events
 from ehr_diffusers.training.train_cxr_vae import main as train_vae
 from ehr_diffusers.training.train_event_clip import ContrastiveHead, retrieval_figures, topk_chance
 from ehr_diffusers.training.train_event_clip import main as train_clip
@@ -86,13 +81,13 @@ def _assert_same_weights(expected: Path, actual: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 def test_a_split_in_memory_reads_each_image_once(triplets, monkeypatch) -> None:
     read = []
-    original = cxr_data.read_cxr_images
+    original = cxr_split.read_cxr_images
 
     def counting(dataset_dir, paths, size, show_progress=True):
         read.append(list(paths))
         return original(dataset_dir, paths, size, show_progress)
 
-    monkeypatch.setattr(cxr_data, "read_cxr_images", counting)
+    monkeypatch.setattr(cxr_split, "read_cxr_images", counting)
     split = load_cxr_split(triplets["embedded"], "train", 16, show_progress=False)
     n = len(split)
     assert n > 20 and len(read) == 1 and len(read[0]) == len(set(read[0])) == len(split.image_paths)

@@ -143,7 +143,7 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
     names its output) and the EHRXDiff diffusion model, each under ``accelerate launch``; returns the pipeline folder.
 
     The dataset is checked here first (it must hold event embeddings), so that a wrong folder fails at once."""
-    from ..training.cxr_data import EMBEDDINGS_COLUMN, load_dataset_dict
+    from ..data.cxr.split import EMBEDDINGS_COLUMN, load_dataset_dict
 
     data = load_dataset_dict(dataset)
     if "train" not in data or EMBEDDINGS_COLUMN not in data["train"].column_names:

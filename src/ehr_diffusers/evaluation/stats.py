@@ -14,6 +14,9 @@ figures of a two-class score, and F1. Every reported figure carries an interval 
 * ``roc_auc`` (Mann-Whitney), ``roc_curve`` and ``tpr_at_fpr`` of scores of positives against negatives;
   ``binary_f1``, the F1 of the positive class.
 
+``figure`` is the one form of a reported number, in every modality: value, split, interval and its method, or
+None with the reason.
+
 The intervals are plain ``(low, high)`` floats. When one does not exist (no trials, too few items) the interval
 functions raise ``ValueError`` and ``bootstrap_interval``, ``two_sample_bootstrap`` and ``normal_interval`` return
 None, so that callers report None with a reason instead of a NaN.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -206,3 +210,16 @@ def binary_f1(predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
     denominator = predicted.sum(axis=0) + labels.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, 2 * true_positive / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def figure(value: Any, split: str | None, ci: tuple[float, float] | list[float] | None = None,
+           method: str | None = None, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One reported number: its value, the real split it used, its 95% CI and how that was made; a figure that could
+    not be computed has value None and the reason."""
+    if value is None:
+        return {"value": None, "split": split, "ci95": None, "reason": reason or "not computed", **extra}
+    value = float(value) if not isinstance(value, (int, np.integer)) or isinstance(value, bool) else int(value)
+    if ci is None:
+        return {"value": value, "split": split, "ci95": None,
+                "ci_method": f"no interval ({reason or 'too few rows or replicates without a value'})", **extra}
+    return {"value": value, "split": split, "ci95": [float(ci[0]), float(ci[1])], "ci_method": method, **extra}

@@ -25,7 +25,9 @@ MODEL_INDEX_NAME = "model_index.json"
 # The file diffusers looks for beside model_index.json when ``_class_name`` is ``[file, class]``.
 REMOTE_PIPELINE_FILE = "pipeline"
 # What never goes to the Hub: training checkpoints, logs, the output marker and half-written temporary files.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", MARKER_NAME, "*.tmp-*"]
+# training_data.json lists the patients a model was trained on, for the leakage check of a local evaluation: not
+# something to publish.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", MARKER_NAME, "*.tmp-*", "training_data.json"]
 # The package whose root every shim of its own classes imports from.
 PACKAGE = __name__.split(".")[0]
 # Libraries diffusers resolves by name (``LOADABLE_CLASSES``); their components need no code file.

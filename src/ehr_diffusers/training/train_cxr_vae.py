@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ehr_diffusers.data.cxr.split import CXRImages, from_pixels, load_cxr_images, load_dataset_dict, to_pixels
 from ehr_diffusers.io import atomic_file, atomic_merge, check_output_dir
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
@@ -60,7 +61,6 @@ from ehr_diffusers.training.common import (
     warmup_steps,
     write_json,
 )
-from ehr_diffusers.training.cxr_data import CXRImages, from_pixels, load_cxr_images, load_dataset_dict, to_pixels
 
 logger = get_logger(__name__, log_level="INFO")
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ehr_diffusers.data.cxr.split import TRAINING_DATA_NAME, CXRSplit, load_cxr_split, to_pixels, training_record
 from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.event_encoder import EventEncoderModel
@@ -57,7 +58,7 @@ from ehr_diffusers.training.common import (
     warmup_steps,
     write_json,
 )
-from ehr_diffusers.training.cxr_data import CXRSplit, collate_events, load_cxr_split, to_pixels
+from ehr_diffusers.training.cxr_data import collate_events
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -736,6 +737,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         with atomic_merge(output_dir) as staging:
             pipeline.save_pretrained(str(staging))
             write_json(staging / VALIDATION_METRICS_NAME, metrics)
+            if train.subject_id is not None:
+                write_json(staging / TRAINING_DATA_NAME, training_record(args.train_data_dir, "train",
+                                                                         train.subject_id))
             (staging / "README.md").write_text(render_card(args, training, final, repo_id, resolution))
         logger.info(f"saved the pipeline to {output_dir}")
         if args.push_to_hub:

@@ -50,6 +50,7 @@ from accelerate.logging import get_logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from ehr_diffusers.data.cxr.split import EMBEDDINGS_COLUMN, CXRSplit, load_cxr_split, load_dataset_dict, to_pixels
 from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.event_encoder import EventEncoderModel
 from ehr_diffusers.training import TrainingRun
@@ -70,14 +71,7 @@ from ehr_diffusers.training.common import (
     warmup_steps,
     write_json,
 )
-from ehr_diffusers.training.cxr_data import (
-    EMBEDDINGS_COLUMN,
-    CXRSplit,
-    collate_events,
-    load_cxr_split,
-    load_dataset_dict,
-    to_pixels,
-)
+from ehr_diffusers.training.cxr_data import collate_events
 
 logger = get_logger(__name__, log_level="INFO")
 

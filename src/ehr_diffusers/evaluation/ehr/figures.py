@@ -28,6 +28,7 @@ from scipy import sparse, stats
 from ...data.ehr.schema import EHRSchema
 from ..stats import (
     bootstrap_interval,
+    figure,
     fisher_z_interval,
     mean_interval,
     normal_interval,
@@ -47,19 +48,6 @@ from .fidelity import (
     prevalence,
 )
 from .privacy import attribute_bootstrap, membership_f1
-
-
-def figure(value: Any, split: str | None, ci: tuple[float, float] | list[float] | None = None,
-           method: str | None = None, reason: str | None = None, **extra: Any) -> dict[str, Any]:
-    """One reported number: its value, the real split it used, its 95% CI and how that was made; a figure that could
-    not be computed has value None and the reason."""
-    if value is None:
-        return {"value": None, "split": split, "ci95": None, "reason": reason or "not computed", **extra}
-    value = float(value) if not isinstance(value, (int, np.integer)) or isinstance(value, bool) else int(value)
-    if ci is None:
-        return {"value": value, "split": split, "ci95": None,
-                "ci_method": f"no interval ({reason or 'too few rows or replicates without a value'})", **extra}
-    return {"value": value, "split": split, "ci95": [float(ci[0]), float(ci[1])], "ci_method": method, **extra}
 
 
 def _lookup(section: Mapping[str, Any], path: tuple[str, ...]) -> tuple[Any, str | None]:
