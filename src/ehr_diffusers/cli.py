@@ -1,7 +1,7 @@
 """The ``ehr-diffusers`` command line: demo data, preparation, text labels, training, generation, evaluation.
 
 Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, train-cxr, generate, predict-cxr,
-convert-ehrxdiff, evaluate and demo.
+convert-ehrxdiff, evaluate, evaluate-cxr and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output. This module holds the parser and the dispatch;
@@ -293,6 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="do not write the metrics into the model folder's README.md")
     evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    evaluate_cxr = commands.add_parser("evaluate-cxr", parents=[common],
+                                       help="predicted chest X-rays scored on a held-out split: FID/KID, finding "
+                                            "preservation on All/Diff/Same, the shuffled-events control and "
+                                            "baselines; metrics.json, report.html and the model card's metrics")
+    evaluate_cxr.add_argument("--model", required=True, help="pipeline folder (or Hub id) saved by train-cxr")
+    evaluate_cxr.add_argument("--dataset", type=Path, required=True,
+                              help="the prepare-cxr dataset folder (its train split fits the finding classifier "
+                                   "and the events-only baseline)")
+    evaluate_cxr.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.html)")
+    evaluate_cxr.add_argument("--split", default="test", help="the split scored (default test)")
+    evaluate_cxr.add_argument("--extractor", default="classifier",
+                              help="finding scorer: 'classifier' (trained on the train split once and cached; "
+                                   "default), 'xrv' (torchxrayvision densenet121-res224-all) or a classifier folder")
+    evaluate_cxr.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
+    evaluate_cxr.add_argument("--guidance-scale", type=float, default=1.0,
+                              help="guidance against the no-events context (default 1: off)")
+    evaluate_cxr.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
+    evaluate_cxr.add_argument("--seed", type=int, default=0,
+                              help="seed of the noise, the shuffled events and the bootstrap (default 0)")
+    evaluate_cxr.add_argument("--bootstrap", type=_positive_int, default=200,
+                              help="cluster-bootstrap resamples of the subjects (default 200)")
+    evaluate_cxr.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
+    evaluate_cxr.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    evaluate_cxr.add_argument("--no-model-card", action="store_true",
+                              help="do not write the metrics into the model folder's README.md")
+    evaluate_cxr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"),
                       help="working folder (default ./ehr-diffusers-demo)")
@@ -300,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of synthetic patients (default 5000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace the working folder if it exists")
+    modality = demo.add_mutually_exclusive_group()
+    modality.add_argument("--cxr", action="store_true",
+                          help="the chest X-ray demo instead: cohort, triplets, train-cxr, predictions, evaluate-cxr")
+    modality.add_argument("--all", action="store_true", help="both demos, EHR in OUT/ehr and X-ray in OUT/cxr")
+    demo.add_argument("--subjects", type=_positive_int, default=1050,
+                      help="subjects of the synthetic chest X-ray cohort (--cxr, --all; default 1050)")
     _add_training_options(demo, preset="demo")
     return parser
 
@@ -312,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-        if args.command in ("generate", "train-ehr", "train-cxr", "predict-cxr", "evaluate", "demo"):
+        if args.command in ("generate", "train-ehr", "train-cxr", "predict-cxr", "evaluate", "evaluate-cxr", "demo"):
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
@@ -324,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
                 "train-ehr": train.run, "train-cxr": train.run_cxr, "predict-cxr": predict.run,
                 "convert-ehrxdiff": convert.run_convert_ehrxdiff,
-                "generate": generate.run, "evaluate": evaluate.run, "demo": demo.run}
+                "generate": generate.run, "evaluate": evaluate.run, "evaluate-cxr": evaluate.run_cxr,
+                "demo": demo.run}
     try:
         handlers[args.command](args)
     except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:

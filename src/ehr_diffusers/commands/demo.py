@@ -1,5 +1,6 @@
-"""``demo``: the whole workflow on the synthetic demo cohort (data, preparation, labels, training, samples,
-evaluation), built in a temporary folder that replaces the working folder only when every step succeeded."""
+"""``demo``: the whole workflow on a synthetic demo cohort, built in a temporary folder that replaces the working
+folder only when every step succeeded: EHR (data, preparation, labels, training, samples, evaluation) by default,
+chest X-ray (cohort, triplets, training, the finding classifier, evaluation) with ``--cxr``, both with ``--all``."""
 
 from __future__ import annotations
 
@@ -8,49 +9,104 @@ from pathlib import Path
 
 from .common import load_pipeline
 from .ehr_data import print_demo_summary
-from .evaluate import run_evaluation
-from .train import train_ehr
+from .evaluate import run_cxr_evaluation, run_evaluation
+from .train import train_cxr, train_ehr
+
+# DDIM steps of the X-ray demo's evaluation: three event conditions over the whole test split must fit the demo's
+# time on 2 CPU cores (BENCHMARKS.md gives the figures at 25 and 100 steps)
+CXR_DEMO_STEPS = 10
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..io import atomic_directory
+
+    # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
+    with atomic_directory(args.out, args.overwrite) as work:
+        if args.all:
+            ehr = _ehr_demo(work / "ehr", args.out / "ehr", args)
+            cxr = _cxr_demo(work / "cxr", args.out / "cxr", args)
+        elif args.cxr:
+            ehr, cxr = None, _cxr_demo(work, args.out, args)
+        else:
+            ehr, cxr = _ehr_demo(work, args.out, args), None
+    for text in (ehr, cxr):
+        if text:
+            print(text)
+
+
+def _ehr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
+    """The EHR demo in ``work`` (renamed to ``out`` when every step succeeded); returns the closing text."""
     from ..data.ehr.cohort import CohortOptions, format_summary, prepare
     from ..data.ehr.demo import write_demo_mimic
-    from ..io import atomic_directory
+    from ..evaluation.report import model_card_markdown
     from ..text.embed import load_embedder
     from ..text.judge import load_judge
     from ..text.label import label_dataset
     from ..text.summarize import load_summarizer
 
-    # The demo folder is replaced as a whole, so a failed run never leaves a mix of old and new parts.
-    with atomic_directory(args.out, args.overwrite) as work:
-        generated = write_demo_mimic(work / "mimic-iv-demo", n_patients=args.patients, seed=args.seed,
-                                     show_progress=not args.quiet)
-        prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
-                           show_progress=not args.quiet, synthetic=True, source=str(args.out / "mimic-iv-demo"))
-        labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
-                                 show_progress=not args.quiet, embedder_spec="minilm")
-        print_demo_summary(generated, args.out / "mimic-iv-demo")
-        print(f"prepared dataset written to {args.out / 'dataset'} (from the synthetic demo cohort)")
-        print(format_summary(prepared))
-        print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
-        print(labelled.format())
-        print(f"training the autoencoder and the diffusion model ({args.preset} preset) with accelerate launch ...",
-              flush=True)
-        train_ehr(work / "dataset", work, args.preset, args.autoencoder_epochs, args.diffusion_steps,
-                  args.judge_threshold, seed=args.seed, quiet=args.quiet)
-        samples = _demo_samples(work / "model", work / "dataset", args.seed)
-        print("evaluating the model against the holdout and the baselines ...", flush=True)
-        metrics, _ = run_evaluation(str(work / "model"), work / "dataset", work / "evaluation", quiet=args.quiet,
-                                    device="cpu", names=(str(args.out / "model"), str(args.out / "dataset")),
-                                    seed=args.seed)
-    from ..evaluation.report import model_card_markdown
+    generated = write_demo_mimic(work / "mimic-iv-demo", n_patients=args.patients, seed=args.seed,
+                                 show_progress=not args.quiet)
+    prepared = prepare(work / "mimic-iv-demo", work / "dataset", CohortOptions(seed=args.seed),
+                       show_progress=not args.quiet, synthetic=True, source=str(out / "mimic-iv-demo"))
+    labelled = label_dataset(work / "dataset", load_summarizer("template"), load_judge("rules"), load_embedder(),
+                             show_progress=not args.quiet, embedder_spec="minilm")
+    print_demo_summary(generated, out / "mimic-iv-demo")
+    print(f"prepared dataset written to {out / 'dataset'} (from the synthetic demo cohort)")
+    print(format_summary(prepared))
+    print("text labels (template summaries, rules judge, all-MiniLM-L6-v2 embeddings):")
+    print(labelled.format())
+    print(f"training the autoencoder and the diffusion model ({args.preset} preset) with accelerate launch ...",
+          flush=True)
+    train_ehr(work / "dataset", work, args.preset, args.autoencoder_epochs, args.diffusion_steps,
+              args.judge_threshold, seed=args.seed, quiet=args.quiet)
+    samples = _demo_samples(work / "model", work / "dataset", args.seed)
+    print("evaluating the model against the holdout and the baselines ...", flush=True)
+    metrics, _ = run_evaluation(str(work / "model"), work / "dataset", work / "evaluation", quiet=args.quiet,
+                                device="cpu", names=(str(out / "model"), str(out / "dataset")), seed=args.seed)
+    return (f"{samples}\n{model_card_markdown(metrics)}\n"
+            f"demo finished in {out}: the dataset (datasets.load_from_disk({str(out / 'dataset')!r})), the "
+            f"pipeline (EHRLatentDiffusionPipeline.from_pretrained({str(out / 'model')!r}); "
+            f"ehr-diffusers generate --model {out / 'model'} ...) and the evaluation report "
+            f"({out / 'evaluation' / 'report.html'}, metrics in {out / 'evaluation' / 'metrics.json'})")
 
-    print(samples)
-    print(model_card_markdown(metrics))
-    print(f"demo finished in {args.out}: the dataset (datasets.load_from_disk({str(args.out / 'dataset')!r})), the "
-          f"pipeline (EHRLatentDiffusionPipeline.from_pretrained({str(args.out / 'model')!r}); "
-          f"ehr-diffusers generate --model {args.out / 'model'} ...) and the evaluation report "
-          f"({args.out / 'evaluation' / 'report.html'}, metrics in {args.out / 'evaluation' / 'metrics.json'})")
+
+def _cxr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
+    """The chest X-ray demo in ``work`` (renamed to ``out`` when every step succeeded): synthetic cohort ->
+    prepare-cxr (64 px copies, MiniLM event embeddings) -> train-cxr (demo preset) -> the finding classifier ->
+    evaluate-cxr; returns the closing text."""
+    from ..data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, format_cxr_summary, prepare_cxr
+    from ..data.cxr.demo import write_demo_cxr
+    from ..evaluation.cxr.extractors import save_classifier, train_classifier_for
+    from ..evaluation.cxr.report import cxr_model_card_markdown
+    from ..text.event_embeddings import EventEmbedder
+
+    cohort = write_demo_cxr(work / "cohort", n_subjects=args.subjects, seed=args.seed, show_progress=not args.quiet)
+    print(f"synthetic chest X-ray cohort written to {out / 'cohort'}: {cohort['subjects']:,} patients, "
+          f"{cohort['studies']:,} studies, {cohort['images']:,} images", flush=True)
+    summary = prepare_cxr(work / "cohort" / "mimic-cxr-jpg", work / "cohort" / "mimic-iv", work / "dataset",
+                          CXRDatasetOptions(), show_progress=not args.quiet, synthetic=True,
+                          embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")), image_size=64)
+    print(f"triplet dataset written to {out / 'dataset'} (from the synthetic demo cohort)")
+    print(format_cxr_summary(summary))
+    print("training the chest X-ray VAE and the EHRXDiff diffusion model (demo preset) with accelerate launch ...",
+          flush=True)
+    train_cxr(work / "dataset", work, "demo", diffusion_steps=args.diffusion_steps, seed=args.seed, quiet=args.quiet)
+    print("training the finding classifier of the evaluation on the train split ...", flush=True)
+    scorer = train_classifier_for(work / "dataset", 64, seed=args.seed, show_progress=not args.quiet)
+    save_classifier(scorer, work / "finding-classifier")
+    scorer.source = f"saved in {out / 'finding-classifier'}"
+    print(f"finding classifier: validation macro AUROC {scorer.figures.get('validation_macro_auroc'):.3f}; "
+          f"predicting the test split with true, shuffled and no events ({CXR_DEMO_STEPS} DDIM steps) and scoring "
+          "...", flush=True)
+    metrics, _ = run_cxr_evaluation(str(work / "model"), work / "dataset", work / "evaluation", extractor=scorer,
+                                    steps=CXR_DEMO_STEPS, seed=args.seed, quiet=args.quiet, device="cpu",
+                                    names=(str(out / "model"), str(out / "dataset")))
+    goals = "\n".join(f"  {'met' if goal['met'] else 'not met'}: {goal['goal']}" for goal in metrics["goals"])
+    return (f"{cxr_model_card_markdown(metrics)}\n{goals}\n"
+            f"X-ray demo finished in {out}: the triplets (datasets.load_from_disk({str(out / 'dataset')!r})), the "
+            f"pipeline (EHRXDiffPipeline.from_pretrained({str(out / 'model')!r}); ehr-diffusers predict-cxr --model "
+            f"{out / 'model'} ...) and the evaluation report ({out / 'evaluation' / 'report.html'}, metrics in "
+            f"{out / 'evaluation' / 'metrics.json'})")
 
 
 def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:

@@ -1,10 +1,12 @@
-"""``evaluate``: a trained pipeline scored against the holdout and the baselines; the report and the card's metrics."""
+"""``evaluate`` and ``evaluate-cxr``: a trained pipeline scored against held-out real data, its controls and the
+baselines; the report and the model card's metrics."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from ..training import AUTOENCODER_METRICS_NAME
 from .common import load_pipeline
@@ -71,4 +73,99 @@ def run(args: argparse.Namespace) -> None:
         fidelity_bootstrap_reps=args.fidelity_bootstrap,
         batch_size=args.batch_size, generation=generation)
     print(model_card_markdown(metrics))
+    print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")
+
+
+def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "test", extractor: Any = "classifier",
+                       steps: int = 25, guidance_scale: float = 1.0, eta: float = 1.0, seed: int = 0,
+                       bootstrap: int = 200, batch_size: int = 64, overwrite: bool = False, model_card: bool = True,
+                       quiet: bool = False, device: str | None = None, names: tuple[str, str] | None = None
+                       ) -> tuple[dict, Path]:
+    """``ehr-diffusers evaluate-cxr``: an EHRXDiff pipeline scored on one split of a triplet dataset against its
+    event controls and the baselines; the report folder written whole (or not at all), then the model card.
+    ``extractor`` is a scorer's name (see :func:`~ehr_diffusers.evaluation.cxr.extractors.load_scorer`) or a loaded
+    scorer."""
+    import logging
+
+    import torch
+
+    from .. import __version__
+    from ..data.cxr.dataset import SUMMARY_NAME
+    from ..data.cxr.split import check_subjects_unseen, load_cxr_split, load_dataset_dict
+    from ..evaluation.cxr.extractors import load_scorer
+    from ..evaluation.cxr.report import cxr_model_card_markdown, grid_entries, select_grid_rows, write_cxr_report
+    from ..evaluation.cxr.suite import evaluate_ehrxdiff
+    from ..evaluation.report import REPORT_NAME
+    from ..hub.cards import METRICS_END, METRICS_START, update_model_card_metrics
+    from ..hub.errors import explain_missing_model
+    from ..io import atomic_directory, check_output_dir, write_text_atomic
+    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
+    from .common import torch_device
+
+    if steps < 1 or bootstrap < 2 or batch_size < 1:
+        raise ValueError(f"--steps, --batch-size must be at least 1 and --bootstrap at least 2; got {steps}, "
+                         f"{batch_size}, {bootstrap}")
+    if not (guidance_scale >= 0 and guidance_scale != float("inf")):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+    local_model = Path(model) if Path(model).exists() else None
+    check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
+    tables = load_dataset_dict(dataset)
+    if split not in tables:
+        raise ValueError(f"--split {split}: {dataset} has no such split (splits: {', '.join(tables)})")
+    if split == "train":
+        raise ValueError("--split train: the model was trained on it; evaluate on a held-out split")
+    target_device = torch_device(device)
+    with explain_missing_model(model, "--model"):
+        pipe = EHRXDiffPipeline.from_pretrained(model)
+    pipe.to(target_device)
+    pipe.set_progress_bar_config(disable=True)
+    size = int(pipe.vae.config.sample_size)
+    evaluated = load_cxr_split(dataset, split, size, show_progress=not quiet)
+    if evaluated.subject_id is None:
+        raise ValueError(f"--dataset {dataset}: split {split!r} has no subject_id column")
+    checked = local_model is not None and check_subjects_unseen(local_model, evaluated.subject_id, split)
+    if not checked:
+        logging.getLogger(__name__).warning("%s records no training subjects (training_data.json): cannot check that "
+                                            "the %s split is unseen", model, split)
+    if evaluated.event_dim != pipe.event_encoder.config.event_dim:
+        raise ValueError(f"--dataset {dataset}: {evaluated.event_dim}-d event embeddings, but --model {model} takes "
+                         f"{pipe.event_encoder.config.event_dim}-d ones")
+    scorer = (load_scorer(extractor, dataset, size, seed=seed, show_progress=not quiet)
+              if isinstance(extractor, str) else extractor)
+    train = load_cxr_split(dataset, "train", size, show_progress=False, images=False)  # for the events-only baseline
+    with torch.inference_mode():
+        metrics, arrays = evaluate_ehrxdiff(pipe, evaluated, train, scorer, num_inference_steps=steps,
+                                            guidance_scale=guidance_scale, eta=eta, seed=seed, reps=bootstrap,
+                                            batch_size=batch_size, split_name=split, show_progress=not quiet)
+    summary_path = Path(dataset) / SUMMARY_NAME
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    model_name, dataset_name = names or (model, str(dataset))
+    metrics["run"] = {"model": model_name, "dataset": dataset_name, "split": split, "scorer": scorer.description,
+                      "scorer_name": scorer.name, "synthetic_data": bool(summary.get("synthetic")),
+                      "training_subjects_checked": checked, "ehr_diffusers_version": __version__}
+    previous, target = arrays["labels"]
+    rows = select_grid_rows(previous, target, evaluated.subject_id, seed=seed)
+    texts = tables[split].select(rows)
+    entries = grid_entries(rows, evaluated, arrays["predictions"]["model"].numpy(), previous, target,
+                           metrics["findings"], texts["event_texts"], texts["event_tables"])
+    with atomic_directory(out, overwrite) as work:
+        write_cxr_report(metrics, entries, work)
+    card = Path(model) / "README.md"
+    if model_card and local_model is not None and card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if METRICS_START not in text:
+            write_text_atomic(card, text.rstrip() + f"\n\n## Evaluation\n\n{METRICS_START}\n{METRICS_END}\n")
+        update_model_card_metrics(card, cxr_model_card_markdown(metrics))
+    return metrics, out / REPORT_NAME
+
+
+def run_cxr(args: argparse.Namespace) -> None:
+    from ..evaluation.cxr.report import cxr_model_card_markdown
+
+    metrics, report = run_cxr_evaluation(
+        args.model, args.dataset, args.out, split=args.split, extractor=args.extractor, steps=args.steps,
+        guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, bootstrap=args.bootstrap,
+        batch_size=args.batch_size, overwrite=args.overwrite, model_card=not args.no_model_card, quiet=args.quiet,
+        device=args.device)
+    print(cxr_model_card_markdown(metrics))
     print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")

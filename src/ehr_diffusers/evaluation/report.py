@@ -27,7 +27,7 @@ REPORT_NAME = "report.html"
 SECTIONS = ("summary", "fidelity", "utility", "privacy", "prompt-faithfulness", "autoencoder", "plausibility",
             "definitions")
 
-_STYLE = (
+STYLE = (
     "\n"
     "body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; "
     "color: #222; line-height: 1.45; }\n"
@@ -79,14 +79,14 @@ def format_figure(figure: Mapping[str, Any] | None, digits: int = 3) -> str:
     if not figure or figure.get("value") is None:
         reason = (figure or {}).get("reason", "not computed")
         return f"n/a ({reason})"
-    text = _number(figure["value"], digits)
+    text = format_number(figure["value"], digits)
     if figure.get("ci95") is not None:
         low, high = figure["ci95"]
-        text += f" [{_number(low, digits)}, {_number(high, digits)}]"
+        text += f" [{format_number(low, digits)}, {format_number(high, digits)}]"
     return text
 
 
-def _number(value: float, digits: int) -> str:
+def format_number(value: float, digits: int) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return f"{value:,}"
     magnitude = abs(value)
@@ -95,15 +95,15 @@ def _number(value: float, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _e(text: Any) -> str:
+def escape(text: Any) -> str:
     return html.escape(str(text))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{_e(cell)}</th>" for cell in header)
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
     body = []
     for row in rows:
-        cells = [f"<td{' class=num' if i >= numeric_from else ''}>{_e(cell)}</td>" for i, cell in enumerate(row)]
+        cells = [f"<td{' class=num' if i >= numeric_from else ''}>{escape(cell)}</td>" for i, cell in enumerate(row)]
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -118,12 +118,12 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figure(fig: Any, caption: str) -> str:
-    return (f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{_png(fig)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+def html_figure(fig: Any, caption: str) -> str:
+    return (f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
-def _axes(width: float = 4.6, height: float = 3.6):
+def new_axes(width: float = 4.6, height: float = 3.6):
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -133,23 +133,23 @@ def _axes(width: float = 4.6, height: float = 3.6):
 
 
 def plot_prevalence(real: np.ndarray, synthetic: np.ndarray, split: str) -> str:
-    fig, ax = _axes()
+    fig, ax = new_axes()
     top = max(float(real.max(initial=0)), float(synthetic.max(initial=0)), 1e-3)
     ax.plot([0, top], [0, top], color="#999", lw=1)
     ax.scatter(real, synthetic, s=6, alpha=0.6)
     ax.set_xlabel(f"real prevalence ({split})")
     ax.set_ylabel("synthetic prevalence")
-    return _figure(fig, f"Per-code prevalence, real {split} vs synthetic; the diagonal is perfect agreement.")
+    return html_figure(fig, f"Per-code prevalence, real {split} vs synthetic; the diagonal is perfect agreement.")
 
 
 def plot_correlation_difference(difference: np.ndarray, codes: Sequence[str], split: str) -> str:
-    fig, ax = _axes(5.4, 4.6)
+    fig, ax = new_axes(5.4, 4.6)
     image = ax.imshow(difference, cmap="RdBu_r", vmin=-1, vmax=1)
     if len(codes) <= 40:
         ax.set_xticks(range(len(codes)), codes, rotation=90, fontsize=6)
         ax.set_yticks(range(len(codes)), codes, fontsize=6)
     fig.colorbar(image, ax=ax, shrink=0.8, label="r(real) - r(synthetic)")
-    return _figure(fig, f"Difference of the Pearson correlation matrices (real {split} minus synthetic) over the "
+    return html_figure(fig, f"Difference of the Pearson correlation matrices (real {split} minus synthetic) over the "
                         f"{len(codes)} most prevalent codes.")
 
 
@@ -164,25 +164,25 @@ def plot_histograms(real: np.ndarray, synthetic: np.ndarray, label: str, split: 
     else:
         bins = np.linspace(low, high, 31)
     clipped = int((real > high).sum() + (synthetic > high).sum())
-    fig, ax = _axes()
+    fig, ax = new_axes()
     ax.hist(np.minimum(real, high), bins=bins, density=True, alpha=0.55, label=f"real {split}")
     ax.hist(np.minimum(synthetic, high), bins=bins, density=True, alpha=0.55, label="synthetic")
     ax.set_xlabel(label)
     ax.set_ylabel("share of records")
     ax.legend()
     note = f" {clipped:,} records above {high:g} are counted in the last bin." if clipped else ""
-    return _figure(fig, f"{label}: real {split} and synthetic records.{note}")
+    return html_figure(fig, f"{label}: real {split} and synthetic records.{note}")
 
 
 def plot_roc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> str:
     """ROC of the membership attack whose score is minus the distance to the nearest synthetic record."""
     fpr, tpr = roc_curve(member_scores, nonmember_scores)
-    fig, ax = _axes(4.0, 3.6)
+    fig, ax = new_axes(4.0, 3.6)
     ax.plot([0, 1], [0, 1], color="#999", lw=1)
     ax.plot(fpr, tpr)
     ax.set_xlabel("false-positive rate (holdout called member)")
     ax.set_ylabel("true-positive rate (train called member)")
-    return _figure(fig, "Membership inference ROC (score: minus the distance to the nearest synthetic record); the "
+    return html_figure(fig, "Membership inference ROC (score: minus the distance to the nearest synthetic record); the "
                         "diagonal is chance.")
 
 
@@ -191,12 +191,12 @@ def plot_attribute_accuracy(attributes: Mapping[str, Mapping[str, Any]]) -> str:
     values = np.array([attributes[name]["value"] for name in names])
     lows = np.array([attributes[name]["ci95"][0] for name in names])
     highs = np.array([attributes[name]["ci95"][1] for name in names])
-    fig, ax = _axes(5.0, 3.4)
+    fig, ax = new_axes(5.0, 3.4)
     ax.bar(range(len(names)), values, yerr=[values - lows, highs - values], capsize=3, color="#4c78a8")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (95% CI)")
-    return _figure(fig, "Prompt faithfulness per stated attribute.")
+    return html_figure(fig, "Prompt faithfulness per stated attribute.")
 
 
 # -------------------------------------------------------------------------------------------------------- sections
@@ -204,40 +204,40 @@ def _comparison_table(comparison: Mapping[str, Any]) -> str:
     methods = comparison["methods"]
     rows = [[row["label"], row["split"], row["better"], *(format_figure(row["values"].get(m)) for m in methods)]
             for row in comparison["rows"]]
-    return _table(["figure", "split", "better", *(comparison["labels"][m] for m in methods)], rows, numeric_from=3)
+    return html_table(["figure", "split", "better", *(comparison["labels"][m] for m in methods)], rows, numeric_from=3)
 
 
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
+def html_section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
 
 
 def _figures_table(figures: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str]) -> str:
     rows = [[labels.get(key, key), figure.get("split", ""), format_figure(figure)] for key, figure in figures.items()]
-    return _table(["figure", "split", "value [95% CI]"], rows, numeric_from=2)
+    return html_table(["figure", "split", "value [95% CI]"], rows, numeric_from=2)
 
 
 def _reconstruction(block: Mapping[str, Any]) -> str:
     """The autoencoder's reconstruction of real holdout records beside independent marginals, flagged when behind:
     generated records cannot beat the marginals where the decoder itself does not."""
     mine, reference = block.get("reconstruction", {}), block.get("independent_marginals", {})
-    rows = [[key, _number(mine[key], 3), _number(reference[key], 3) if key in reference else "n/a"]
+    rows = [[key, format_number(mine[key], 3), format_number(reference[key], 3) if key in reference else "n/a"]
             for key in mine if isinstance(mine[key], (int, float))]
     behind = block.get("behind_marginals") or []
-    flag = (f'<p class="warn">The reconstruction is behind independent marginals on {_e(", ".join(behind))}: '
+    flag = (f'<p class="warn">The reconstruction is behind independent marginals on {escape(", ".join(behind))}: '
             "generated records will be too.</p>" if behind else
             "<p class=note>The reconstruction is ahead of independent marginals on every headline figure.</p>")
     note = (f"<p class=note>Holdout records encoded and decoded by the trained autoencoder "
-            f"({_e(block.get('decode_mode', 'sample'))} decoding, seed {_e(block.get('seed', ''))}), scored "
+            f"({escape(block.get('decode_mode', 'sample'))} decoding, seed {escape(block.get('seed', ''))}), scored "
             "against the holdout with the same definitions as above (from the training's "
             "autoencoder_metrics.json).</p>")
-    return flag + note + _table(["figure", "reconstruction", "independent marginals"], rows)
+    return flag + note + html_table(["figure", "reconstruction", "independent marginals"], rows)
 
 
 def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     """The report page for one evaluation run (``metrics`` and ``plots`` as the suite returns them)."""
     run = metrics["run"]
     split = "holdout"
-    parts = [f"<h1>Evaluation of synthetic EHR: {_e(run['model'])}</h1>",
+    parts = [f"<h1>Evaluation of synthetic EHR: {escape(run['model'])}</h1>",
              "<nav>" + "".join(f'<a href="#{name}">{name}</a>' for name in SECTIONS) + "</nav>"]
     if run.get("synthetic_data"):
         parts.append('<p class="warn">The real data are the synthetic demo cohort: these numbers describe the '
@@ -248,14 +248,14 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
               f"{run['holdout_rows']:,} ({run['holdout_eval_rows']:,})"],
              ["synthetic records", f"{run['synthetic_rows']:,}"],
              ["generation", json.dumps(run["generation"])], ["ehr-diffusers", run["ehr_diffusers_version"]]]
-    summary = _table(["", ""], facts, numeric_from=9)
+    summary = html_table(["", ""], facts, numeric_from=9)
     summary += ("<p class=note>Fidelity and privacy are measured on unconditional samples (the learned null "
                 "condition): prompts made from real patients would carry those patients into the synthetic set. "
                 "Every set is scored against the whole real holdout, beside independent marginals and real train "
                 "rows of the same size. Prompt faithfulness is measured separately on prompts made from train "
                 "patients, never from the holdout.</p>")
     summary += _comparison_table(metrics["comparison"])
-    parts.append(_section("summary", "Summary: the model against baselines", summary))
+    parts.append(html_section("summary", "Summary: the model against baselines", summary))
 
     fidelity = metrics["fidelity"]
     body = _figures_table(fidelity["figures"], fidelity["labels"])
@@ -264,49 +264,50 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     body += plot_histograms(plots["real_age"], plots["synthetic_age"], "age (years)", split, integer=True)
     body += plot_histograms(plots["real_codes_per_patient"], plots["synthetic_codes_per_patient"],
                             "ICD-10 categories per patient", split, integer=True)
-    body += "<h3>Demographics</h3>" + _table(["field", "distance", "real", "synthetic"], fidelity["demographics"])
+    body += "<h3>Demographics</h3>" + html_table(["field", "distance", "real", "synthetic"], fidelity["demographics"])
     never = fidelity["never_generated"]
     body += (f"<p>{never['count']:,} of {never['of_present']:,} codes present in the real {split} were never "
-             f"generated; first ones: {_e(', '.join(never['codes'][:30])) or 'none'}.</p>")
-    parts.append(_section("fidelity", "Fidelity", body))
+             f"generated; first ones: {escape(', '.join(never['codes'][:30])) or 'none'}.</p>")
+    parts.append(html_section("fidelity", "Fidelity", body))
 
     utility = metrics["utility"]
-    body = _figures_table(utility["figures"], utility["labels"]) + f"<p class=note>{_e(utility['note'])}</p>"
-    body += _table(["code", "prevalence (train)", "AUROC TRTR", "AUROC TSTR", "F1 TRTR", "F1 TSTR"],
+    body = _figures_table(utility["figures"], utility["labels"]) + f"<p class=note>{escape(utility['note'])}</p>"
+    body += html_table(["code", "prevalence (train)", "AUROC TRTR", "AUROC TSTR", "F1 TRTR", "F1 TSTR"],
                    utility["per_code"])
-    parts.append(_section("utility", "Utility: dimension-wise prediction", body))
+    parts.append(html_section("utility", "Utility: dimension-wise prediction", body))
 
     privacy = metrics["privacy"]
-    body = _figures_table(privacy["figures"], privacy["labels"]) + f"<p class=note>{_e(privacy['note'])}</p>"
+    body = _figures_table(privacy["figures"], privacy["labels"]) + f"<p class=note>{escape(privacy['note'])}</p>"
     if len(plots["member_distances"]) and len(plots["nonmember_distances"]):
         body += plot_roc(-plots["member_distances"], -plots["nonmember_distances"])
     else:
-        body += f"<p>No ROC: {_e(privacy['figures']['mia_auc'].get('reason', 'membership inference skipped'))}.</p>"
-    parts.append(_section("privacy", "Privacy", body))
+        body += f"<p>No ROC: {escape(privacy['figures']['mia_auc'].get('reason', 'membership inference skipped'))}.</p>"
+    parts.append(html_section("privacy", "Privacy", body))
 
     prompts = metrics["prompt_faithfulness"]
     if prompts.get("attributes"):
         body = _figures_table(prompts["figures"], prompts["labels"])
         body += plot_attribute_accuracy(prompts["attributes"])
-        body += f"<p class=note>{_e(prompts['note'])}</p>"
+        body += f"<p class=note>{escape(prompts['note'])}</p>"
     else:
-        body = f"<p>Not measured: {_e(prompts.get('reason', 'no prompts'))}.</p>"
-    parts.append(_section("prompt-faithfulness", "Prompt faithfulness", body))
+        body = f"<p>Not measured: {escape(prompts.get('reason', 'no prompts'))}.</p>"
+    parts.append(html_section("prompt-faithfulness", "Prompt faithfulness", body))
 
     reconstruction = metrics.get("autoencoder_reconstruction")
     body = (_reconstruction(reconstruction) if reconstruction else
             "<p>Not available: the model folder has no autoencoder_metrics.json with holdout figures (train-ehr "
             "writes it beside the pipeline).</p>")
-    parts.append(_section("autoencoder", "Autoencoder: reconstruction of holdout records", body))
+    parts.append(html_section("autoencoder", "Autoencoder: reconstruction of holdout records", body))
 
     plausibility = metrics["plausibility"]
-    body = _table(["rule", "source", "real holdout", "synthetic"], plausibility["rows"], numeric_from=2)
-    parts.append(_section("plausibility", "Clinical plausibility (violation rates)", body))
+    body = html_table(["rule", "source", "real holdout", "synthetic"], plausibility["rows"], numeric_from=2)
+    parts.append(html_section("plausibility", "Clinical plausibility (violation rates)", body))
 
-    definitions = "".join(f"<li><b>{_e(name)}</b>: {_e(text)}</li>" for name, text in metrics["definitions"].items())
-    parts.append(_section("definitions", "Definitions", f"<ul>{definitions}</ul>"))
+    definitions = "".join(f"<li><b>{escape(name)}</b>: {escape(text)}</li>"
+                          for name, text in metrics["definitions"].items())
+    parts.append(html_section("definitions", "Definitions", f"<ul>{definitions}</ul>"))
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>ehr-diffusers evaluation</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
 def write_report(metrics: Mapping[str, Any], plots: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..io import write_text_atomic
-from .cards import MIMIC_LICENSE_NAME, _table, front_matter
+from .cards import METRICS_END, METRICS_START, MIMIC_LICENSE_NAME, _table, front_matter
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def render_cxr_model_card(component: str, record: Mapping[str, Any], training_co
             model_id=model_id, synthetic=synthetic, version=__version__, resolution=resolution,
             data_table=data_table,
             training_table=_table(training_config) if training_config else "No training settings recorded.",
+            metrics_start=METRICS_START, metrics_end=METRICS_END,
             metrics_table=_table(metrics, ("figure", "value")) if metrics else "Not evaluated.",
         )
     return str(card).rstrip("\n") + "\n"
@@ -135,5 +136,6 @@ def render_ehrxdiff_model_card(record: Mapping[str, Any], training_config: Mappi
             adapter=adapter, conditioning=conditioning, resolution=resolution, event_effect=event_effect,
             data_table=_data_table(record),
             training_table=_table(training_config) if training_config else "No training settings recorded.",
+            metrics_start=METRICS_START, metrics_end=METRICS_END,
         )
     return str(card).rstrip("\n") + "\n"
