@@ -82,6 +82,35 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+@pytest.mark.slow
+def test_demo_cxr_runs_the_whole_chain(tmp_path, capsys, monkeypatch):
+    """synthetic X-ray cohort -> prepare-cxr -> train-cxr under accelerate launch -> finding classifier ->
+    evaluate-cxr (short training); the classifier is saved in the demo folder, not in the user's cache."""
+    monkeypatch.setenv("EHR_DIFFUSERS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--cxr", "--out", str(out), "--subjects", "24", "--diffusion-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "triplet dataset written to" in printed and "model, shuffled events" in printed
+    assert "Diff micro AUROC above every baseline" in printed and "X-ray demo finished in" in printed
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "cohort", "dataset", "evaluation", "finding-classifier", "model", "vae"]
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["run"]["model"] == str(out / "model") and metrics["run"]["synthetic_data"] is True
+    assert str(out / "finding-classifier") in metrics["run"]["scorer_source"]
+    assert metrics["sampling"]["num_inference_steps"] == 10
+    assert "<!-- metrics:start -->" in (out / "model" / "README.md").read_text()
+    assert (out / "finding-classifier" / "README.md").is_file() and not (tmp_path / "cache").exists()
+
+
+def test_demo_takes_one_modality_or_all() -> None:
+    from ehr_diffusers.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--all"])
+    assert args.all and not args.cxr
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--cxr", "--all"])
+
+
 def test_prepare_on_demo_data_is_marked_synthetic_and_counts_unmapped_codes(tmp_path, capsys):
     mimic, out = tmp_path / "mimic", tmp_path / "prepared"
     assert main(["-q", "demo-data", "--patients", "1500", "--seed", "3", "--out", str(mimic)]) == 0

@@ -53,6 +53,20 @@ def test_kid_is_about_zero_for_two_samples_of_one_distribution() -> None:
         kernel_inception_distance(first, second[:, :4])
 
 
+def test_kid_leaves_out_pairs_of_one_subject() -> None:
+    """Chained films: triplet i's target is triplet i+1's previous image. Without the subjects the shared images
+    pull KID below 0; leaving out same-subject pairs brings it back to about 0."""
+    rng = np.random.default_rng(2)
+    subjects = np.repeat(np.arange(100), 6)
+    films = rng.standard_normal((len(subjects) + 1, 8))
+    previous, target = films[:-1], films[1:]
+    chained = kernel_inception_distance(previous, target)
+    grouped = kernel_inception_distance(previous, target, subjects)
+    assert chained < -0.02 and abs(grouped) < 0.02
+    with pytest.raises(ValueError, match="labels"):
+        kernel_inception_distance(previous, target, subjects[:5])
+
+
 # ---------------------------------------------------------------------------------------------------- findings
 def _labels() -> tuple[np.ndarray, np.ndarray]:
     """8 triplets x 2 findings: finding 0 changes in rows 0-3 (onsets in 0-1, resolutions in 2-3), finding 1 never."""
@@ -82,6 +96,8 @@ def test_direction_of_change_counts_ties_as_half() -> None:
     assert direction_accuracy(before, before, previous, target) == 0.5
     assert direction_accuracy(2 * before - right, before, previous, target) == 0.0
     assert direction_accuracy(before, before, previous, previous) is None
+    # pushing every score up is right on every onset and wrong on every resolution: balanced, that is chance
+    assert direction_accuracy(before + 0.2, before, previous, target) == 0.5
 
 
 def test_ssim_is_one_for_identical_images_and_falls_with_noise() -> None:
@@ -154,6 +170,17 @@ def test_the_shuffled_control_permutes_events_across_triplets_with_the_same_nois
         assert none[i].shape == (0, 3)
     with pytest.raises(ValueError, match="permutation"):
         predict_images(_RecordingPipe(), split, "shuffled", show_progress=False)
+
+
+def test_the_shuffle_never_gives_a_triplet_events_of_its_own_subject() -> None:
+    from ehr_diffusers.evaluation.cxr.controls import derangement
+
+    subjects = np.repeat(np.arange(12), [1, 2, 3, 4, 1, 1, 2, 5, 3, 1, 2, 2])
+    for seed in range(5):
+        permutation = derangement(len(subjects), seed, subjects)
+        assert sorted(permutation) == list(range(len(subjects))) and (subjects[permutation] != subjects).all()
+    with pytest.raises(ValueError, match="across subjects"):
+        derangement(4, 0, np.array([1, 1, 1, 2]))
 
 
 def _score_methods(split: CXRSplit, reps: int = 30) -> dict:
@@ -313,7 +340,8 @@ def test_evaluate_cxr_writes_the_report_and_the_card(trained, tmp_path, monkeypa
     assert _evaluate(trained, trained["model"], out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["split"] == "test" and metrics["run"]["training_subjects_checked"] is True
-    assert metrics["run"]["scorer_name"] == "classifier" and "trained now" in metrics["run"]["scorer"]
+    assert metrics["run"]["scorer_name"] == "classifier" and "trained now" in metrics["run"]["scorer_source"]
+    assert metrics["run"]["scorer_training_subjects_checked"] is True
     assert set(metrics["figures"]["auroc_micro_all"]) == set(METHODS)
     assert metrics["figures"]["fid"]["model"]["split"] == "test"
     page = (out / "report.html").read_text()
@@ -326,7 +354,7 @@ def test_evaluate_cxr_writes_the_report_and_the_card(trained, tmp_path, monkeypa
     again = tmp_path / "again"
     assert _evaluate(trained, trained["model"], again, "--no-model-card") == 0
     second = json.loads((again / "metrics.json").read_text())
-    assert "cached in" in second["run"]["scorer"]
+    assert "cached in" in second["run"]["scorer_source"]
     assert second["figures"]["auroc_micro_all"] == metrics["figures"]["auroc_micro_all"]
 
 

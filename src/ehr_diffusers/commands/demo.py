@@ -95,7 +95,7 @@ def _cxr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
     scorer = train_classifier_for(work / "dataset", 64, seed=args.seed, show_progress=not args.quiet)
     save_classifier(scorer, work / "finding-classifier")
     scorer.source = f"saved in {out / 'finding-classifier'}"
-    print(f"finding classifier: validation macro AUROC {scorer.figures.get('validation_macro_auroc'):.3f}; "
+    print(f"finding classifier: validation macro AUROC {scorer.figures.get('validation_macro_auroc') or 'n/a'}; "
           f"predicting the test split with true, shuffled and no events ({CXR_DEMO_STEPS} DDIM steps) and scoring "
           "...", flush=True)
     metrics, _ = run_cxr_evaluation(str(work / "model"), work / "dataset", work / "evaluation", extractor=scorer,

@@ -92,7 +92,7 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     from .. import __version__
     from ..data.cxr.dataset import SUMMARY_NAME
     from ..data.cxr.split import check_subjects_unseen, load_cxr_split, load_dataset_dict
-    from ..evaluation.cxr.extractors import load_scorer
+    from ..evaluation.cxr.extractors import check_extractor_name, check_scorer_unseen, load_scorer
     from ..evaluation.cxr.report import cxr_model_card_markdown, grid_entries, select_grid_rows, write_cxr_report
     from ..evaluation.cxr.suite import evaluate_ehrxdiff
     from ..evaluation.report import REPORT_NAME
@@ -105,6 +105,10 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     if steps < 1 or bootstrap < 2 or batch_size < 1:
         raise ValueError(f"--steps, --batch-size must be at least 1 and --bootstrap at least 2; got {steps}, "
                          f"{batch_size}, {bootstrap}")
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if isinstance(extractor, str):
+        check_extractor_name(extractor)
     if not (guidance_scale >= 0 and guidance_scale != float("inf")):
         raise ValueError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
     local_model = Path(model) if Path(model).exists() else None
@@ -114,6 +118,14 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
         raise ValueError(f"--split {split}: {dataset} has no such split (splits: {', '.join(tables)})")
     if split == "train":
         raise ValueError("--split train: the model was trained on it; evaluate on a held-out split")
+    for name in (split, "train"):
+        missing = [column for column in ("previous_chexpert", "target_chexpert", "subject_id")
+                   if column not in tables[name].column_names]
+        if missing:
+            raise ValueError(f"--dataset {dataset}: split {name!r} has no {', '.join(missing)} column(s): findings "
+                             "cannot be scored")
+    if tables[split].num_rows < 2:
+        raise ValueError(f"--split {split}: {tables[split].num_rows} triplet(s); the shuffled control needs 2")
     target_device = torch_device(device)
     with explain_missing_model(model, "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(model)
@@ -132,6 +144,7 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
                          f"{pipe.event_encoder.config.event_dim}-d ones")
     scorer = (load_scorer(extractor, dataset, size, seed=seed, show_progress=not quiet)
               if isinstance(extractor, str) else extractor)
+    scorer_checked = check_scorer_unseen(scorer, evaluated.subject_id, split)
     train = load_cxr_split(dataset, "train", size, show_progress=False, images=False)  # for the events-only baseline
     with torch.inference_mode():
         metrics, arrays = evaluate_ehrxdiff(pipe, evaluated, train, scorer, num_inference_steps=steps,
@@ -141,8 +154,9 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     model_name, dataset_name = names or (model, str(dataset))
     metrics["run"] = {"model": model_name, "dataset": dataset_name, "split": split, "scorer": scorer.description,
-                      "scorer_name": scorer.name, "synthetic_data": bool(summary.get("synthetic")),
-                      "training_subjects_checked": checked, "ehr_diffusers_version": __version__}
+                      "scorer_name": scorer.name, "scorer_source": scorer.source,
+                      "synthetic_data": bool(summary.get("synthetic")), "training_subjects_checked": checked,
+                      "scorer_training_subjects_checked": scorer_checked, "ehr_diffusers_version": __version__}
     previous, target = arrays["labels"]
     rows = select_grid_rows(previous, target, evaluated.subject_id, seed=seed)
     texts = tables[split].select(rows)

@@ -215,7 +215,10 @@ def check_subjects_unseen(model_dir: str | Path, subjects: np.ndarray, split: st
     record = Path(model_dir) / TRAINING_DATA_NAME
     if not record.is_file():
         return False
-    trained = set(json.loads(record.read_text())["subjects"])
+    try:
+        trained = {int(subject) for subject in json.loads(record.read_text())["subjects"]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{record}: not a training record (a JSON object with a 'subjects' list): {error}") from None
     shared = sorted(trained.intersection(int(s) for s in np.asarray(subjects)))
     if shared:
         raise ValueError(f"{model_dir} was trained on {len(shared)} subject(s) of the {split!r} split being evaluated "

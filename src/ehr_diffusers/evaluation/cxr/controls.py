@@ -15,13 +15,33 @@ import numpy as np
 from ..stats import mean_interval
 
 
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation with no fixed point: triplet i takes the events of triplet ``result[i]`` != i."""
+def derangement(n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """A seeded permutation with no fixed point: triplet i takes the events of triplet ``result[i]`` != i.
+
+    With ``groups`` (the subject of each triplet) no triplet takes the events of its own subject either, whose
+    overlapping intervals would share events: the rows are laid out subject by subject (subjects, and the rows of
+    each, in a seeded order) and each takes the events of the row as many places on as the largest subject has rows.
+    """
     if n < 2:
         raise ValueError(f"shuffling events needs at least 2 triplets, got {n}")
-    order = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(n)
+        shift = 1
+    else:
+        labels = np.asarray(groups)
+        if len(labels) != n:
+            raise ValueError(f"groups has {len(labels)} labels for {n} triplets")
+        subjects, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        shift = int(counts.max())
+        if 2 * shift > n:
+            raise ValueError(f"one subject holds {shift} of the {n} triplets: the events cannot be shuffled across "
+                             "subjects")
+        subject_order = rng.permutation(len(subjects))
+        rows = [rng.permutation(np.flatnonzero(inverse == subject)) for subject in subject_order]
+        order = np.concatenate(rows)
     result = np.empty(n, dtype=np.int64)
-    result[order] = np.roll(order, -1)
+    result[order] = np.roll(order, -shift)
     return result
 
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict
+from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict, training_record
 from ...data.cxr.triplets import CHEXPERT_LABELS
 from ...io import atomic_directory
 from .classifier import FindingClassifierModel, binary_findings, predict, train_finding_classifier
@@ -45,6 +45,7 @@ XRV_TO_CHEXPERT = {"Effusion": "Pleural Effusion"}
 class FindingScorer(Protocol):
     name: str
     description: str
+    source: str
     finding_names: list[str]
     image_size: int
 
@@ -73,8 +74,8 @@ class ClassifierScorer:
     def description(self) -> str:
         macro = self.figures.get("validation_macro_auroc")
         quality = f", validation macro AUROC {macro:.3f}" if isinstance(macro, float) else ""
-        return (f"finding classifier trained on the dataset's train split ({self.source}; {self.model.feature_dim}-d "
-                f"penultimate features for FID/KID{quality})")
+        return (f"finding classifier trained on the dataset's train split ({self.model.feature_dim}-d penultimate "
+                f"features for FID/KID{quality})")
 
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return predict(self.model, _resized(images, self.image_size))
@@ -89,7 +90,9 @@ class XRVScorer:
     finding_names: list[str]
     name: str = "densenet121-res224-all"
     image_size: int = 224
-    description: str = "torchxrayvision densenet121-res224-all (1024-d pooled features, zero-shot findings)"
+    description: str = ("torchxrayvision densenet121-res224-all (1024-d pooled features, zero-shot findings; trained "
+                        "on public datasets that include MIMIC-CXR, so it may have seen the evaluated patients)")
+    source: str = "torchxrayvision"
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +124,13 @@ def image_labels(split: CXRSplit) -> np.ndarray:
     return labels
 
 
-def cache_folder(dataset_dir: str | Path, image_size: int) -> Path:
+def cache_folder(dataset_dir: str | Path, image_size: int, seed: int = 0, epochs: int = 8) -> Path:
     """Where the classifier of this dataset's train and validation splits at ``image_size`` is kept: under
-    ``$EHR_DIFFUSERS_CACHE`` (default ``~/.cache/ehr_diffusers``), keyed by the splits' fingerprints."""
+    ``$EHR_DIFFUSERS_CACHE`` (default ``~/.cache/ehr_diffusers``), keyed by the splits' fingerprints and the
+    training's settings."""
     dataset = load_dataset_dict(dataset_dir)
-    parts = [RECIPE, str(image_size)] + [f"{name}:{dataset[name]._fingerprint}" for name in ("train", "validation")
-                                          if name in dataset]
+    parts = [RECIPE, str(image_size), f"seed:{seed}", f"epochs:{epochs}"] + [
+        f"{name}:{dataset[name]._fingerprint}" for name in ("train", "validation") if name in dataset]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ehr_diffusers")
     return root / "finding-classifiers" / key
@@ -152,7 +156,9 @@ def train_classifier_for(dataset_dir: str | Path, image_size: int, *, seed: int 
     model, figures = train_finding_classifier(train.images, present[:, keep], names, validation_images,
                                               validation_present, epochs=epochs, seed=seed,
                                               show_progress=show_progress)
-    figures.update(dataset=str(dataset_dir), recipe=RECIPE, train_positives=dict(zip(names, counts[keep].tolist())))
+    figures.update(dataset=str(dataset_dir), recipe=RECIPE, train_positives=dict(zip(names, counts[keep].tolist())),
+                   train_subjects=training_record(dataset_dir, "train", train.subject_id)["subjects"]
+                   if train.subject_id is not None else None)
     return ClassifierScorer(model, "trained now", figures)
 
 
@@ -197,6 +203,26 @@ def load_classifier(folder: str | Path) -> ClassifierScorer:
     return ClassifierScorer(model, str(folder), figures)
 
 
+def check_scorer_unseen(scorer: FindingScorer, subjects: np.ndarray, split: str) -> bool:
+    """Raises ValueError when a finding classifier was trained on patients of the evaluated split; False when the
+    scorer records no training subjects (torchxrayvision's, or an older classifier), True when checked."""
+    trained = getattr(scorer, "figures", {}).get("train_subjects")
+    if trained is None:
+        return False
+    shared = sorted(set(trained).intersection(int(s) for s in np.asarray(subjects)))
+    if shared:
+        raise ValueError(f"--extractor: the finding classifier ({getattr(scorer, 'source', scorer.name)}) was trained "
+                         f"on {len(shared)} subject(s) of the {split!r} split (e.g. subject_id {shared[0]}); train it "
+                         "on the dataset's train split")
+    return True
+
+
+def check_extractor_name(name: str) -> None:
+    """Fails at once, before any model loads, on a name that is no scorer."""
+    if name not in (CLASSIFIER, *XRV_NAMES) and not Path(name).is_dir():
+        raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier")
+
+
 def load_xrv() -> XRVScorer:
     """torchxrayvision's ``densenet121-res224-all``, its outputs restricted to the CheXpert findings it scores."""
     try:
@@ -223,7 +249,7 @@ def load_scorer(name: str, dataset_dir: str | Path, image_size: int, *, seed: in
         if not Path(name).is_dir():
             raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier")
         return load_classifier(name)
-    folder = cache_folder(dataset_dir, image_size)
+    folder = cache_folder(dataset_dir, image_size, seed)
     if (folder / "config.json").is_file():
         scorer = load_classifier(folder)
         scorer.source = f"cached in {folder}"

@@ -12,8 +12,8 @@
   All, Diff (the finding's label changed between the previous and the target study) or Same (EHRXDiff, arXiv
   2409.07012, Table 2); micro pools every (triplet, finding) pair of the subset, macro averages the findings.
 * ``direction_accuracy``: on Diff pairs, how often the score moved from the previous image to the prediction the way
-  the label moved (up for an onset, down for a resolution); no move counts one half, so a model that changes nothing
-  scores 0.5.
+  the label moved (up for an onset, down for a resolution), balanced over onsets and resolutions; no move counts one
+  half, so a model that changes nothing, or pushes every score the same way, scores 0.5.
 * ``ssim`` (Wang et al. 2004): structural similarity with an 11-tap Gaussian window (sigma 1.5), K1 = 0.01,
   K2 = 0.03, images in [0, 1]; one value per image pair.
 """
@@ -55,18 +55,33 @@ def frechet_distance(first: np.ndarray, second: np.ndarray) -> float:
     return max(value, 0.0)
 
 
-def kernel_inception_distance(first: np.ndarray, second: np.ndarray) -> float:
+def kernel_inception_distance(first: np.ndarray, second: np.ndarray, groups: np.ndarray | None = None) -> float:
     """Unbiased MMD^2 between two feature sets with the kernel (x.y / d + 1)^3; about 0 for samples of one
-    distribution (it can be slightly negative)."""
+    distribution (it can be slightly negative).
+
+    ``groups`` (one label per row, for two sets of one size whose row i belongs together, e.g. the subject of a
+    prediction and of its target) leaves out every pair of rows of one group from all three terms: one patient's
+    consecutive films share images (a target is the next triplet's previous image), and such pairs are not
+    independent draws. Without it, sets of one size leave out the pairs (x_i, y_i) (Gretton et al. 2012's
+    U-statistic)."""
     x, y = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(f"KID needs two feature sets (n >= 2, d) of one width, got shapes {x.shape} and {y.shape}")
     d, n, m = x.shape[1], len(x), len(y)
     kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    if groups is not None or n == m:
+        if n != m:
+            raise ValueError(f"groups need two sets of one size, got {n} and {m} rows")
+        labels = np.asarray(groups) if groups is not None else np.arange(n)
+        if len(labels) != n:
+            raise ValueError(f"groups has {len(labels)} labels for {n} rows")
+        keep = labels[:, None] != labels[None, :]
+        pairs = int(keep.sum())
+        if pairs == 0:
+            raise ValueError("KID needs rows of at least two groups")
+        return float((kxx[keep].sum() + kyy[keep].sum() - 2 * kxy[keep].sum()) / pairs)
     within_x = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
     within_y = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-    if n == m:  # row i of each set may be a pair (a prediction and its own target): leave those pairs out too
-        return float(within_x + within_y - 2 * (kxy.sum() - np.trace(kxy)) / (n * (n - 1)))
     return float(within_x + within_y - 2 * kxy.mean())
 
 
@@ -99,14 +114,16 @@ def finding_auroc(scores: np.ndarray, target: np.ndarray, mask: np.ndarray) -> d
 
 def direction_accuracy(predicted: np.ndarray, previous_scores: np.ndarray, previous_labels: np.ndarray,
                        target: np.ndarray) -> float | None:
-    """Share of Diff pairs whose score moved the way the label did (ties one half); None without Diff pairs."""
+    """Balanced accuracy of the direction of change on Diff pairs: the mean, over onsets and resolutions, of the
+    share whose score moved the way the label did (ties one half), so that pushing every score one way scores 0.5
+    whatever the mix of onsets and resolutions; None without Diff pairs."""
     previous_labels, target = np.asarray(previous_labels, dtype=bool), np.asarray(target, dtype=bool)
-    diff = previous_labels != target
-    if not diff.any():
-        return None
-    move = np.sign(np.asarray(predicted, np.float64) - np.asarray(previous_scores, np.float64))[diff]
-    wanted = np.where(target[diff], 1.0, -1.0)
-    return float(((move == wanted) + 0.5 * (move == 0)).mean())
+    move = np.sign(np.asarray(predicted, np.float64) - np.asarray(previous_scores, np.float64))
+    shares = []
+    for kind, wanted in ((~previous_labels & target, 1.0), (previous_labels & ~target, -1.0)):
+        if kind.any():
+            shares.append(float(((move[kind] == wanted) + 0.5 * (move[kind] == 0)).mean()))
+    return float(np.mean(shares)) if shares else None
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -120,6 +137,8 @@ def ssim(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Tensor, ba
     """SSIM of each pair of grayscale images (n, H, W) in [0, 1] (uint8 is divided by 255): one value per pair,
     the mean of the SSIM map over the valid (unpadded) window positions."""
     a, b = torch.as_tensor(np.asarray(first)), torch.as_tensor(np.asarray(second))
+    if a.dtype != b.dtype:
+        raise ValueError(f"SSIM needs two image stacks of one dtype, got {a.dtype} and {b.dtype}")
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"SSIM needs two image stacks of one shape (n, H, W), got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")

@@ -112,6 +112,10 @@ def plot_per_finding(per_finding: Mapping[str, Mapping[str, Sequence[float | Non
                             "(pairs whose label changed); 0.5 is chance, missing bars have one class only.")
 
 
+def _checked(value: Any) -> str:
+    return "none shared with the split" if value else "not recorded, not checked"
+
+
 def _methods_table(figures: Mapping[str, Mapping[str, Any]]) -> str:
     rows = [[METHOD_LABELS[method], *(format_figure(figures[name].get(method)) if method in figures[name] else "-"
                                       for name in TABLE_FIGURES)] for method in METHODS]
@@ -155,7 +159,9 @@ def render_cxr_html(metrics: Mapping[str, Any], entries: Sequence[Mapping[str, A
                      "toolkit, not MIMIC-CXR.</p>")
     facts = [["model", run["model"]], ["dataset", run["dataset"]], ["split", run["split"]],
              ["triplets (subjects)", f"{metrics['triplets']:,} ({metrics['subjects']:,})"],
-             ["finding scorer (every AUROC, FID and KID)", run["scorer"]],
+             ["finding scorer (every AUROC, FID and KID)", f"{run['scorer']}; {run.get('scorer_source', '')}"],
+             ["leakage checks", f"model's training subjects: {_checked(run.get('training_subjects_checked'))}; "
+                                f"scorer's: {_checked(run.get('scorer_training_subjects_checked'))}"],
              ["sampling", ", ".join(f"{key} {value}" for key, value in metrics["sampling"].items())],
              ["shuffled events", f"{metrics['shuffle']['kind']}, seed {metrics['shuffle']['seed']}"],
              ["ehr-diffusers", run["ehr_diffusers_version"]]]
@@ -217,7 +223,8 @@ def cxr_model_card_markdown(metrics: Mapping[str, Any]) -> str:
     lines = [f"Evaluated with `ehr-diffusers evaluate-cxr` (ehr-diffusers {run['ehr_diffusers_version']}) on the "
              f"{run['split']} split ({metrics['triplets']:,} triplets of {metrics['subjects']:,} subjects{cohort}); "
              f"finding scorer: {run['scorer']}. Values are the figure and its 95% CI (cluster bootstrap over "
-             "subjects).", "",
+             "subjects). Training subjects of the model: "
+             f"{_checked(run.get('training_subjects_checked'))}.", "",
              "| method | " + " | ".join(FIGURE_LABELS[name] for name in TABLE_FIGURES) + " |",
              "|---|" + "---|" * len(TABLE_FIGURES)]
     for method in METHODS:
