@@ -61,6 +61,14 @@ def _add_training_options(parser: argparse.ArgumentParser, preset: str = "defaul
                         help="train the diffusion model only on rows whose judge scores are all at least this")
 
 
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    """The options every evaluation command ends with."""
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--no-model-card", action="store_true",
+                        help="do not write the metrics into the model folder's README.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ehr-diffusers {__version__}")
@@ -288,10 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
     evaluate.add_argument("--text-embedder", default=None,
                           help="embedder for a pipeline saved without one ('minilm', a folder or a Hub id)")
-    evaluate.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    evaluate.add_argument("--no-model-card", action="store_true",
-                          help="do not write the metrics into the model folder's README.md")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_report_options(evaluate)
 
     evaluate_cxr = commands.add_parser("evaluate-cxr", parents=[common],
                                        help="predicted chest X-rays scored on a held-out split: FID/KID, finding "
@@ -315,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cxr.add_argument("--bootstrap", type=_positive_int, default=200,
                               help="cluster-bootstrap resamples of the subjects (default 200)")
     evaluate_cxr.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
-    evaluate_cxr.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    evaluate_cxr.add_argument("--no-model-card", action="store_true",
-                              help="do not write the metrics into the model folder's README.md")
-    evaluate_cxr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_report_options(evaluate_cxr)
 
     demo = commands.add_parser("demo", parents=[common], help="the whole workflow on the synthetic demo cohort")
     demo.add_argument("--out", type=Path, default=Path("ehr-diffusers-demo"),
@@ -331,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     modality.add_argument("--cxr", action="store_true",
                           help="the chest X-ray demo instead: cohort, triplets, train-cxr, predictions, evaluate-cxr")
     modality.add_argument("--all", action="store_true", help="both demos, EHR in OUT/ehr and X-ray in OUT/cxr")
-    demo.add_argument("--subjects", type=_positive_int, default=1050,
-                      help="subjects of the synthetic chest X-ray cohort (--cxr, --all; default 1050)")
+    demo.add_argument("--subjects", type=_positive_int, default=800,
+                      help="subjects of the synthetic chest X-ray cohort (--cxr, --all; default 800, which keeps the "
+                           "X-ray demo within 15 minutes on 2 CPU cores)")
     _add_training_options(demo, preset="demo")
     return parser
 

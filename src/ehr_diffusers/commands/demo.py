@@ -5,7 +5,9 @@ chest X-ray (cohort, triplets, training, the finding classifier, evaluation) wit
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .common import load_pipeline
 from .ehr_data import print_demo_summary
@@ -90,11 +92,12 @@ def _cxr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
                           embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")), image_size=64)
     print(f"triplet dataset written to {out / 'dataset'} (from the synthetic demo cohort)")
     print(format_cxr_summary(summary))
-    print("training the chest X-ray VAE and the EHRXDiff diffusion model (demo preset) with accelerate launch ...",
-          flush=True)
-    train_cxr(work / "dataset", work, "demo", diffusion_steps=args.diffusion_steps, seed=args.seed, quiet=args.quiet)
-    print("training the finding classifier of the evaluation on the train split ...", flush=True)
-    scorer = train_classifier_for(work / "dataset", 64, seed=args.seed, show_progress=not args.quiet)
+    print("training the chest X-ray VAE and the EHRXDiff diffusion model (demo preset) with accelerate launch, and "
+          "meanwhile the evaluation's finding classifier on the train split ...", flush=True)
+    # train-cxr's processes use one core each (the demo preset's one thread); the classifier takes the other
+    scorer = _while_training(lambda: train_classifier_for(work / "dataset", 64, seed=args.seed, show_progress=False),
+                             lambda: train_cxr(work / "dataset", work, "demo", diffusion_steps=args.diffusion_steps,
+                                               seed=args.seed, quiet=args.quiet))
     save_classifier(scorer, work / "finding-classifier")
     scorer.source = f"saved in {out / 'finding-classifier'}"
     print(f"finding classifier: validation macro AUROC {scorer.figures.get('validation_macro_auroc') or 'n/a'}; "
@@ -110,6 +113,37 @@ def _cxr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
             f"pipeline (EHRXDiffPipeline.from_pretrained({str(out / 'model')!r}); ehr-diffusers predict-cxr --model "
             f"{out / 'model'} ...) and the evaluation report ({out / 'evaluation' / 'report.html'}, metrics in "
             f"{out / 'evaluation' / 'metrics.json'})")
+
+
+def _while_training(side: Callable[[], Any], training: Callable[[], Any]) -> Any:
+    """Runs ``side`` on one torch thread in a thread of this process while ``training`` (which waits on its
+    ``accelerate launch`` processes) runs; returns ``side``'s result, or raises its error once training is done."""
+    import threading
+
+    import torch
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = side()
+        except BaseException as error:  # re-raised below, in the calling thread
+            result["error"] = error
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    worker = threading.Thread(target=work, name="finding-classifier", daemon=True)
+    worker.start()
+    try:
+        training()
+    except BaseException:  # the daemon worker ends with the process; its output is discarded with the demo folder
+        torch.set_num_threads(threads)
+        raise
+    worker.join()
+    torch.set_num_threads(threads)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _demo_samples(model_dir: Path, dataset_dir: Path, seed: int, records_per_prompt: int = 3) -> str:

@@ -310,14 +310,19 @@ def render_html(metrics: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(metrics: Mapping[str, Any], plots: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``metrics.json`` and ``report.html`` in ``out_dir``, each written atomically."""
+def write_page(metrics: Mapping[str, Any], page: str, out_dir: str | Path) -> tuple[Path, Path]:
+    """``metrics.json`` and the rendered ``page`` as ``report.html`` in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = write_metrics(metrics, out_dir / METRICS_NAME)
     with atomic_file(out_dir / REPORT_NAME) as temporary:
-        temporary.write_text(render_html(metrics, plots), encoding="utf-8")
+        temporary.write_text(page, encoding="utf-8")
     return metrics_path, out_dir / REPORT_NAME
+
+
+def write_report(metrics: Mapping[str, Any], plots: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """The EHR evaluation's ``metrics.json`` and ``report.html`` in ``out_dir``."""
+    return write_page(metrics, render_html(metrics, plots), out_dir)
 
 
 def model_card_markdown(metrics: Mapping[str, Any]) -> str:

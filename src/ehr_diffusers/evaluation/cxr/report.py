@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from ...io import atomic_file
 from ..report import (
-    METRICS_NAME,
-    REPORT_NAME,
     STYLE,
     escape,
     format_figure,
@@ -24,7 +21,7 @@ from ..report import (
     html_section,
     html_table,
     new_axes,
-    write_metrics,
+    write_page,
 )
 from .suite import FIGURE_LABELS, METHOD_LABELS, METHODS
 
@@ -208,12 +205,7 @@ DEFINITIONS = {
 def write_cxr_report(metrics: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], out_dir: str | Path
                      ) -> tuple[Path, Path]:
     """``metrics.json`` and ``report.html`` in ``out_dir``, each written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = write_metrics(metrics, out_dir / METRICS_NAME)
-    with atomic_file(out_dir / REPORT_NAME) as temporary:
-        temporary.write_text(render_cxr_html(metrics, entries), encoding="utf-8")
-    return metrics_path, out_dir / REPORT_NAME
+    return write_page(metrics, render_cxr_html(metrics, entries), out_dir)
 
 
 def cxr_model_card_markdown(metrics: Mapping[str, Any]) -> str:
