@@ -378,8 +378,32 @@ def test_evaluate_cxr_refuses_a_split_that_shares_training_subjects(trained, tmp
     (("--split", "nope"), "--split nope"),
     (("--extractor", "no-such-scorer"), "--extractor no-such-scorer"),
     (("--guidance-scale", "nan"), "--guidance-scale"),
+    (("--eta", "nan"), "--eta"),
+    (("--seed", "-1"), "--seed"),
 ])
 def test_evaluate_cxr_bad_input_names_the_argument(trained, tmp_path, capsys, extra, message) -> None:
     out = tmp_path / "evaluation"
     assert _evaluate(trained, trained["model"], out, *extra) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_demo_trains_the_classifier_beside_train_cxr_and_passes_on_errors() -> None:
+    from ehr_diffusers.commands.demo import _while_training
+
+    threads = torch.get_num_threads()
+    seen = []
+    assert _while_training(lambda: torch.get_num_threads(), lambda: seen.append("trained")) == 1
+    assert seen == ["trained"] and torch.get_num_threads() == threads
+
+    def broken() -> None:
+        raise ValueError("classifier failed")
+
+    with pytest.raises(ValueError, match="classifier failed"):
+        _while_training(broken, lambda: None)
+
+    def failed_training() -> None:
+        raise RuntimeError("train-cxr failed")
+
+    with pytest.raises(RuntimeError, match="train-cxr failed"):
+        _while_training(lambda: 1, failed_training)
+    assert torch.get_num_threads() == threads

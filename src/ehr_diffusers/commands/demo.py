@@ -100,7 +100,8 @@ def _cxr_demo(work: Path, out: Path, args: argparse.Namespace) -> str:
                                                seed=args.seed, quiet=args.quiet))
     save_classifier(scorer, work / "finding-classifier")
     scorer.source = f"saved in {out / 'finding-classifier'}"
-    print(f"finding classifier: validation macro AUROC {scorer.figures.get('validation_macro_auroc') or 'n/a'}; "
+    macro = scorer.figures.get("validation_macro_auroc")
+    print(f"finding classifier: validation macro AUROC {f'{macro:.3f}' if isinstance(macro, float) else 'n/a'}; "
           f"predicting the test split with true, shuffled and no events ({CXR_DEMO_STEPS} DDIM steps, guidance "
           f"{CXR_DEMO_GUIDANCE:g}) and scoring ...", flush=True)
     metrics, _ = run_cxr_evaluation(str(work / "model"), work / "dataset", work / "evaluation", extractor=scorer,
@@ -135,12 +136,10 @@ def _while_training(side: Callable[[], Any], training: Callable[[], Any]) -> Any
     worker = threading.Thread(target=work, name="finding-classifier", daemon=True)
     worker.start()
     try:
-        training()
-    except BaseException:  # the daemon worker ends with the process; its output is discarded with the demo folder
+        training()  # on an error the daemon worker is not waited for: its output goes with the demo folder
+        worker.join()
+    finally:
         torch.set_num_threads(threads)
-        raise
-    worker.join()
-    torch.set_num_threads(threads)
     if "error" in result:
         raise result["error"]
     return result["value"]

@@ -111,6 +111,8 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
         check_extractor_name(extractor)
     if not (guidance_scale >= 0 and guidance_scale != float("inf")):
         raise ValueError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+    if not (eta >= 0 and eta != float("inf")):
+        raise ValueError(f"--eta must be a finite number >= 0, got {eta}")
     local_model = Path(model) if Path(model).exists() else None
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     tables = load_dataset_dict(dataset)
@@ -118,9 +120,9 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
         raise ValueError(f"--split {split}: {dataset} has no such split (splits: {', '.join(tables)})")
     if split == "train":
         raise ValueError("--split train: the model was trained on it; evaluate on a held-out split")
-    for name in (split, "train"):
-        missing = [column for column in ("previous_chexpert", "target_chexpert", "subject_id")
-                   if column not in tables[name].column_names]
+    for name, needed in ((split, ("previous_chexpert", "target_chexpert", "subject_id", "event_texts",
+                                  "event_tables")), ("train", ("target_chexpert",))):
+        missing = [column for column in needed if column not in tables[name].column_names]
         if missing:
             raise ValueError(f"--dataset {dataset}: split {name!r} has no {', '.join(missing)} column(s): findings "
                              "cannot be scored")
@@ -154,7 +156,7 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     model_name, dataset_name = names or (model, str(dataset))
     metrics["run"] = {"model": model_name, "dataset": dataset_name, "split": split, "scorer": scorer.description,
-                      "scorer_name": scorer.name, "scorer_source": scorer.source,
+                      "scorer_name": scorer.name, "scorer_source": getattr(scorer, "source", ""),
                       "synthetic_data": bool(summary.get("synthetic")), "training_subjects_checked": checked,
                       "scorer_training_subjects_checked": scorer_checked, "ehr_diffusers_version": __version__}
     previous, target = arrays["labels"]

@@ -219,8 +219,9 @@ def check_scorer_unseen(scorer: FindingScorer, subjects: np.ndarray, split: str)
 
 def check_extractor_name(name: str) -> None:
     """Fails at once, before any model loads, on a name that is no scorer."""
-    if name not in (CLASSIFIER, *XRV_NAMES) and not Path(name).is_dir():
-        raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier")
+    if name not in (CLASSIFIER, *XRV_NAMES) and not (Path(name) / "config.json").is_file():
+        raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier "
+                         "(its config.json)")
 
 
 def load_xrv() -> XRVScorer:
