@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny hand-written MIMIC-IV folder whose every figure is known."""
+"""Shared fixtures: a tiny hand-written MIMIC-IV folder whose every figure is known, and a fresh accelerate state for
+the tests that run training scripts in process."""
 
 from __future__ import annotations
 
@@ -106,3 +107,19 @@ def labelled_demo_dataset(demo_dataset, tmp_path_factory) -> Path:
     label_dataset(target, load_summarizer("template"), load_judge("rules"), load_embedder("minilm"),
                   show_progress=False, embedder_spec="minilm")
     return target
+
+
+def reset_accelerate_state() -> None:
+    """Each in-process training run builds its own Accelerator; accelerate keeps process-wide singletons between them
+    (the partial state included)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

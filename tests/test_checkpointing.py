@@ -17,6 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from conftest import reset_accelerate_state
 from ehr_diffusers.training.checkpointing import register_checkpoint_hooks
 
 
@@ -94,21 +95,11 @@ def assert_identical(actual: Any, expected: Any, where: str = "state") -> None:
         assert actual == expected, where
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _new_run(seed: int) -> Run:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return Run(seed)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from ehr_diffusers.data.cxr.split import CXRSplit
 from ehr_diffusers.evaluation.cxr.baselines import events_only_scores
 from ehr_diffusers.evaluation.cxr.classifier import binary_findings, train_finding_classifier
@@ -294,7 +295,6 @@ def _score_methods_report(split: CXRSplit) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A 24-subject cohort prepared at 32 px with MiniLM events, and a 4-step tiny model trained on its train split."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
     from diffusers import AutoencoderKL
 
     from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, prepare_cxr
@@ -319,9 +319,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                "--report_to", "none", "--seed", "0", "--max_events", "32", "--max_train_steps", "4",
                "--validation_steps", "4"])
     finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate_state()
     return {"data": root / "data", "model": root / "model", "root": root}
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from ehr_diffusers.data.cxr import split as cxr_split
 from ehr_diffusers.data.cxr.split import CHEXPERT_BLANK, from_pixels, load_cxr_images, load_cxr_split, to_pixels
 from ehr_diffusers.training import checkpointing
@@ -32,18 +33,7 @@ TINY_CLIP = ["--resolution", "16", "--image_patch_size", "4", "--image_hidden_si
              "--seed", "0", "--eval_batch_size", "64"]
 
 
-def _reset_accelerate_state() -> None:
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    _reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +185,7 @@ def test_vae_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(triplets,
                           *extra])
 
     whole = run(tmp_path / "whole")
-    _reset_accelerate_state()
+    reset_accelerate_state()
     shutil.copytree(whole.output_dir / f"checkpoint-{half}", tmp_path / "stopped" / f"checkpoint-{half}")
     resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
     assert resumed.first_step == half and resumed.global_step == whole.global_step == 2 * half
@@ -299,7 +289,7 @@ def test_event_clip_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tr
                            *flags, *extra])
 
     whole = run(tmp_path / "whole")
-    _reset_accelerate_state()
+    reset_accelerate_state()
     shutil.copytree(whole.output_dir / f"checkpoint-{half}", tmp_path / "stopped" / f"checkpoint-{half}")
     resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
     assert resumed.first_step == half and resumed.global_step == whole.global_step == 2 * half

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.training import train_ehrxdiff
 from ehr_diffusers.training.train_ehrxdiff import main
@@ -56,19 +57,7 @@ def _args(data: Path, vae: Path, out: Path, *extra: str) -> list[str]:
             "--report_to", "none", "--seed", "0", "--max_events", "64", *extra]
 
 
-def _reset_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate_state()
-    yield
-    _reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_a_short_run_saves_a_pipeline_with_its_event_effect_check(triplets, tiny_vae, tmp_path) -> None:
@@ -136,7 +125,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(variant, tr
     flags = ["--use_ema", "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "2",
              "--train_batch_size", "45", "--validation_images", "0", "--condition_dropout", "0.3", *variant]
     whole = main(_args(triplets, tiny_vae, tmp_path / "whole", *flags))
-    _reset_accelerate_state()
+    reset_accelerate_state()
     shutil.copytree(whole.output_dir / "checkpoint-3", tmp_path / "stopped" / "checkpoint-3")
     resumed = main(_args(triplets, tiny_vae, tmp_path / "stopped", *flags, "--resume_from_checkpoint", "latest"))
     assert resumed.first_step == 3 and resumed.global_step == 6

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from ehr_diffusers.training import checkpointing
 from ehr_diffusers.training.common import resolve_report_to
 from ehr_diffusers.training.data import record_columns, screen_split
@@ -31,18 +32,7 @@ TINY_DENOISER = ["--num_tokens", "2", "--hidden_dim", "16", "--num_layers", "1",
                  "--train_batch_size", "64", "--report_to", "none", "--seed", "0"]
 
 
-def _reset_accelerate_state() -> None:
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    _reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def autoencoder_run(labelled_demo_dataset, tmp_path_factory):
     run = train_autoencoder(["--train_data_dir", str(labelled_demo_dataset), "--output_dir", str(out),
                              "--num_train_epochs", "3", "--use_ema", "--field_loss_weight", "20",
                              *TINY_AUTOENCODER])
-    _reset_accelerate_state()
+    reset_accelerate_state()
     return run
 
 
@@ -288,7 +278,7 @@ def test_accelerate_launch_checkpoints_then_resume_latest(autoencoder_run, label
     ema = load_file(out / "checkpoint-4" / "denoiser_ema" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == ema.keys() and all(torch.equal(saved[key], ema[key]) for key in saved)
 
-    _reset_accelerate_state()
+    reset_accelerate_state()
     resumed = train_diffusion([*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
     assert resumed.first_step == 4 and resumed.global_step == 6 and len(resumed.losses) == 2
     assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-6"]
@@ -310,7 +300,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(script, aut
                                                "--text_embedder", "none", "--condition_dropout", "0.3", *flags, *extra))
 
     whole = run(tmp_path / "whole")
-    _reset_accelerate_state()
+    reset_accelerate_state()
     shutil.copytree(whole.output_dir / "checkpoint-13", tmp_path / "stopped" / "checkpoint-13")
     resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
     assert resumed.first_step == 13 and resumed.global_step == whole.global_step == 20
