@@ -282,6 +282,7 @@ def _score_methods_report(split: CXRSplit) -> dict:
     split.chexpert_previous, split.chexpert_target = labels, target
     result = _score_methods(split, reps=5)
     result.pop("_scores")
+    result.pop("_labels")
     from ehr_diffusers.evaluation.cxr.suite import goals
 
     result.update(goals=goals(result["figures"], result["contrasts"]), sampling={"num_inference_steps": 2},

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...data.cxr.split import to_pixels
-from ..stats import roc_auc
+from .metrics import finding_auroc
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +95,6 @@ def predict(model: FindingClassifierModel, images: torch.Tensor, batch_size: int
             np.concatenate(probabilities) if probabilities else np.zeros((0, len(model.config.finding_names))))
 
 
-def per_finding_auroc(probabilities: np.ndarray, present: np.ndarray) -> list[float | None]:
-    """AUROC per column; None where the column holds one class only."""
-    values = []
-    for column in range(present.shape[1]):
-        positive, negative = probabilities[present[:, column], column], probabilities[~present[:, column], column]
-        values.append(roc_auc(positive, negative) if len(positive) and len(negative) else None)
-    return values
-
-
 def train_finding_classifier(train_images: torch.Tensor, train_present: np.ndarray, finding_names: Sequence[str],
                              validation_images: torch.Tensor | None = None,
                              validation_present: np.ndarray | None = None, *, epochs: int = 8,
@@ -145,10 +136,10 @@ def train_finding_classifier(train_images: torch.Tensor, train_present: np.ndarr
     figures: dict = {"train_images": int(len(train_images)), "epochs": epochs, "seed": seed}
     if validation_images is not None and validation_present is not None and len(validation_images):
         _, probabilities = predict(model, validation_images)
-        auroc = per_finding_auroc(probabilities, np.asarray(validation_present, dtype=bool))
-        values = [value for value in auroc if value is not None]
+        present = np.asarray(validation_present, dtype=bool)
+        auroc = finding_auroc(probabilities, present, np.ones_like(present))
         figures.update(validation_images=int(len(validation_images)),
-                       validation_auroc=dict(zip(finding_names, auroc)),
-                       validation_macro_auroc=float(np.mean(values)) if values else None)
+                       validation_auroc=dict(zip(finding_names, auroc["per_finding"])),
+                       validation_macro_auroc=auroc["macro"])
         logger.info("finding classifier: validation macro AUROC %s", figures["validation_macro_auroc"])
     return model, figures

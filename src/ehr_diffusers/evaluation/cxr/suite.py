@@ -208,7 +208,7 @@ def score_methods(split: CXRSplit, finding_names: Sequence[str], finding_columns
             "onsets": (~previous & target).sum(axis=0).tolist(),
             "resolutions": (previous & ~target).sum(axis=0).tolist(),
             "findings": list(finding_names), "triplets": len(split), "subjects": int(len(np.unique(subjects))),
-            "_scores": scores}
+            "_scores": scores, "_labels": (previous, target)}
 
 
 def goals(figures: Mapping[str, Mapping[str, Any]], contrasts: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -299,8 +299,7 @@ def evaluate_ehrxdiff(pipe: Any, split: CXRSplit, train: CXRSplit, scorer: Any, 
                                      split.event_embeddings, split.event_dim)
     scored = score_methods(split, scorer.finding_names, columns, scorer.encode, predictions, events_only, reps=reps,
                            seed=seed, split_name=split_name, show_progress=show_progress)
-    scores = scored.pop("_scores")
-    labels = (binary_findings(split.chexpert_previous)[:, columns], binary_findings(split.chexpert_target)[:, columns])
+    scores, labels = scored.pop("_scores"), scored.pop("_labels")
     scored["goals"] = goals(scored["figures"], scored["contrasts"])
     scored["sampling"] = sampling
     scored["shuffle"] = {"kind": shuffle, "seed": seed}
