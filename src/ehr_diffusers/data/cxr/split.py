@@ -11,7 +11,7 @@ Batches become model inputs with :func:`to_pixels` (images in [-1, 1]);
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,9 +219,14 @@ def check_subjects_unseen(model_dir: str | Path, subjects: np.ndarray, split: st
         trained = {int(subject) for subject in json.loads(record.read_text())["subjects"]}
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{record}: not a training record (a JSON object with a 'subjects' list): {error}") from None
-    shared = sorted(trained.intersection(int(s) for s in np.asarray(subjects)))
-    if shared:
-        raise ValueError(f"{model_dir} was trained on {len(shared)} subject(s) of the {split!r} split being evaluated "
-                         f"(e.g. subject_id {shared[0]}; {record} lists the training subjects): evaluate on a split "
-                         "whose patients it never saw")
+    refuse_seen_subjects(trained, subjects, split, str(model_dir),
+                         f"{record} lists the training subjects; evaluate on a split whose patients it never saw")
     return True
+
+
+def refuse_seen_subjects(trained: Iterable[int], subjects: np.ndarray, split: str, what: str, remedy: str) -> None:
+    """Raises ValueError naming a subject when ``what`` was trained on any of ``subjects``, an evaluated split's."""
+    shared = sorted(set(trained).intersection(int(s) for s in np.asarray(subjects)))
+    if shared:
+        raise ValueError(f"{what} was trained on {len(shared)} subject(s) of the {split!r} split being evaluated "
+                         f"(e.g. subject_id {shared[0]}): {remedy}")

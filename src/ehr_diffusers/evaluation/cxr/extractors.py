@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict, training_record
+from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict, refuse_seen_subjects, training_record
 from ...data.cxr.triplets import CHEXPERT_LABELS
 from ...io import atomic_directory
 from .classifier import FindingClassifierModel, binary_findings, predict, train_finding_classifier
@@ -209,11 +209,9 @@ def check_scorer_unseen(scorer: FindingScorer, subjects: np.ndarray, split: str)
     trained = getattr(scorer, "figures", {}).get("train_subjects")
     if trained is None:
         return False
-    shared = sorted(set(trained).intersection(int(s) for s in np.asarray(subjects)))
-    if shared:
-        raise ValueError(f"--extractor: the finding classifier ({getattr(scorer, 'source', scorer.name)}) was trained "
-                         f"on {len(shared)} subject(s) of the {split!r} split (e.g. subject_id {shared[0]}); train it "
-                         "on the dataset's train split")
+    refuse_seen_subjects(trained, subjects, split,
+                         f"--extractor: the finding classifier ({getattr(scorer, 'source', scorer.name)})",
+                         "train it on the dataset's train split")
     return True
 
 
