@@ -123,3 +123,14 @@ def fresh_accelerate_state():
     reset_accelerate_state()
     yield
     reset_accelerate_state()
+
+
+def run_interrupted(run, folder: Path, step: int):
+    """``run(out, *extra)`` twice: uninterrupted in ``folder/whole``, then stopped after its checkpoint at ``step``
+    (that checkpoint alone copied to ``folder/stopped``) and resumed from it. Returns (whole, resumed)."""
+    import shutil
+
+    whole = run(folder / "whole")
+    reset_accelerate_state()
+    shutil.copytree(whole.output_dir / f"checkpoint-{step}", folder / "stopped" / f"checkpoint-{step}")
+    return whole, run(folder / "stopped", "--resume_from_checkpoint", "latest")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reset_accelerate_state
+from conftest import run_interrupted
 from ehr_diffusers.data.cxr import split as cxr_split
 from ehr_diffusers.data.cxr.split import CHEXPERT_BLANK, from_pixels, load_cxr_images, load_cxr_split, to_pixels
 from ehr_diffusers.training import checkpointing
@@ -184,10 +183,7 @@ def test_vae_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(triplets,
         return train_vae(["--train_data_dir", str(triplets["plain"]), "--output_dir", str(out), *TINY_VAE, *flags,
                           *extra])
 
-    whole = run(tmp_path / "whole")
-    reset_accelerate_state()
-    shutil.copytree(whole.output_dir / f"checkpoint-{half}", tmp_path / "stopped" / f"checkpoint-{half}")
-    resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
+    whole, resumed = run_interrupted(run, tmp_path, half)
     assert resumed.first_step == half and resumed.global_step == whole.global_step == 2 * half
     assert resumed.losses == whole.losses[half:]
     _assert_same_weights(whole.output_dir, resumed.output_dir)
@@ -288,10 +284,7 @@ def test_event_clip_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tr
         return train_clip(["--train_data_dir", str(triplets["embedded"]), "--output_dir", str(out), *TINY_CLIP,
                            *flags, *extra])
 
-    whole = run(tmp_path / "whole")
-    reset_accelerate_state()
-    shutil.copytree(whole.output_dir / f"checkpoint-{half}", tmp_path / "stopped" / f"checkpoint-{half}")
-    resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
+    whole, resumed = run_interrupted(run, tmp_path, half)
     assert resumed.first_step == half and resumed.global_step == whole.global_step == 2 * half
     assert resumed.losses == whole.losses[half:]
     for subfolder in ("event_encoder", "image_encoder"):

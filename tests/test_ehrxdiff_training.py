@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reset_accelerate_state
+from conftest import run_interrupted
 from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.training import train_ehrxdiff
 from ehr_diffusers.training.train_ehrxdiff import main
@@ -124,10 +124,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(variant, tr
     # validation at step 2 and 4 in the whole run, only at 4 in the resumed one: it must not touch the training RNG
     flags = ["--use_ema", "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "2",
              "--train_batch_size", "45", "--validation_images", "0", "--condition_dropout", "0.3", *variant]
-    whole = main(_args(triplets, tiny_vae, tmp_path / "whole", *flags))
-    reset_accelerate_state()
-    shutil.copytree(whole.output_dir / "checkpoint-3", tmp_path / "stopped" / "checkpoint-3")
-    resumed = main(_args(triplets, tiny_vae, tmp_path / "stopped", *flags, "--resume_from_checkpoint", "latest"))
+    whole, resumed = run_interrupted(lambda out, *extra: main(_args(triplets, tiny_vae, out, *flags, *extra)),
+                                     tmp_path, 3)
     assert resumed.first_step == 3 and resumed.global_step == 6
     assert resumed.losses == whole.losses[3:]
     for name in ("unet", "fusion_adapter", "event_encoder"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import reset_accelerate_state
+from conftest import reset_accelerate_state, run_interrupted
 from ehr_diffusers.training import checkpointing
 from ehr_diffusers.training.common import resolve_report_to
 from ehr_diffusers.training.data import record_columns, screen_split
@@ -299,10 +299,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(script, aut
         return train_diffusion(_diffusion_args(labelled_demo_dataset, autoencoder_run.output_dir, out,
                                                "--text_embedder", "none", "--condition_dropout", "0.3", *flags, *extra))
 
-    whole = run(tmp_path / "whole")
-    reset_accelerate_state()
-    shutil.copytree(whole.output_dir / "checkpoint-13", tmp_path / "stopped" / "checkpoint-13")
-    resumed = run(tmp_path / "stopped", "--resume_from_checkpoint", "latest")
+    whole, resumed = run_interrupted(run, tmp_path, 13)
     assert resumed.first_step == 13 and resumed.global_step == whole.global_step == 20
     assert resumed.losses == whole.losses[13:]
     weights = Path("denoiser" if script == "diffusion" else ".", "diffusion_pytorch_model.safetensors")
