@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 
@@ -27,16 +29,63 @@ __all__ = ["TRAINING_PRESETS", "TrainingFailedError", "build_parser", "main", "r
            "write_records"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other user error (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--holdout-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/holdout split (default 0)")
+    parser.add_argument("--holdout-fraction", type=_finite, default=0.2,
+                        help="share of patients held out (default 0.2)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seed of the train/holdout split (default 0)")
     parser.add_argument("--min-code-count", type=_positive_int, default=1,
                         help="keep ICD-10 categories seen in at least K train patients (default 1)")
     parser.add_argument("--exclude-no-admission", action="store_true", help="drop patients without an admission")
@@ -57,8 +106,18 @@ def _add_training_options(parser: argparse.ArgumentParser, preset: str = "defaul
                         help="autoencoder epochs (overrides the preset)")
     parser.add_argument("--diffusion-steps", type=_positive_int, default=None,
                         help="diffusion optimisation steps (overrides the preset)")
-    parser.add_argument("--judge-threshold", type=float, default=None,
+    parser.add_argument("--judge-threshold", type=_finite, default=None,
                         help="train the diffusion model only on rows whose judge scores are all at least this")
+
+
+def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """Checkpoints and resuming, the same for every training command."""
+    parser.add_argument("--checkpointing-steps", type=_positive_int, default=None,
+                        help="save a checkpoint-N folder every N optimisation steps of each run (default 500)")
+    parser.add_argument("--resume-from-checkpoint", choices=("latest",), default=None, dest="resume_from",
+                        help="'latest': continue each run from its newest checkpoint in --output-dir (a finished run "
+                             "is kept); the weights equal those of a run never stopped")
+    parser.add_argument("--resume", action="store_true", help="the same as --resume-from-checkpoint latest")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -70,18 +129,18 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ehr-diffusers {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     # -q also after the command name; SUPPRESS keeps a -q given before it
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_data = commands.add_parser("demo-data", parents=[common],
                                     help="write the synthetic MIMIC-IV-shaped demo cohort (hosp/ tables)")
     demo_data.add_argument("--patients", type=_positive_int, default=5000, help="number of patients (default 5000)")
-    demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo_data.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default 0)")
     demo_data.add_argument("--out", type=Path, required=True, help="folder to create (holds hosp/)")
     demo_data.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
@@ -89,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="MIMIC-IV hosp tables -> split DatasetDict with schema and card")
     prepare.add_argument("--mimic-dir", type=Path, required=True, help="MIMIC-IV release folder (holds hosp/)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset folder to create")
+    prepare.add_argument("--strict", action="store_true",
+                         help="refuse diagnosis rows whose code is no ICD-9-CM / ICD-10-CM code of their icd_version "
+                              "(default: drop them, with a count by file and row)")
     _add_cohort_options(prepare)
 
     demo_cxr = commands.add_parser("demo-cxr-data", parents=[common],
@@ -96,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "MIMIC-IV layouts)")
     demo_cxr.add_argument("--subjects", type=_positive_int, default=1050,
                           help="number of patients (default 1050: prepare-cxr's test split then holds 100+ patients)")
-    demo_cxr.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo_cxr.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default 0)")
     demo_cxr.add_argument("--out", type=Path, required=True,
                           help="folder to create (holds mimic-cxr-jpg/ and mimic-iv/)")
     demo_cxr.add_argument("--no-real-data", action="store_true",
@@ -114,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--cxr-dir", type=Path, required=True,
                      help="MIMIC-CXR-JPG release folder (holds mimic-cxr-2.0.0-metadata.csv.gz and files/)")
     cxr.add_argument("--out", type=Path, required=True, help="dataset folder to create")
-    cxr.add_argument("--window-hours", type=float, default=48.0,
+    cxr.add_argument("--window-hours", type=_positive, default=48.0,
                      help="a previous image is less than this many hours before the target (default 48)")
     cxr.add_argument("--max-events", type=_positive_int, default=1024,
                      help="keep the last K events of each triplet (default 1024)")
@@ -127,17 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--retrieval", action="store_true",
                      help="enrich each event embedding with its nearest train-split events (FAISS)")
     cxr.add_argument("--retrieval-k", type=_positive_int, default=4, help="neighbours per event (default 4)")
-    cxr.add_argument("--retrieval-weight", type=float, default=0.5,
+    cxr.add_argument("--retrieval-weight", type=_finite, default=0.5,
                      help="share of the neighbours in the enriched vector (default 0.5)")
     cxr.add_argument("--knowledge", default=None,
                      help="retrieve from this knowledge list (text, one entry per line, or .jsonl) instead of events")
     cxr.add_argument("--split", choices=("seeded", "mimic"), default="seeded",
                      help="split patients with a seed (default) or by MIMIC-CXR-JPG's own split file")
-    cxr.add_argument("--validation-fraction", type=float, default=0.1, help="share of patients (default 0.1)")
-    cxr.add_argument("--test-fraction", type=float, default=0.1, help="share of patients (default 0.1)")
-    cxr.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    cxr.add_argument("--validation-fraction", type=_finite, default=0.1, help="share of patients (default 0.1)")
+    cxr.add_argument("--test-fraction", type=_finite, default=0.1, help="share of patients (default 0.1)")
+    cxr.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the patient split (default 0)")
     cxr.add_argument("--no-image-check", action="store_true",
                      help="do not check that the listed image files exist and open")
+    cxr.add_argument("--strict", action="store_true",
+                     help="refuse listed images that are absent or unusable (default: leave their pairs out, counted)")
     cxr.add_argument("--image-size", type=int, default=None,
                      help="also write an N x N grayscale PNG copy of every image of a triplet into OUT/images/ "
                           "(16 to 1024; default: no copies)")
@@ -160,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--embedder-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="dtype the embedder computes in (default float32; bfloat16 is faster on CPUs with "
                             "AVX512-BF16 or AMX and on GPUs); recorded with the labels")
-    label.add_argument("--threshold", type=float, default=3.0,
+    label.add_argument("--threshold", type=_finite, default=3.0,
                        help="screening threshold: a row passes when every judge score is at least this (default 3)")
-    label.add_argument("--seed", type=int, default=0, help="seed of the LLM generation (default 0)")
+    label.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the LLM generation (default 0)")
     label.add_argument("--device", default=None, help="torch device of the models (default: cuda when available)")
     label.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the Hub (off by default; only for models you have read)")
@@ -178,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes for accelerate launch, one per GPU (default 1)")
     train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                        help="mixed precision of both runs (default no)")
-    train.add_argument("--resume", action="store_true", help="resume both runs from their latest checkpoint")
+    _add_checkpoint_options(train)
     train.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                        help="upload the pipeline to this private Hub repo (make it public on the Hub only when "
                             "the training data allow it)")
@@ -203,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="processes for accelerate launch, one per GPU (default 1)")
     train_cxr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                            help="mixed precision of every run (default no)")
-    train_cxr.add_argument("--resume", action="store_true", help="resume every run from its latest checkpoint")
-    train_cxr.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    _add_checkpoint_options(train_cxr)
+    train_cxr.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run (default 0)")
     train_cxr.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                            help="upload the pipeline to this private Hub repo")
 
@@ -218,10 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "file means no events")
     predict.add_argument("--out", type=Path, required=True, help="the predicted image (.png or .jpg)")
     predict.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps (default 100)")
-    predict.add_argument("--guidance-scale", type=float, default=1.0,
+    predict.add_argument("--guidance-scale", type=_non_negative, default=1.0,
                          help="classifier-free guidance against the no-events context (default 1: none)")
-    predict.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
-    predict.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    predict.add_argument("--eta", type=_non_negative, default=1.0, help="DDIM eta (default 1)")
+    predict.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the noise (default 0)")
     predict.add_argument("--device", default=None, help="torch device (default cpu)")
     predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -249,12 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="output format (default: from the --out suffix; mimic writes a hosp/ folder)")
     generate.add_argument("--steps", type=_positive_int, default=None,
                           help="sampler steps (default: the pipeline's default)")
-    generate.add_argument("--guidance-scale", type=float, default=None,
+    generate.add_argument("--guidance-scale", type=_non_negative, default=None,
                           help="classifier-free guidance g, HealthForge's s = g - 1 (default: the pipeline's)")
     generate.add_argument("--decode", choices=("sample", "threshold"), default=None,
                           help="Bernoulli/categorical draws (sample) or the calibrated per-code thresholds (threshold) "
                                "when decoding (default: the pipeline's decode_mode, 'sample' for models trained now)")
-    generate.add_argument("--seed", type=int, default=0, help="seed; record i is the same for any --batch-size")
+    generate.add_argument("--seed", type=_non_negative_int, default=0,
+                          help="seed; record i is the same for any --batch-size")
     generate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
     generate.add_argument("--text-embedder", default=None,
                           help="embedder for a pipeline saved without one ('minilm', a folder or a Hub id)")
@@ -271,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.html)")
     evaluate.add_argument("--n-records", type=_positive_int, default=4000,
                           help="unconditional records scored, and rows of each baseline (default 4000)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the split halves, generation and bootstraps")
-    evaluate.add_argument("--n-prompts", type=int, default=200,
+    evaluate.add_argument("--seed", type=_non_negative_int, default=0,
+                          help="seed of the split halves, generation and bootstraps")
+    evaluate.add_argument("--n-prompts", type=_non_negative_int, default=200,
                           help="train summaries used as prompts for prompt faithfulness (default 200; 0: skip)")
     evaluate.add_argument("--records-per-prompt", type=_positive_int, default=2,
                           help="records generated per prompt (default 2)")
@@ -291,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decode-mode", choices=("sample", "threshold"), default=None,
                           help="how codes are decoded: Bernoulli sampling or the calibrated thresholds (default: the "
                                "pipeline's own; metrics.json records the one used)")
-    evaluate.add_argument("--guidance-scale", type=float, default=None,
+    evaluate.add_argument("--guidance-scale", type=_non_negative, default=None,
                           help="classifier-free guidance g of the prompted records (default: the pipeline's)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=4096, help="records per batch (default 4096)")
     evaluate.add_argument("--text-embedder", default=None,
@@ -312,10 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="finding scorer: 'classifier' (trained on the train split once and cached; "
                                    "default), 'xrv' (torchxrayvision densenet121-res224-all) or a classifier folder")
     evaluate_cxr.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps (default 25)")
-    evaluate_cxr.add_argument("--guidance-scale", type=float, default=1.0,
+    evaluate_cxr.add_argument("--guidance-scale", type=_non_negative, default=1.0,
                               help="guidance against the no-events context (default 1: off)")
-    evaluate_cxr.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
-    evaluate_cxr.add_argument("--seed", type=int, default=0,
+    evaluate_cxr.add_argument("--eta", type=_non_negative, default=1.0, help="DDIM eta (default 1)")
+    evaluate_cxr.add_argument("--seed", type=_non_negative_int, default=0,
                               help="seed of the noise, the shuffled events and the bootstrap (default 0)")
     evaluate_cxr.add_argument("--bootstrap", type=_positive_int, default=200,
                               help="cluster-bootstrap resamples of the subjects (default 200)")
@@ -327,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="working folder (default ./ehr-diffusers-demo)")
     demo.add_argument("--patients", type=_positive_int, default=5000,
                       help="number of synthetic patients (default 5000)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the generator and the split (default 0)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0,
+                      help="seed of the generator and the split (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace the working folder if it exists")
     modality = demo.add_mutually_exclusive_group()
     modality.add_argument("--cxr", action="store_true",
@@ -340,8 +407,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that unfinished outputs are removed on the way out."""
+
+
+def _terminate(number: int, frame: object) -> None:
+    raise Terminated
+
+
+def _interrupted(command: str, written_before: int) -> str:
+    """What an interrupted command left, truthfully: the outputs it put in place, or none."""
+    from .io import completed_outputs
+
+    written = completed_outputs()[written_before:]
+    if not written:
+        return f"ehr-diffusers {command}: interrupted; no output written (an earlier output is left as it was)"
+    shown = ", ".join(str(path) for path in written[-3:])
+    return (f"ehr-diffusers {command}: interrupted after writing {len(written)} output(s) ({shown}); the output being "
+            "written then was removed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. User errors (``EHRDiffusersError``, and file-system errors) end in one or two lines on stderr
+    and exit status 2; Ctrl-C and SIGTERM end in a line saying what was written, exit status 130 or 143. Anything
+    else is a bug and keeps its traceback."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .errors import EHRDiffusersError
+    from .io import completed_outputs
+
+    written_before = len(completed_outputs())
+    try:
+        _configure_logging(args)
+        _handler(args.command)(args)
+    except EHRDiffusersError as error:
+        print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the file system: a missing file, no permission, a full disk
+        print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print(_interrupted(args.command, written_before), file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    return 0
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
@@ -352,25 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
-    from .commands import convert, cxr_data, demo, ehr_data, evaluate, generate, label, predict, train
-    from .data.mimic import MimicFormatError
-    from .io import OutputExistsError
 
-    handlers = {"demo-data": ehr_data.run_demo_data, "demo-cxr-data": cxr_data.run_demo_data,
-                "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
-                "train-ehr": train.run, "train-cxr": train.run_cxr, "predict-cxr": predict.run,
-                "convert-ehrxdiff": convert.run_convert_ehrxdiff,
-                "generate": generate.run, "evaluate": evaluate.run, "evaluate-cxr": evaluate.run_cxr,
-                "demo": demo.run}
-    try:
-        handlers[args.command](args)
-    except (MimicFormatError, OutputExistsError, ValueError, OSError, TrainingFailedError) as error:
-        print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ehr-diffusers {args.command}: interrupted, no output written", file=sys.stderr)
-        return 130
-    return 0
+
+def _handler(command: str):
+    from .commands import convert, cxr_data, demo, ehr_data, evaluate, generate, label, predict, train
+
+    return {"demo-data": ehr_data.run_demo_data, "demo-cxr-data": cxr_data.run_demo_data,
+            "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
+            "train-ehr": train.run, "train-cxr": train.run_cxr, "predict-cxr": predict.run,
+            "convert-ehrxdiff": convert.run_convert_ehrxdiff,
+            "generate": generate.run, "evaluate": evaluate.run, "evaluate-cxr": evaluate.run_cxr,
+            "demo": demo.run}[command]
 
 
 if __name__ == "__main__":

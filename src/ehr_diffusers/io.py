@@ -4,22 +4,56 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ArgumentError, DataError, OutputError
 
 # Every folder written through ``atomic_directory`` holds this file; ``--overwrite`` replaces only such folders
 # (or empty ones), so that a mistyped --out can never delete a user's data.
 MARKER_NAME = ".ehr-diffusers-output"
 
 
-class OutputExistsError(FileExistsError):
+# The outputs this process has put in place, in order: an interrupted command says truthfully what it left behind.
+_COMPLETED: list[Path] = []
+
+
+class OutputExistsError(OutputError):
     """The output folder exists and may not be replaced."""
 
 
-class OutputArgumentError(OutputExistsError, ValueError):
+class OutputArgumentError(OutputExistsError, ArgumentError):
     """The output folder a command-line argument names may not be written: bad input, hence also a ValueError."""
+
+
+def completed_outputs() -> list[Path]:
+    """The files and folders put in place by :func:`atomic_file`, :func:`atomic_directory` and :func:`atomic_merge`
+    in this process, oldest first."""
+    return list(_COMPLETED)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM until the block ends, then delivers them, so that the swap of an old output for a new
+    one is never cut in half (it would leave both, or neither). Only the main thread handles signals; elsewhere this
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.signal(kind, lambda number, frame: pending.append(number)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def check_output_dir(
@@ -33,10 +67,10 @@ def check_output_dir(
 ) -> Path:
     """Fails early, before any work, when ``out`` may not be written.
 
-    ``out`` may not be, or contain, one of ``inputs``; an existing ``out`` is replaced only with ``overwrite`` and
-    only when it is empty or an earlier ehr-diffusers output. With ``merge`` (output added to ``out`` by
-    :func:`atomic_merge`, beside what it holds, as a training run's checkpoints and model) an existing folder is fine
-    and ``out`` may instead not be, or lie inside, an input, which would mix output into it.
+    ``out`` may not be, contain, or lie inside one of ``inputs``; an existing ``out`` is replaced only with
+    ``overwrite`` and only when it is empty or an earlier ehr-diffusers output. With ``merge`` (output added to
+    ``out`` by :func:`atomic_merge`, beside what it holds, as a training run's checkpoints and model) an existing
+    folder is fine and ``out`` may instead not be, or lie inside, an input, which would mix output into it.
 
     ``inputs`` may map argument names to paths (None: not given) and ``argument`` names ``out``'s own, so that the
     error, then an :class:`OutputArgumentError`, tells the user which argument to change.
@@ -55,6 +89,8 @@ def check_output_dir(
             raise error(f"{where}: is, or lies inside, the input {label}; choose another output folder")
         if not merge and (source == resolved or resolved in source.parents):
             raise error(f"{where}: output folder would replace the input {label}; choose another {argument or '--out'}")
+        if not merge and source in resolved.parents:
+            raise error(f"{where}: lies inside the input {label}; choose an output folder outside it")
     if merge:
         if out.exists() and not out.is_dir():
             raise error(f"{where}: exists and is not a folder")
@@ -90,7 +126,9 @@ def atomic_file(path: str | Path, durable: bool = False) -> Iterator[Path]:
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private
-        os.replace(temporary, path)
+        with deferred_signals():
+            os.replace(temporary, path)
+            _COMPLETED.append(path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -110,21 +148,27 @@ def atomic_directory(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the permissions of a plain mkdir
     (staging / MARKER_NAME).write_text("written by ehr-diffusers; --overwrite may replace this folder\n")
-    trash: Path | None = None
     try:
         yield staging
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None and (trash / out.name).exists() and not out.exists():
-            os.replace(trash / out.name, out)
         raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+    with deferred_signals():  # the old output or the new one, never both and never neither
+        trash: Path | None = None
+        try:
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            _COMPLETED.append(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if trash is not None and (trash / out.name).exists() and not out.exists():
+                os.replace(trash / out.name, out)
+            raise
+        finally:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
@@ -138,18 +182,22 @@ def atomic_merge(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".merge.tmp-", dir=out))
-    trash: Path | None = None
     try:
         yield staging
-        trash = Path(tempfile.mkdtemp(prefix=".merge.old-", dir=out))
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if target.exists() or target.is_symlink():
-                os.replace(target, trash / item.name)  # a rename, not a slow delete, between old and new
-            os.replace(item, target)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None:
+        raise
+    with deferred_signals():
+        trash = Path(tempfile.mkdtemp(prefix=".merge.old-", dir=out))
+        try:
+            for item in sorted(staging.iterdir()):
+                target = out / item.name
+                if target.exists() or target.is_symlink():
+                    os.replace(target, trash / item.name)  # a rename, not a slow delete, between old and new
+                os.replace(item, target)
+                _COMPLETED.append(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -163,5 +211,18 @@ def refuse_pickle(safe_serialization: bool, what: str) -> None:
     """Weights are written as safetensors only: a pickled file runs code when it is loaded. A ValueError naming
     ``what`` when a caller asks for ``safe_serialization=False``."""
     if not safe_serialization:
-        raise ValueError(f"safe_serialization=False: {what} saves weights as safetensors only (pickle files can run "
+        raise ArgumentError(f"safe_serialization=False: {what} saves weights as safetensors only (pickle files can run "
                          "code when loaded); leave safe_serialization at True")
+
+
+def read_user_text(path: str | Path, argument: str) -> str:
+    """The UTF-8 text of a file the user named with ``argument``; a DataError naming both when the file is absent,
+    a folder, or not UTF-8 text (a Windows-1252 export, say), rather than a bare decoding error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{argument} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{argument} {path}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as "
+                        "UTF-8") from None

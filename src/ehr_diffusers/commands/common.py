@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import ArgumentError
+
 
 def torch_device(name: str | None):
     """The torch device named by --device (default: cuda when available), checked before any model loads."""
@@ -12,9 +14,9 @@ def torch_device(name: str | None):
     try:
         device = torch.device(name or default_device())
     except RuntimeError as error:
-        raise ValueError(f"--device {name}: not a torch device ({error})") from None
+        raise ArgumentError(f"--device {name}: not a torch device ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ArgumentError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -26,6 +28,6 @@ def load_pipeline(model: str, text_embedder: str | None, device: str | None):
 
     target = torch_device(device)
     extra = {"text_embedder": load_embedder(text_embedder)} if text_embedder else {}
-    with explain_missing_model(model, "pipeline"):
+    with explain_missing_model(model, "--model"):
         pipe = EHRLatentDiffusionPipeline.from_pretrained(model, **extra)
     return pipe.to(target)

@@ -4,6 +4,9 @@ MIMIC-IV -> EHRXDiff triplet dataset."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import DataError
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -28,12 +31,21 @@ def run_prepare(args: argparse.Namespace) -> None:
     )
     from ..data.cxr.demo import is_demo_cxr
     from ..data.cxr.triplets import TripletOptions
+    from ..io import check_output_dir, read_user_text
 
+    # everything a user can get wrong is checked here, before the embedder loads
     triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
                               validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-                              check_images=not args.no_image_check)
+                              check_images=not args.no_image_check, strict=args.strict)
     options = CXRDatasetOptions(triplets=triplets, max_events=args.max_events, item_lists=args.items)
-    check_image_size(args.image_size)  # before the embedder loads
+    check_image_size(args.image_size)
+    for argument, folder in (("--cxr-dir", args.cxr_dir), ("--mimic-dir", args.mimic_dir), ("--items", args.items)):
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{argument} {folder}: no such folder")
+    check_output_dir(args.out, args.overwrite, {"--cxr-dir": args.cxr_dir, "--mimic-dir": args.mimic_dir},
+                     argument="--out")
+    if args.knowledge is not None and args.retrieval:
+        read_user_text(args.knowledge, "--knowledge")
     embedding = EventEmbeddingOptions(embedder=None if args.embedder == "none" else args.embedder,
                                       batch_size=args.batch_size, retrieval=args.retrieval,
                                       retrieval_k=args.retrieval_k, retrieval_weight=args.retrieval_weight,

@@ -43,9 +43,12 @@ def run_demo_data(args: argparse.Namespace) -> None:
 def run_prepare(args: argparse.Namespace) -> None:
     from ..data.ehr.cohort import format_summary, prepare
     from ..data.ehr.demo import is_demo_cohort
+    from ..io import check_output_dir
 
+    options = cohort_options(args)
+    check_output_dir(args.out, args.overwrite, {"--mimic-dir": args.mimic_dir}, argument="--out")
     synthetic = is_demo_cohort(args.mimic_dir)
-    summary = prepare(args.mimic_dir, args.out, cohort_options(args), overwrite=args.overwrite,
-                      show_progress=not args.quiet, synthetic=synthetic)
+    summary = prepare(args.mimic_dir, args.out, options, overwrite=args.overwrite, show_progress=not args.quiet,
+                      synthetic=synthetic, strict=args.strict)
     print(f"prepared dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_summary(summary))

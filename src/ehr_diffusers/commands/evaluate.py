@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentError, DataError, ModelError
 from ..training import AUTOENCODER_METRICS_NAME
 from .common import load_pipeline
 
@@ -19,12 +20,32 @@ def _baseline_names(text: str) -> tuple[str, ...]:
     if names in ((), ("none",)):
         return ()
     if "holdout" in names:
-        raise ValueError(HOLDOUT_DROPPED)
+        raise ArgumentError(HOLDOUT_DROPPED)
     unknown = [name for name in names if name not in BASELINES]
     if unknown:
-        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from "
+        raise ArgumentError(f"--baselines: unknown baseline(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(BASELINES)}, or none")
     return names
+
+
+def _saved_schema(model: Path | None):
+    """The record schema a local pipeline folder records in its ``model_index.json`` (None when there is none), read
+    without loading the model; it is checked against its sha256 like a dataset's."""
+    from ..data.ehr.schema import EHRSchema
+
+    index = model / "model_index.json" if model is not None else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        schema = json.loads(index.read_text(encoding="utf-8")).get("schema")
+    except (ValueError, AttributeError) as error:
+        raise ModelError(f"--model {model}: model_index.json is not a JSON object ({error})") from None
+    if not schema:
+        return None
+    try:
+        return EHRSchema.from_dict(schema)
+    except DataError as error:
+        raise ModelError(f"--model {model}: model_index.json: {error}") from None
 
 
 def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = False, model_card: bool = True,
@@ -32,13 +53,22 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
                    names: tuple[str, str] | None = None, **options) -> tuple[dict, Path]:
     """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
     ``names`` are the model and dataset as the report states them (default: the paths given)."""
-    from ..evaluation.ehr.data import PROMPT_ROWS, load_real_data
+    from ..data.ehr.dataset import load_training_dataset
+    from ..evaluation.ehr.data import PROMPT_ROWS, check_same_schema, load_real_data
     from ..evaluation.ehr.suite import evaluate_pipeline
     from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
     from ..hub.cards import update_model_card_metrics
+    from ..hub.errors import check_model_path
     from ..io import atomic_directory, check_output_dir
 
-    check_output_dir(out, overwrite)
+    # everything a user can get wrong is checked here, before the records are read and the model loads
+    local_model = Path(model) if Path(model).exists() else None
+    check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
+    check_model_path(model, "--model")
+    dataset_schema = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")[1]
+    model_schema = _saved_schema(local_model)
+    if model_schema is not None:
+        check_same_schema(dataset_schema, model_schema, f"--dataset {dataset}", f"--model {model}")
     real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet,
                           prompt_rows=max(options.get("n_prompts", PROMPT_ROWS), 0))
     pipe = load_pipeline(model, text_embedder, device)
@@ -103,31 +133,31 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     from .common import torch_device
 
     if steps < 1 or bootstrap < 2 or batch_size < 1:
-        raise ValueError(f"--steps, --batch-size must be at least 1 and --bootstrap at least 2; got {steps}, "
+        raise ArgumentError(f"--steps, --batch-size must be at least 1 and --bootstrap at least 2; got {steps}, "
                          f"{batch_size}, {bootstrap}")
     if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+        raise ArgumentError(f"--seed must be a non-negative integer, got {seed}")
     if isinstance(extractor, str):
         check_extractor_name(extractor)
     if not (guidance_scale >= 0 and guidance_scale != float("inf")):
-        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
+        raise ArgumentError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
     if not (eta >= 0 and eta != float("inf")):
-        raise ValueError(f"--eta must be a finite number >= 0, got {eta}")
+        raise ArgumentError(f"--eta must be a finite number >= 0, got {eta}")
     local_model = Path(model) if Path(model).exists() else None
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     tables = load_dataset_dict(dataset)
     if split not in tables:
-        raise ValueError(f"--split {split}: {dataset} has no such split (splits: {', '.join(tables)})")
+        raise ArgumentError(f"--split {split}: {dataset} has no such split (splits: {', '.join(tables)})")
     if split == "train":
-        raise ValueError("--split train: the model was trained on it; evaluate on a held-out split")
+        raise ArgumentError("--split train: the model was trained on it; evaluate on a held-out split")
     for name, needed in ((split, ("previous_chexpert", "target_chexpert", "subject_id", "event_texts",
                                   "event_tables")), ("train", ("target_chexpert",))):
         missing = [column for column in needed if column not in tables[name].column_names]
         if missing:
-            raise ValueError(f"--dataset {dataset}: split {name!r} has no {', '.join(missing)} column(s): findings "
+            raise DataError(f"--dataset {dataset}: split {name!r} has no {', '.join(missing)} column(s): findings "
                              "cannot be scored")
     if tables[split].num_rows < 2:
-        raise ValueError(f"--split {split}: {tables[split].num_rows} triplet(s); the shuffled control needs 2")
+        raise ArgumentError(f"--split {split}: {tables[split].num_rows} triplet(s); the shuffled control needs 2")
     target_device = torch_device(device)
     with explain_missing_model(model, "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(model)
@@ -136,13 +166,13 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     size = int(pipe.vae.config.sample_size)
     evaluated = load_cxr_split(dataset, split, size, show_progress=not quiet)
     if evaluated.subject_id is None:
-        raise ValueError(f"--dataset {dataset}: split {split!r} has no subject_id column")
+        raise DataError(f"--dataset {dataset}: split {split!r} has no subject_id column")
     checked = local_model is not None and check_subjects_unseen(local_model, evaluated.subject_id, split)
     if not checked:
         logging.getLogger(__name__).warning("%s records no training subjects (training_data.json): cannot check that "
                                             "the %s split is unseen", model, split)
     if evaluated.event_dim != pipe.event_encoder.config.event_dim:
-        raise ValueError(f"--dataset {dataset}: {evaluated.event_dim}-d event embeddings, but --model {model} takes "
+        raise ModelError(f"--dataset {dataset}: {evaluated.event_dim}-d event embeddings, but --model {model} takes "
                          f"{pipe.event_encoder.config.event_dim}-d ones")
     scorer = (load_scorer(extractor, dataset, size, seed=seed, show_progress=not quiet)
               if isinstance(extractor, str) else extractor)

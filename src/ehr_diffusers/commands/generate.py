@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from ..errors import ArgumentError, DataError, ModelError
 from .common import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+# Records per second of the demo model on 2 CPU cores (BENCHMARKS.md, sampling): a run estimated longer than
+# LONG_RUN_SECONDS at that pace is announced with its estimate before any work.
+RECORDS_PER_SECOND = 2000
+LONG_RUN_SECONDS = 3600
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str] | None:
+    from ..io import read_user_text
+
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-        prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_user_text(args.prompts_file, "--prompts-file")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompts-file {args.prompts_file}: holds no prompt")
+            raise DataError(f"--prompts-file {args.prompts_file}: holds no prompt")
     if any(not prompt.strip() for prompt in prompts):
-        raise ValueError("--prompt: an empty prompt; leave --prompt out for unconditional records")
+        raise ArgumentError("--prompt: an empty prompt; leave --prompt out for unconditional records")
     return prompts or None
 
 
@@ -27,7 +38,7 @@ def _output_format(args: argparse.Namespace) -> str:
     suffixes = {".csv": "csv", ".parquet": "parquet"}
     if args.out.suffix in suffixes:
         return suffixes[args.out.suffix]
-    raise ValueError(f"--out {args.out}: cannot tell the format from the suffix; pass --format csv|parquet|mimic")
+    raise ArgumentError(f"--out {args.out}: cannot tell the format from the suffix; pass --format csv|parquet|mimic")
 
 
 def write_records(records: list[dict], prompts: list[str | None], out: Path, file_format: str) -> None:
@@ -48,18 +59,29 @@ def write_records(records: list[dict], prompts: list[str | None], out: Path, fil
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..hub.errors import check_model_path
     from ..io import check_output_dir
     from ..sampling import generate_records
 
+    # everything a user can get wrong is checked here, before the model loads
     file_format = _output_format(args)
     prompts = _read_prompts(args)
+    records = args.num_records * max(len(prompts or []), 1)
+    if records / RECORDS_PER_SECOND > LONG_RUN_SECONDS:
+        logger.warning("--num-records %s: %s records will take about %.0f hours at the demo model's %s records per "
+                       "second on 2 CPU cores (a larger model or --steps takes longer)", f"{args.num_records:,}",
+                       f"{records:,}", records / RECORDS_PER_SECOND / 3600, f"{RECORDS_PER_SECOND:,}")
+    local_model = Path(args.model) if Path(args.model).exists() else None
     if file_format == "mimic":
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, {"--model": local_model}, argument="--out")
     elif args.out.exists() and (args.out.is_dir() or not args.overwrite):
-        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace the file")
+        raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace the file")
+    check_model_path(args.model, "--model")
+    if args.text_embedder not in (None, "minilm"):
+        check_model_path(args.text_embedder, "--text-embedder")
     pipe = load_pipeline(args.model, args.text_embedder, args.device)
     if prompts is not None and pipe.text_embedder is None:
-        raise ValueError(f"--model {args.model} was saved without its text embedder; pass --text-embedder with the "
+        raise ModelError(f"--model {args.model} was saved without its text embedder; pass --text-embedder with the "
                          "one it was trained with (e.g. minilm)")
     options = {"decode_mode": args.decode}
     if args.steps is not None:

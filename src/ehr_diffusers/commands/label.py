@@ -34,9 +34,17 @@ def _label_models(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..hub.errors import check_model_path
     from ..text.label import check_dataset, label_dataset
 
-    check_dataset(args.dataset)  # before loading models that may take minutes
+    # everything a user can get wrong is checked here, before models that may take minutes load
+    check_dataset(args.dataset)
+    torch_device(args.device)
+    for argument, spec, builtin in (("--summarizer", args.summarizer, ("template",)),
+                                    ("--judge", args.judge, ("rules", "none")),
+                                    ("--embedder", args.embedder, ("minilm",))):
+        if spec not in builtin:
+            check_model_path(spec, argument)
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 

@@ -7,9 +7,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentError, DataError, ModelError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _finite(embeddings: Any, path: Path) -> Any:
+    """Event embeddings with NaN or infinite values would turn the whole prediction into NaN."""
+    import numpy as np
+
+    bad = ~np.isfinite(embeddings)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataError(f"--events {path}: event {row} holds NaN or infinite values; event embeddings must be finite")
+    return embeddings
 
 
 def read_events(path: Path) -> dict[str, Any]:
@@ -26,64 +39,86 @@ def read_events(path: Path) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
         except (ValueError, OSError) as error:
-            raise ValueError(f"--events {path}: not a numeric .npz archive ({error})") from None
+            raise DataError(f"--events {path}: not a numeric .npz archive ({error})") from None
         if "event_embeddings" not in arrays:
-            raise ValueError(f"--events {path}: no event_embeddings array (found {sorted(arrays)})")
+            raise DataError(f"--events {path}: no event_embeddings array (found {sorted(arrays)})")
         embeddings = arrays["event_embeddings"]
         if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.number):
-            raise ValueError(f"--events {path}: event_embeddings must be a numeric (n_events, dim) array, got "
+            raise DataError(f"--events {path}: event_embeddings must be a numeric (n_events, dim) array, got "
                              f"{embeddings.dtype} {embeddings.shape}")
-        found = {"event_embeddings": embeddings.astype(np.float32)}
+        found = {"event_embeddings": _finite(embeddings.astype(np.float32), path)}
         if "event_hours" in arrays:
             hours = np.asarray(arrays["event_hours"], dtype=np.float32).reshape(-1)
             if len(hours) != len(embeddings):
-                raise ValueError(f"--events {path}: {len(hours)} event_hours for {len(embeddings)} events")
+                raise DataError(f"--events {path}: {len(hours)} event_hours for {len(embeddings)} events")
             found["event_hours"] = [hours.tolist()]
         return found
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as error:
-            raise ValueError(f"--events {path}: not a numeric .npy array ({error})") from None
+            raise DataError(f"--events {path}: not a numeric .npy array ({error})") from None
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"--events {path}: expected a numeric (n_events, dim) array, got {array.dtype} "
+            raise DataError(f"--events {path}: expected a numeric (n_events, dim) array, got {array.dtype} "
                              f"{array.shape}")
-        return {"event_embeddings": array.astype(np.float32)}
+        return {"event_embeddings": _finite(array.astype(np.float32), path)}
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"--events {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise DataError(f"--events {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     return {"events": [line.strip() for line in text.splitlines() if line.strip()]}
 
 
 def read_image(path: Path) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.cxr.triplets import MIN_IMAGE_SIDE
+
     if not path.is_file():
         raise FileNotFoundError(f"--prev {path}: no such file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("L")
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.convert("L")
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"--prev {path}: not a readable image ({error})") from None
+        raise DataError(f"--prev {path}: not a readable image ({error})") from None
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise DataError(f"--prev {path}: {image.size[0]} x {image.size[1]} pixels, smaller than {MIN_IMAGE_SIDE} x "
+                        f"{MIN_IMAGE_SIDE}: not a chest X-ray")
+    return image
+
+
+def _check_event_width(events: dict[str, Any], args: argparse.Namespace) -> None:
+    """Event embeddings against the width the saved model's event encoder takes, read from its config file so that
+    a mismatch fails before the model loads."""
+    import json
+
+    config = Path(args.model) / "event_encoder" / "config.json"
+    if "event_embeddings" not in events or not config.is_file():
+        return
+    dim = json.loads(config.read_text()).get("event_dim")
+    width = events["event_embeddings"].shape[1]
+    if dim is not None and width != dim:
+        raise ModelError(f"--events {args.events}: {width}-d event embeddings, but --model {args.model} takes "
+                         f"{dim}-d ones")
 
 
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from ..hub.errors import explain_missing_model
+    from ..hub.errors import check_model_path, explain_missing_model
     from ..io import atomic_file
     from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
 
+    # everything a user can get wrong is checked here, before the model loads
     if args.out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"--out {args.out}: name a .png or .jpg file")
+        raise ArgumentError(f"--out {args.out}: name a .png or .jpg file")
     if args.out.exists() and not args.overwrite:
-        raise ValueError(f"--out {args.out}: exists; pass --overwrite to replace it")
-    if not args.guidance_scale >= 0 or args.guidance_scale == float("inf"):
-        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+        raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    check_model_path(str(args.model), "--model")
     previous = read_image(args.prev)
     events = read_events(args.events)
+    _check_event_width(events, args)
 
     with explain_missing_model(str(args.model), "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(str(args.model))
@@ -91,10 +126,10 @@ def run(args: argparse.Namespace) -> None:
         pipe.to(args.device)
     dim = pipe.event_encoder.config.event_dim
     if "event_embeddings" in events and events["event_embeddings"].shape[1] != dim:
-        raise ValueError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "
+        raise ModelError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "
                          f"--model {args.model} takes {dim}-d ones")
     if "events" in events and pipe.event_embedder is None:
-        raise ValueError(f"--model {args.model} has no event embedder: give --events as a .npy array of event "
+        raise ModelError(f"--model {args.model} has no event embedder: give --events as a .npy array of event "
                          "embeddings")
     if events.get("events") == []:
         logger.info("--events %s holds no event: predicting from the previous image alone (the null context)",

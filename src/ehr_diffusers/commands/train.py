@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import ArgumentError, DataError, EHRDiffusersError
+
 # Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
 # cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
 # Condition dropout 0.5 (HealthForge: 0.05) trains the learned null condition on half the rows: unconditional records
@@ -65,7 +67,7 @@ CXR_TRAINING_PRESETS = {
 }
 
 
-class TrainingFailedError(RuntimeError):
+class TrainingFailedError(EHRDiffusersError, RuntimeError):
     """A training script run by ``train-ehr`` exited with an error (which it has printed)."""
 
 
@@ -79,11 +81,7 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        if num_processes > 1:  # accelerate launch --cpu starts one process whatever --num_processes says
-            raise ValueError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
-                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
-                             "ehr_diffusers.training.train_ehr_diffusion ...")
+    if not torch.cuda.is_available():  # accelerate launch --cpu starts one process (checked in _check_run_folder)
         launch.append("--cpu")
         if cpu_threads is not None:
             launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
@@ -99,23 +97,49 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
                                   "messages above")
 
 
+def _check_run_folder(output_dir: Path, dataset: Path, num_processes: int,
+                      judge_threshold: float | None = None) -> None:
+    """The checks of both training commands that need no data: the run folder may hold earlier runs (they are
+    resumed) but may not be, or lie inside, the dataset; several processes need GPUs until CPU data parallelism
+    lands."""
+    import math
+
+    import torch
+
+    from ..io import check_output_dir
+
+    check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
+    if judge_threshold is not None and not math.isfinite(judge_threshold):
+        raise ArgumentError(f"--judge-threshold must be a finite number, got {judge_threshold}")
+    if num_processes > 1 and not torch.cuda.is_available():
+        raise ArgumentError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
+                            "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
+                            "ehr_diffusers.training.train_ehr_diffusion ...")
+
+
+def _checkpoint_arguments(checkpointing_steps: int | None, resume: bool) -> list[str]:
+    arguments = ["--checkpointing_steps", str(checkpointing_steps)] if checkpointing_steps is not None else []
+    return arguments + (["--resume_from_checkpoint", "latest"] if resume else [])
+
+
 def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoencoder_epochs: int | None = None,
               diffusion_steps: int | None = None, judge_threshold: float | None = None, num_processes: int = 1,
               mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
-              quiet: bool = False) -> Path:
+              quiet: bool = False, checkpointing_steps: int | None = None) -> Path:
     """Trains the autoencoder, then the diffusion model, each under ``accelerate launch``; returns the pipeline folder.
 
-    The dataset is checked here first, so that a wrong folder fails in a second rather than after a model loads."""
+    Each run saves a ``checkpoint-N`` every ``checkpointing_steps`` optimisation steps (default: the scripts' 500);
+    ``resume`` continues each from its latest one (a finished run is not redone), bit-identical to a run that was never
+    stopped. The inputs are checked here first, so that a wrong folder fails in a second rather than after a model
+    loads."""
     from ..training.data import condition_dim, load_training_dataset
 
     data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
     condition_dim(data["train"], "embedding", dataset)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
+    _check_run_folder(output_dir, dataset, num_processes, judge_threshold)
     autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
-    common = ["--train_data_dir", str(dataset), "--seed", str(seed)]
-    if resume:
-        common += ["--resume_from_checkpoint", "latest"]
+    common = ["--train_data_dir", str(dataset), "--seed", str(seed), *_checkpoint_arguments(checkpointing_steps,
+                                                                                            resume)]
     autoencoder = [*common, *TRAINING_PRESETS[preset]["autoencoder"], "--output_dir", str(autoencoder_dir)]
     if autoencoder_epochs is not None:
         autoencoder += ["--num_train_epochs", str(autoencoder_epochs)]
@@ -138,23 +162,31 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
 def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | None = None,
               event_clip: str | None = None, diffusion_steps: int | None = None, num_processes: int = 1,
               mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
-              quiet: bool = False) -> Path:
+              quiet: bool = False, checkpointing_steps: int | None = None) -> Path:
     """Trains the chest X-ray VAE (unless ``vae`` names one), the event-image CLIP pretraining (unless ``event_clip``
     names its output) and the EHRXDiff diffusion model, each under ``accelerate launch``; returns the pipeline folder.
 
-    The dataset is checked here first (it must hold event embeddings), so that a wrong folder fails at once."""
+    Checkpoints and ``resume`` work as in :func:`train_ehr`. The inputs are checked here first (the dataset must hold
+    event embeddings), so that a wrong folder fails at once."""
     from ..data.cxr.split import EMBEDDINGS_COLUMN, load_dataset_dict
+    from ..hub.errors import check_model_path
 
-    data = load_dataset_dict(dataset)
+    if not Path(dataset).is_dir():
+        raise DataError(f"--dataset {dataset}: no such folder")
+    try:
+        data = load_dataset_dict(dataset)
+    except DataError as error:
+        raise DataError(f"--dataset {error}") from None
     if "train" not in data or EMBEDDINGS_COLUMN not in data["train"].column_names:
-        raise ValueError(f"--dataset {dataset}: needs a train split with {EMBEDDINGS_COLUMN}; prepare it with "
-                         "`ehr-diffusers prepare-cxr ... --embedder minilm`")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output-dir {output_dir}: exists and is not a folder")
+        raise DataError(f"--dataset {dataset}: needs a train split with {EMBEDDINGS_COLUMN}; prepare it with "
+                        "`ehr-diffusers prepare-cxr ... --embedder minilm`")
+    for argument, path in (("--vae", vae), ("--event-clip", event_clip)):
+        if path is not None:
+            check_model_path(path, argument)
+    _check_run_folder(output_dir, dataset, num_processes)
     steps = CXR_TRAINING_PRESETS[preset]
-    common = ["--train_data_dir", str(dataset), "--seed", str(seed), "--report_to", "none"]
-    if resume:
-        common += ["--resume_from_checkpoint", "latest"]
+    common = ["--train_data_dir", str(dataset), "--seed", str(seed), "--report_to", "none",
+              *_checkpoint_arguments(checkpointing_steps, resume)]
     threads = steps["cpu_threads"]
     if vae is None:
         vae = str(output_dir / "vae")
@@ -178,17 +210,22 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
     return model_dir
 
 
+def _resume(args: argparse.Namespace) -> bool:
+    return args.resume or args.resume_from == "latest"
+
+
 def run(args: argparse.Namespace) -> None:
     model_dir = train_ehr(args.dataset, args.output_dir, args.preset, args.autoencoder_epochs, args.diffusion_steps,
-                          args.judge_threshold, args.num_processes, args.mixed_precision, args.resume,
-                          push_to_hub=args.push_to_hub, quiet=args.quiet)
+                          args.judge_threshold, args.num_processes, args.mixed_precision, _resume(args),
+                          push_to_hub=args.push_to_hub, quiet=args.quiet,
+                          checkpointing_steps=args.checkpointing_steps)
     print(f"pipeline written to {model_dir}; generate with: ehr-diffusers generate --model {model_dir} "
           "--prompt \"65 year old woman with heart failure and CKD\" -n 100 --out records.csv")
 
 
 def run_cxr(args: argparse.Namespace) -> None:
     model_dir = train_cxr(args.dataset, args.output_dir, args.preset, args.vae, args.event_clip, args.diffusion_steps,
-                          args.num_processes, args.mixed_precision, args.resume, args.seed, args.push_to_hub,
-                          args.quiet)
+                          args.num_processes, args.mixed_precision, _resume(args), args.seed, args.push_to_hub,
+                          args.quiet, args.checkpointing_steps)
     print(f"pipeline written to {model_dir}; predict with: ehr-diffusers predict-cxr --model {model_dir} "
           "--prev PREVIOUS.png --events EVENTS.txt --out NEXT.png")

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import polars as pl
 
+from ..errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".csv.gz", ".csv", ".parquet")
 
 
-class MimicFormatError(ValueError):
+class MimicFormatError(DataError):
     """A MIMIC-IV file is missing, lacks a column, or holds a value of the wrong type."""
 
 
@@ -110,14 +112,37 @@ def find_table(folders: Iterable[Path], name: str) -> Path | None:
     return None
 
 
+def check_table_file(path: Path) -> None:
+    """Fails naming ``path`` when it is empty, or named ``.gz`` without being gzip, or ``.parquet`` without being
+    parquet: read as they are, such files fail later with a misleading "missing column"."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise MimicFormatError(f"{path}: the file is empty")
+    if path.name.endswith(".gz") and head[:2] != b"\x1f\x8b":
+        raise MimicFormatError(f"{path}: not a gzip file, although its name ends in .gz (a damaged or partial "
+                               "download?)")
+    if path.suffix == ".parquet" and head != b"PAR1":
+        raise MimicFormatError(f"{path}: not a parquet file")
+
+
+def _unreadable(path: Path, error: Exception) -> MimicFormatError:
+    """A polars or OS error while reading ``path``, as one line naming the file."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "utf-8" in first_line.lower() or "utf8" in first_line.lower():
+        return MimicFormatError(f"{path}: not UTF-8 text ({first_line}); MIMIC-IV files are UTF-8")
+    return MimicFormatError(f"{path}: cannot be read as a table ({first_line})")
+
+
 def scan_table(path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> pl.LazyFrame:
     """The file's ``required`` (and present ``optional``) columns as text (parquet: as stored), nothing parsed yet;
     the header is checked now so that a missing column is named before any work."""
+    check_table_file(path)
     try:
         frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_csv(path, infer_schema=False)
         present = frame.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as error:
-        raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
+        raise _unreadable(path, error) from error
     required = list(dict.fromkeys(required))
     missing = [column for column in required if column not in present]
     if missing:
@@ -162,6 +187,7 @@ class MimicIVReader:
         """A lazy frame with the required columns of ``table`` in their MIMIC-IV types (header checked now)."""
         spec = TABLES[table]
         path = self.path(table)
+        check_table_file(path)
         try:
             if path.suffix == ".parquet":
                 frame = pl.scan_parquet(path)
@@ -169,7 +195,7 @@ class MimicIVReader:
                 frame = pl.scan_csv(path, infer_schema=False)
             present = frame.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as error:
-            raise MimicFormatError(f"{path}: cannot be read as a table ({error})") from error
+            raise _unreadable(path, error) from error
         renames = {old: new for old, new in _ALIASES.get(table, {}).items() if old in present and new not in present}
         names = [renames.get(name, name) for name in present.names()]
         missing = [column for column in spec.columns if column not in names]
@@ -185,9 +211,13 @@ class MimicIVReader:
         path = self.path(table)
         try:
             return (self.scan(table) if frame is None else frame).collect()
-        except pl.exceptions.PolarsError as error:
+        except pl.exceptions.ComputeError as error:
+            if "utf" in str(error).lower():
+                raise _unreadable(path, error) from error
             first_line = str(error).strip().splitlines()[0]
             raise MimicFormatError(f"{path}: a value has the wrong type ({first_line})") from error
+        except pl.exceptions.PolarsError as error:
+            raise _unreadable(path, error) from error
 
     def read(self, table: str) -> pl.DataFrame:
         """Reads and validates one table, including its value vocabularies."""
@@ -210,10 +240,13 @@ NOT_NULL: dict[str, tuple[str, ...]] = {
     "d_icd_diagnoses": ("icd_code", "icd_version"),
 }
 UNIQUE: dict[str, tuple[str, ...]] = {"patients": ("subject_id",), "admissions": ("hadm_id",)}
+# Closed ranges of numeric columns: MIMIC-IV's anchor_age is 18-91 (top-coded); anything outside 0-120 is an error.
+RANGES: dict[str, dict[str, tuple[int, int]]] = {"patients": {"anchor_age": (0, 120)}}
 
 
 def validate_values(table: str, data: pl.DataFrame, path: Path | str) -> None:
-    """Checks vocabularies, empty values and unique keys of the columns present in ``data``."""
+    """Checks vocabularies, ranges, empty values and unique keys of the columns present in ``data``; a message names
+    the file, the column and the first row at fault (data rows counted from 1, the header not counted)."""
     for column, allowed in VOCABULARIES.get(table, {}).items():
         if column not in data.columns:
             continue
@@ -223,6 +256,14 @@ def validate_values(table: str, data: pl.DataFrame, path: Path | str) -> None:
             raise MimicFormatError(
                 f"{path}: column {column} has unknown value(s) {shown}; expected one of {', '.join(map(str, allowed))}"
             )
+    for column, (low, high) in RANGES.get(table, {}).items():
+        if column not in data.columns:
+            continue
+        outside = data.with_row_index("row", offset=1).filter(~pl.col(column).is_between(low, high))
+        if outside.height:
+            row, value = outside.select("row", column).row(0)
+            raise MimicFormatError(f"{path}: row {row}: column {column} is {value}, outside {low} to {high} "
+                                   f"({outside.height} row(s) in all)")
     for column in NOT_NULL.get(table, ()):
         if column in data.columns and data[column].null_count():
             raise MimicFormatError(f"{path}: column {column} has {data[column].null_count()} empty value(s)")

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import ModelError
 
-class ModelNotFoundError(OSError):
+
+class ModelNotFoundError(ModelError, OSError):
     """A pretrained model named by Hub id or folder is not available here; the message says how to supply it."""
 
 
@@ -20,6 +22,13 @@ def _looks_like_path(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().exists() or not _HUB_ID.fullmatch(name_or_path)
 
 
+def check_model_path(name_or_path: str, what: str) -> None:
+    """Fails at once, before anything loads, when ``name_or_path`` names a local folder (or cannot be a Hub id) that
+    does not exist."""
+    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise ModelNotFoundError(f"{what} {name_or_path}: no such folder")
+
+
 @contextmanager
 def explain_missing_model(name_or_path: str, what: str) -> Iterator[None]:
     """Runs a ``from_pretrained`` call and turns "not found" into one line that says how to supply the model.
@@ -27,8 +36,7 @@ def explain_missing_model(name_or_path: str, what: str) -> Iterator[None]:
     transformers answers a missing Hub id (offline, or a typo) with a multi-line OSError about internet access; users
     need to know that a local folder or a filled cache is what is wanted.
     """
-    if _looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ModelNotFoundError(f"{what} {name_or_path}: no such folder")
+    check_model_path(name_or_path, what)
     try:
         yield
     except ModelNotFoundError:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import DataError
 from ..io import atomic_directory, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ MAX_NAMED_KEYS = 10
 Conditioning = Literal["cross_attention", "hybrid"]
 
 
-class ConversionError(ValueError):
+class ConversionError(DataError):
     """The checkpoint or config does not match the EHRXDiff layout; the message names the keys."""
 
 

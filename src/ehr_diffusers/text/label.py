@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..data.ehr.schema import SCHEMA_NAME, EHRSchema
+from ..errors import DataError
 from ..io import MARKER_NAME, atomic_directory, atomic_file
 from .describe import RECORD_FIELDS, DiagnosisOrder, FactDescriber, PatientFacts, fact_text
 from .embed import SentenceEmbedder
@@ -105,16 +106,20 @@ def check_dataset(dataset_dir: str | Path) -> Any:
     from datasets import load_from_disk
 
     folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise DataError(f"--dataset {folder}: no such folder")
     if not (folder / "dataset_dict.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a prepared dataset (no dataset_dict.json); run `ehr-diffusers prepare`")
+        raise DataError(f"--dataset {folder}: not a prepared dataset (no dataset_dict.json); run `ehr-diffusers "
+                        "prepare`")
     if not (folder / MARKER_NAME).is_file():
-        raise ValueError(f"{folder}: labelling rewrites the folder in place, which is only done for folders written by "
-                         "`ehr-diffusers prepare`; prepare the dataset again or copy it into one")
+        raise DataError(f"--dataset {folder}: labelling rewrites the folder in place, which is only done for folders "
+                        "written by `ehr-diffusers prepare`; prepare the dataset again or copy it into one")
+    EHRSchema.load(folder)  # the schema recorded at prepare time, checked against its sha256
     dataset = load_from_disk(str(folder))
     for split, table in dataset.items():
         missing = [name for name in RECORD_FIELDS if name not in table.column_names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{folder}: split {split!r} lacks column(s) {missing}; labelling needs {list(RECORD_FIELDS)} "
                 "(a dataset written by `ehr-diffusers prepare`)"
             )

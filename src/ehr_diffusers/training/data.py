@@ -12,6 +12,7 @@ import torch
 
 from ..data.ehr.dataset import iter_vectors
 from ..data.ehr.schema import EHRSchema
+from ..errors import ArgumentError, DataError
 
 # isort: split
 from ..data.ehr.dataset import (  # noqa: F401  (re-exported: old import path)
@@ -24,19 +25,19 @@ from ..data.ehr.dataset import (  # noqa: F401  (re-exported: old import path)
 
 
 def condition_dim(split: Any, column: str, folder: str | Path) -> int:
-    """The width of the fixed-length float ``column``; a ValueError naming the argument when the column is missing
+    """The width of the fixed-length float ``column``; a DataError naming the argument when the column is missing
     (an unlabelled dataset) or is not a fixed-length float vector."""
     from datasets import List, Value
 
     if column not in split.column_names:
-        raise ValueError(f"--train_data_dir {folder}: dataset has no {column!r} column (--condition_column); label it "
+        raise DataError(f"--train_data_dir {folder}: dataset has no {column!r} column (--condition_column); label it "
                          "first with `ehr-diffusers label`")
     feature = split.features[column]
     length = getattr(feature, "length", -1)
     inner = getattr(feature, "feature", None)
     if not isinstance(feature, List) or length is None or length < 1 or not isinstance(inner, Value) \
             or not inner.dtype.startswith("float"):
-        raise ValueError(f"--condition_column {column}: expected a fixed-length float vector column, as "
+        raise DataError(f"--condition_column {column}: expected a fixed-length float vector column, as "
                          f"`ehr-diffusers label` writes, got {feature}")
     return int(length)
 
@@ -57,9 +58,9 @@ def screen_split(split: Any, threshold: float | None, keep_unscored: bool = Fals
     try:
         kept = screen(split, threshold=threshold, keep_unscored=keep_unscored)
     except ValueError as error:
-        raise ValueError(f"--judge_threshold {threshold}: {error}") from None
+        raise ArgumentError(f"--judge_threshold {threshold}: {error}") from None
     if len(kept) == 0:
-        raise ValueError(f"--judge_threshold {threshold}: no training row passes the judge screen (scores range "
+        raise DataError(f"--judge_threshold {threshold}: no training row passes the judge screen (scores range "
                          "1-5; every category must reach the threshold); lower it or leave it out")
     return kept, len(split) - len(kept)
 

@@ -31,6 +31,7 @@ import polars as pl
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ...errors import ArgumentError, DataError
 from ...io import atomic_directory, check_output_dir
 from .events import event_content, load_item_lists, render_events
 from .triplets import SPLITS, TripletOptions, build_triplets
@@ -59,16 +60,16 @@ class EventEmbeddingOptions:
 
     def __post_init__(self) -> None:
         if self.retrieval and self.embedder is None:
-            raise ValueError("--retrieval needs event embeddings: give --embedder")
+            raise ArgumentError("--retrieval needs event embeddings: give --embedder")
         if self.knowledge is not None and not self.retrieval:
-            raise ValueError("--knowledge is the retrieval corpus: it needs --retrieval")
+            raise ArgumentError("--knowledge is the retrieval corpus: it needs --retrieval")
         if self.retrieval:
             if self.retrieval_k < 1:
-                raise ValueError(f"--retrieval-k must be at least 1, got {self.retrieval_k}")
+                raise ArgumentError(f"--retrieval-k must be at least 1, got {self.retrieval_k}")
             if not 0 <= self.retrieval_weight <= 1:
-                raise ValueError(f"--retrieval-weight must be in [0, 1], got {self.retrieval_weight}")
+                raise ArgumentError(f"--retrieval-weight must be in [0, 1], got {self.retrieval_weight}")
             if self.knowledge is not None and not Path(self.knowledge).is_file():
-                raise ValueError(f"--knowledge {self.knowledge}: no such file")
+                raise ArgumentError(f"--knowledge {self.knowledge}: no such file")
 
 
 class EmbedEvents(Protocol):
@@ -106,7 +107,7 @@ class CXRDatasetOptions:
     def __post_init__(self, embedder: str | None, batch_size: int | None, retrieval: bool | None,
                       retrieval_k: int | None, retrieval_weight: float | None, knowledge: str | None) -> None:
         if self.max_events < 1:
-            raise ValueError(f"--max-events must be at least 1, got {self.max_events}")
+            raise ArgumentError(f"--max-events must be at least 1, got {self.max_events}")
         if embedder is not None or retrieval or knowledge is not None:
             raise ValueError("event embeddings are made by ehr_diffusers.text.event_embeddings.EventEmbedder: pass "
                              "embed_events=EventEmbedder(EventEmbeddingOptions(...)) instead of CXRDatasetOptions("
@@ -144,7 +145,7 @@ def build_cxr_dataset(cxr_dir: str | Path, mimic_dir: str | Path, options: CXRDa
     options = options or CXRDatasetOptions()
     splits, summary = build_triplets(cxr_dir, mimic_dir, options.triplets, show_progress=show_progress)
     if summary["triplets"] == 0:
-        raise ValueError(f"{cxr_dir}: no triplets ({summary['frontal_images']:,} frontal images, "
+        raise DataError(f"{cxr_dir}: no triplets ({summary['frontal_images']:,} frontal images, "
                          f"{summary['frontal_images_of_adults']:,} of adults inside an admission, "
                          f"{summary['pairs']:,} pairs less than {options.triplets.window_hours:g} h apart, "
                          f"{summary['pairs_with_images']:,} with both images usable)")
@@ -186,7 +187,7 @@ def check_image_size(image_size: int | None) -> None:
         return
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
             MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
-        raise ValueError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels per "
+        raise ArgumentError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels per "
                          f"side), got {image_size!r}")
 
 
@@ -200,7 +201,7 @@ def _relative_image_path(relative: str, source: str) -> Path:
     """``relative`` as a path that stays inside the folder it is relative to; an error naming ``source`` otherwise."""
     path = Path(relative)
     if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise ValueError(f"{source}: image path {relative!r} is not relative to the MIMIC-CXR-JPG folder")
+        raise DataError(f"{source}: image path {relative!r} is not relative to the MIMIC-CXR-JPG folder")
     return path
 
 
@@ -215,7 +216,7 @@ def _load_gray(path: Path, size: int, source: str) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image named by {source} not found") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from None
+        raise DataError(f"{path}: not a readable image ({error})") from None
 
 
 def write_image_copies(dataset: Any, cxr_dir: str | Path, out: str | Path, size: int,
@@ -305,7 +306,7 @@ def read_cxr_images(dataset_dir: str | Path, paths: Sequence[str], size: int, sh
             except FileNotFoundError:
                 raise FileNotFoundError(f"{path}: image copy named by {source} not found") from None
             except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"{path}: not a readable image ({error})") from None
+                raise DataError(f"{path}: not a readable image ({error})") from None
         else:
             path = root / relative
         images[index] = np.asarray(_load_gray(path, size, source))

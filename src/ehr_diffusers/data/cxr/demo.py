@@ -77,6 +77,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ... import __version__
+from ...errors import ArgumentError
 from ...io import atomic_directory
 from ..demo import (
     ANCHOR_YEAR_GROUPS,
@@ -1111,15 +1112,15 @@ def write_demo_cxr(out: str | Path, n_subjects: int = DEFAULT_SUBJECTS, seed: in
     ``overwrite``, and an error leaves nothing half-written.
     """
     if not is_integer(n_subjects) or not 1 <= n_subjects <= MAX_SUBJECTS:
-        raise ValueError(f"n_subjects must be an integer between 1 and {MAX_SUBJECTS:,}, got {n_subjects!r}")
+        raise ArgumentError(f"n_subjects must be an integer between 1 and {MAX_SUBJECTS:,}, got {n_subjects!r}")
     if not is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ArgumentError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(real_data, bool):
         raise ValueError(f"real_data must be True or False, got {real_data!r}")
     if workers is None:
         workers = default_workers()
     if not is_integer(workers) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise ArgumentError(f"workers must be a positive integer, got {workers!r}")
     logger.info("generating a synthetic chest X-ray cohort of %d subjects with seed %d", n_subjects, seed)
     with atomic_directory(out, overwrite) as staging:
         tables, studies, stats, n_masks, counts = _generate(int(n_subjects), int(seed), real_data)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import DataError
 from .dataset import read_cxr_images
 
 IMAGE_COLUMNS = ("previous_image", "target_image")
@@ -92,16 +93,16 @@ def load_dataset_dict(dataset_dir: str | Path) -> Any:
                                 "`ehr-diffusers prepare-cxr`")
     dataset = load_from_disk(str(folder))
     if not isinstance(dataset, DatasetDict):
-        raise ValueError(f"{folder}: expected a DatasetDict with train/validation/test splits")
+        raise DataError(f"{folder}: expected a DatasetDict with train/validation/test splits")
     missing = [column for column in IMAGE_COLUMNS if column not in next(iter(dataset.values())).column_names]
     if missing:
-        raise ValueError(f"{folder}: no {', '.join(map(repr, missing))} column; not a `prepare-cxr` dataset")
+        raise DataError(f"{folder}: no {', '.join(map(repr, missing))} column; not a `prepare-cxr` dataset")
     return dataset
 
 
 def _split(dataset: Any, dataset_dir: str | Path, split: str) -> Any:
     if split not in dataset:
-        raise ValueError(f"{dataset_dir}: the dataset has no {split!r} split (splits: {', '.join(dataset)})")
+        raise DataError(f"{dataset_dir}: the dataset has no {split!r} split (splits: {', '.join(dataset)})")
     return dataset[split]
 
 
@@ -145,7 +146,7 @@ def load_cxr_split(dataset_dir: str | Path, split: str, image_size: int, show_pr
     dataset = load_dataset_dict(dataset_dir)
     table = _split(dataset, dataset_dir, split)
     if EMBEDDINGS_COLUMN not in table.column_names:
-        raise ValueError(f"{dataset_dir}: split {split!r} has no {EMBEDDINGS_COLUMN!r} column (the dataset was "
+        raise DataError(f"{dataset_dir}: split {split!r} has no {EMBEDDINGS_COLUMN!r} column (the dataset was "
                          "prepared without event embeddings); prepare it with an embedder: `ehr-diffusers "
                          "prepare-cxr ... --embedder minilm`")
     dim = table.features[EMBEDDINGS_COLUMN].shape[-1]
@@ -154,7 +155,7 @@ def load_cxr_split(dataset_dir: str | Path, split: str, image_size: int, show_pr
     hours = [np.asarray(item, dtype=np.float32).reshape(-1) for item in numpy_view[HOURS_COLUMN]]
     for row, (vectors, times) in enumerate(zip(embeddings, hours)):
         if len(vectors) != len(times):
-            raise ValueError(f"{dataset_dir}: split {split!r}, row {row}: {len(vectors)} event embeddings but "
+            raise DataError(f"{dataset_dir}: split {split!r}, row {row}: {len(vectors)} event embeddings but "
                              f"{len(times)} event hours")
     chexpert = {name: _chexpert(table, column) if column in table.column_names else None
                 for name, column in CHEXPERT_COLUMNS.items()}
@@ -218,7 +219,7 @@ def check_subjects_unseen(model_dir: str | Path, subjects: np.ndarray, split: st
     try:
         trained = {int(subject) for subject in json.loads(record.read_text())["subjects"]}
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{record}: not a training record (a JSON object with a 'subjects' list): {error}") from None
+        raise DataError(f"{record}: not a training record (a JSON object with a 'subjects' list): {error}") from None
     refuse_seen_subjects(trained, subjects, split, str(model_dir),
                          f"{record} lists the training subjects; evaluate on a split whose patients it never saw")
     return True
@@ -228,5 +229,5 @@ def refuse_seen_subjects(trained: Iterable[int], subjects: np.ndarray, split: st
     """Raises ValueError naming a subject when ``what`` was trained on any of ``subjects``, an evaluated split's."""
     shared = sorted(set(trained).intersection(int(s) for s in np.asarray(subjects)))
     if shared:
-        raise ValueError(f"{what} was trained on {len(shared)} subject(s) of the {split!r} split being evaluated "
+        raise DataError(f"{what} was trained on {len(shared)} subject(s) of the {split!r} split being evaluated "
                          f"(e.g. subject_id {shared[0]}): {remedy}")

@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from ...errors import ArgumentError
 from ..mimic import MimicFormatError, MimicIVReader, find_table, scan_table
 
 logger = logging.getLogger(__name__)
@@ -168,15 +169,16 @@ class TripletOptions:
     test_fraction: float = 0.1
     seed: int = 0
     check_images: bool = True
+    strict: bool = False  # refuse, rather than drop, the pairs of absent or unusable images
 
     def __post_init__(self) -> None:
         if not 0 < self.window_hours < 24 * 365:
-            raise ValueError(f"--window-hours must be positive and under a year, got {self.window_hours}")
+            raise ArgumentError(f"--window-hours must be positive and under a year, got {self.window_hours}")
         if self.split not in ("seeded", "mimic"):
-            raise ValueError(f"--split must be 'seeded' or 'mimic', got {self.split!r}")
+            raise ArgumentError(f"--split must be 'seeded' or 'mimic', got {self.split!r}")
         if not (0 <= self.validation_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.validation_fraction + self.test_fraction < 1):
-            raise ValueError("--validation-fraction and --test-fraction must be in [0, 1) and leave a train split, "
+            raise ArgumentError("--validation-fraction and --test-fraction must be in [0, 1) and leave a train split, "
                              f"got {self.validation_fraction} and {self.test_fraction}")
         self.views = tuple(self.views)
 
@@ -223,14 +225,19 @@ def _seeded_split(subjects: pl.Series, validation: float, test: float, seed: int
     return pl.DataFrame({"subject_id": subjects, "split": pl.Series(names.tolist(), dtype=pl.String)})
 
 
-def _unusable_images(cxr_dir: Path, paths: list[str], show_progress: bool) -> tuple[set[str], set[str]]:
-    """The listed image files that are absent, and those present that PIL cannot identify as an image.
+# An image smaller than this on a side is no chest X-ray (a placeholder or a damaged export).
+MIN_IMAGE_SIDE = 16
+
+
+def _unusable_images(cxr_dir: Path, paths: list[str], show_progress: bool) -> tuple[set[str], dict[str, str]]:
+    """The listed image files that are absent, and those present that are no usable image, each with why: PIL cannot
+    identify it, or it is smaller than ``MIN_IMAGE_SIDE`` pixels on a side.
 
     Only the header is checked (a full decode of MIMIC-CXR's 3,000-pixel JPEGs would take hours); truncated pixel
     data surfaces when the image is loaded for training."""
     from PIL import Image, UnidentifiedImageError
 
-    missing, unreadable = set(), set()
+    missing, unreadable = set(), {}
     for relative in tqdm(paths, desc="checking images", unit="image", disable=not show_progress):
         path = cxr_dir / relative
         if not path.is_file():
@@ -238,9 +245,14 @@ def _unusable_images(cxr_dir: Path, paths: list[str], show_progress: bool) -> tu
             continue
         try:
             with Image.open(path) as image:
+                size = image.size
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            unreadable.add(relative)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            unreadable[relative] = f"not a readable image ({error})"
+            continue
+        if min(size) < MIN_IMAGE_SIDE:
+            unreadable[relative] = (f"{size[0]} x {size[1]} pixels, smaller than {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}: "
+                                    "not a chest X-ray")
     return missing, unreadable
 
 
@@ -329,12 +341,19 @@ def build_triplets(cxr_dir: str | Path, mimic_dir: str | Path, options: TripletO
         used = pl.concat([pairs["previous_image"], pairs["target_image"]]).unique().sort().to_list()
         missing, unreadable = _unusable_images(cxr_dir, used, show_progress)
         summary["images_missing"], summary["images_unreadable"] = len(missing), len(unreadable)
-        bad = missing | unreadable
+        bad = missing | set(unreadable)
+        if bad and options.strict:
+            first = sorted(bad)[0]
+            why = unreadable.get(first, "listed in the metadata but absent")
+            raise MimicFormatError(f"{cxr_dir / first}: {why}; {len(missing):,} listed image(s) absent and "
+                                   f"{len(unreadable):,} unusable in all; leave out --strict to drop their pairs")
         if bad:
-            for kind, found in (("absent", missing), ("unreadable", unreadable)):
+            for kind, found in (("absent", missing), ("unusable", set(unreadable))):
                 if found:
-                    logger.warning("%s: %d listed image(s) %s, their pairs left out (e.g. %s)", cxr_dir, len(found),
-                                   kind, sorted(found)[0])
+                    example = sorted(found)[0]
+                    logger.warning("%s: %d listed image(s) %s, their pairs left out (e.g. %s%s); --strict refuses "
+                                   "them", cxr_dir, len(found), kind, example,
+                                   f": {unreadable[example]}" if example in unreadable else "")
             bad_list = pl.Series(sorted(bad), dtype=pl.String).implode()
             pairs = pairs.filter(~pl.col("previous_image").is_in(bad_list) & ~pl.col("target_image").is_in(bad_list))
     summary["pairs_with_images"] = pairs.height

