@@ -27,7 +27,12 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 # ---------------------------------------------------------------------------------------------------- the inputs
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, labelled_demo_dataset) -> dict[str, Path]:
-    """Valid inputs of every command, built once and never changed (cases copy what they corrupt)."""
+    return build_world(tmp_path_factory.mktemp("bad-input"), labelled_demo_dataset)
+
+
+def build_world(root: Path, labelled: Path) -> dict[str, Path]:
+    """Valid inputs of every command under ``root``, built once and never changed (cases copy what they corrupt);
+    ``labelled`` is a labelled demo dataset (also used by benchmarks/bench_bad_input.py)."""
     from ehr_diffusers import EHRXDiffPipeline
     from ehr_diffusers.data.cxr.dataset import EventEmbeddingOptions, prepare_cxr
     from ehr_diffusers.data.cxr.demo import SMALL_SUBJECTS, write_demo_cxr
@@ -36,7 +41,6 @@ def world(tmp_path_factory, labelled_demo_dataset) -> dict[str, Path]:
     from test_ehrxdiff_pipeline import _tiny_components
     from test_pipeline import _tiny_pipeline
 
-    root = tmp_path_factory.mktemp("bad-input")
     mimic = write_tiny_mimic(root / "mimic")
     prepare(mimic, root / "prepared", show_progress=False)
     _tiny_pipeline().save_pretrained(root / "ehr-model")
@@ -49,7 +53,7 @@ def world(tmp_path_factory, labelled_demo_dataset) -> dict[str, Path]:
     (root / "events.txt").write_text("furosemide 40 mg IV, time -20.0 h\n", encoding="utf-8")
     (root / "user-folder").mkdir()
     (root / "user-folder" / "notes.txt").write_text("mine\n")
-    return {"root": root, "mimic": mimic, "prepared": root / "prepared", "labelled": labelled_demo_dataset,
+    return {"root": root, "mimic": mimic, "prepared": root / "prepared", "labelled": labelled,
             "ehr_model": root / "ehr-model", "cxr": root / "cxr" / "mimic-cxr-jpg",
             "cxr_mimic": root / "cxr" / "mimic-iv",
             "triplets": root / "triplets", "cxr_model": root / "cxr-model", "prev": prev,
@@ -571,10 +575,7 @@ def test_bad_input(case: Case, world, tmp_path, capsys, request) -> None:
         request.getfixturevalue("no_model_loads")
     argv = case.argv(world, tmp_path)
     capsys.readouterr()
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
+    status = main(argv)
     captured = capsys.readouterr()
     assert status == case.status, captured.err
     lines = [line for line in captured.err.splitlines() if line.startswith("ehr-diffusers") or "error" in line]
@@ -698,6 +699,26 @@ def test_a_large_record_count_is_announced_before_any_work(world, tmp_path, capl
     assert main(["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r.csv"), "-n",
                  "1000000000"]) == 2
     assert "--num-records 1,000,000,000" in caplog.text and "hours" in caplog.text
+
+
+@pytest.mark.slow
+def test_train_ehr_resumed_after_a_kill_gives_the_same_weights(world, tmp_path) -> None:
+    """train-ehr stopped after the diffusion run's mid-epoch checkpoint-2 (its later checkpoints and model gone, as a
+    kill leaves them) and run again with --resume-from-checkpoint latest: the weights of the run never stopped."""
+    from safetensors.torch import load_file
+
+    arguments = ["--dataset", str(world["labelled"]), "--preset", "demo", "--autoencoder-epochs", "1",
+                 "--diffusion-steps", "6", "--checkpointing-steps", "2", "-q"]  # 4 batches an epoch: 2 is mid-epoch
+    assert main(["train-ehr", "--output-dir", str(tmp_path / "whole"), *arguments]) == 0
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "whole" / "autoencoder-training", stopped / "autoencoder-training")
+    shutil.copytree(tmp_path / "whole" / "model" / "checkpoint-2", stopped / "model" / "checkpoint-2")
+    assert main(["train-ehr", "--output-dir", str(stopped), *arguments, "--resume-from-checkpoint", "latest"]) == 0
+    for part in ("denoiser", "autoencoder"):
+        (whole,) = (tmp_path / "whole" / "model" / part).glob("*.safetensors")
+        (resumed,) = (stopped / "model" / part).glob("*.safetensors")
+        first, second = load_file(whole), load_file(resumed)
+        assert first.keys() == second.keys() and all((first[key] == second[key]).all() for key in first)
 
 
 def test_train_ehr_passes_checkpointing_and_resume_to_both_runs(world, tmp_path, monkeypatch) -> None:

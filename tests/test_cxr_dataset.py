@@ -129,13 +129,13 @@ def test_prepare_cxr_command(cohort, tmp_path: Path, capsys) -> None:  # noqa: F
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--window-hours", "0"], "--window-hours must be positive"),
+    (["--window-hours", "0"], "--window-hours: must be a finite number > 0"),
     (["--window-hours", "1"], "no triplets (8 frontal images, 5 of adults inside an admission, 0 pairs"),
     (["--knowledge", "k.txt"], "--knowledge is the retrieval corpus: it needs --retrieval"),
     (["--retrieval", "--embedder", "none"], "--retrieval needs event embeddings"),
     (["--retrieval", "--retrieval-weight", "1.5"], "--retrieval-weight must be in [0, 1]"),
     (["--retrieval", "--knowledge", "/nonexistent.txt"], "--knowledge /nonexistent.txt: no such file"),
-    (["--window-hours", "inf"], "--window-hours must be positive and under a year"),
+    (["--window-hours", "inf"], "--window-hours: must be a finite number"),
     (["--image-size", "8"], "--image-size must be an integer from 16 to 1024 (pixels per side), got 8"),
     (["--image-size", "2048"], "--image-size must be an integer from 16 to 1024"),
 ])
@@ -207,9 +207,8 @@ def test_no_image_copies_by_default_and_bad_sizes_write_nothing(cohort, tmp_path
     for size in (15, 1025, 64.0, True, "64"):
         with pytest.raises(ValueError, match="--image-size must be an integer from 16 to 1024"):
             prepare_cxr(cxr, mimic, tmp_path / "bad", _options(), show_progress=False, image_size=size)
-    with pytest.raises(SystemExit):
-        main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(tmp_path / "bad"),
-              "--image-size", "big"])
+    assert main(["prepare-cxr", "--mimic-dir", str(mimic), "--cxr-dir", str(cxr), "--out", str(tmp_path / "bad"),
+                 "--image-size", "big"]) == 2
     assert "--image-size: invalid int value" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 

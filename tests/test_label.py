@@ -137,7 +137,7 @@ def test_an_interrupted_run_leaves_the_dataset_and_resumes(dataset_copy, embedde
 def test_bad_datasets_are_named(dataset_copy, tmp_path, embedder):
     from datasets import load_from_disk
 
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+    with pytest.raises(ValueError, match="not a prepared dataset"):
         label_dataset(tmp_path, TemplateSummarizer(), None, embedder, show_progress=False)
     with pytest.raises(FileNotFoundError, match="label the dataset first"):
         load_label_metadata(tmp_path)
@@ -169,7 +169,7 @@ def test_cli_checks_the_dataset_and_device_before_loading_models(tmp_path, capsy
 
     monkeypatch.setattr(label_command, "_label_models", never)
     assert main(["label", "-q", "--dataset", str(tmp_path / "missing")]) == 2
-    assert "not a prepared dataset" in capsys.readouterr().err
+    assert "missing: no such folder" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_device_it_cannot_use(dataset_copy, capsys):

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its errors in the one-line form of every other user error (no usage dump), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -434,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a bad argument (one line, status 2), or --help and --version (status 0)
+        return exit_.code if isinstance(exit_.code, int) else 2
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)

@@ -211,13 +211,11 @@ class MimicIVReader:
         path = self.path(table)
         try:
             return (self.scan(table) if frame is None else frame).collect()
-        except pl.exceptions.ComputeError as error:
+        except pl.exceptions.PolarsError as error:
             if "utf" in str(error).lower():
                 raise _unreadable(path, error) from error
             first_line = str(error).strip().splitlines()[0]
             raise MimicFormatError(f"{path}: a value has the wrong type ({first_line})") from error
-        except pl.exceptions.PolarsError as error:
-            raise _unreadable(path, error) from error
 
     def read(self, table: str) -> pl.DataFrame:
         """Reads and validates one table, including its value vocabularies."""

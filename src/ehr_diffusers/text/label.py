@@ -114,7 +114,6 @@ def check_dataset(dataset_dir: str | Path) -> Any:
     if not (folder / MARKER_NAME).is_file():
         raise DataError(f"--dataset {folder}: labelling rewrites the folder in place, which is only done for folders "
                         "written by `ehr-diffusers prepare`; prepare the dataset again or copy it into one")
-    EHRSchema.load(folder)  # the schema recorded at prepare time, checked against its sha256
     dataset = load_from_disk(str(folder))
     for split, table in dataset.items():
         missing = [name for name in RECORD_FIELDS if name not in table.column_names]
@@ -123,6 +122,7 @@ def check_dataset(dataset_dir: str | Path) -> Any:
                 f"{folder}: split {split!r} lacks column(s) {missing}; labelling needs {list(RECORD_FIELDS)} "
                 "(a dataset written by `ehr-diffusers prepare`)"
             )
+    EHRSchema.load(folder)  # the schema recorded at prepare time, checked against its sha256
     return dataset
 
 

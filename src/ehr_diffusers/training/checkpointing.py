@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,30 @@ def resume_state(accelerator: Accelerator, resume_from: Path | None, requested: 
     global_step = checkpoint_step(resume_from)
     return (global_step, global_step // steps_per_epoch,
             (global_step % steps_per_epoch) * gradient_accumulation_steps)
+
+
+def epoch_batches(accelerator: Accelerator, dataloader: Any, epoch: int, first_epoch: int,
+                  batches_to_skip: int) -> Iterator[Any]:
+    """The batches of ``epoch`` in an order drawn from the seed and the epoch alone (the Accelerator's seedable
+    sampler), less the first ``batches_to_skip`` in the epoch a resumed run starts in, so that a run resumed from any
+    checkpoint, mid-epoch included, trains on the batches, and draws the noise, of the run that was never stopped.
+
+    Starting a DataLoader's iterator draws a seed from torch's global generator. The uninterrupted run drew it at the
+    start of the epoch, before the checkpoint saved that generator; a resumed run draws it after the checkpoint restored
+    it, so that draw is undone here."""
+    import torch
+
+    dataloader.set_epoch(epoch)
+    if epoch != first_epoch or not batches_to_skip:
+        yield from dataloader
+        return
+    state = torch.get_rng_state()
+    batches = iter(accelerator.skip_first_batches(dataloader, batches_to_skip))
+    first = next(batches, None)
+    torch.set_rng_state(state)
+    if first is not None:
+        yield first
+        yield from batches
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None, logger: Any = None) -> list[Path]:

@@ -120,7 +120,7 @@ def make_accelerator(args: argparse.Namespace, logger: Any) -> Any:
     import diffusers
     import transformers
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     log_with, warning = resolve_report_to(args.report_to)
@@ -130,6 +130,8 @@ def make_accelerator(args: argparse.Namespace, logger: Any) -> Any:
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=project_config,
+        # each epoch's order comes from (seed, epoch), so that a resumed run can replay it (checkpointing.epoch_batches)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)

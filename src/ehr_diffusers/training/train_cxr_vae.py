@@ -45,6 +45,7 @@ from ehr_diffusers.data.cxr.split import CXRImages, from_pixels, load_cxr_images
 from ehr_diffusers.io import atomic_file, atomic_merge, check_output_dir
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
@@ -383,9 +384,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if global_step >= max_train_steps:
             break
         vae.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        batches = epoch_batches(accelerator, train_dataloader, epoch, first_epoch, batches_to_skip)
         for (images,) in batches:
             with accelerator.accumulate(vae):
                 pixels = to_pixels(images, args.in_channels)

@@ -30,6 +30,7 @@ from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.training import AUTOENCODER_METRICS_NAME, TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
@@ -297,9 +298,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if global_step >= max_train_steps:
             break
         model.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        batches = epoch_batches(accelerator, train_dataloader, epoch, first_epoch, batches_to_skip)
         for batch in batches:
             with accelerator.accumulate(model):
                 vectors = batch["vectors"]

@@ -37,6 +37,7 @@ from ehr_diffusers.models.ehr_denoiser import EHRDenoiserModel
 from ehr_diffusers.schedulers.scheduling_logsnr_cosine import LogSNRCosineScheduler
 from ehr_diffusers.training import AUTOENCODER_METRICS_NAME, TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
@@ -420,9 +421,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
         if global_step >= max_train_steps:
             break
         denoiser.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        batches = epoch_batches(accelerator, train_dataloader, epoch, first_epoch, batches_to_skip)
         for clean, condition in batches:
             with accelerator.accumulate(denoiser):
                 noise = torch.randn_like(clean)

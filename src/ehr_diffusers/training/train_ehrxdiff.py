@@ -43,6 +43,7 @@ from ehr_diffusers.models.fusion_adapter import ADAPTER_TYPES, FusionAdapterMode
 from ehr_diffusers.pipelines.pipeline_ehrxdiff import image_encoder_pixels
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
@@ -654,9 +655,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             break
         for name in trained:
             models[name].train()
-        loader = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        loader = epoch_batches(accelerator, train_dataloader, epoch, first_epoch, batches_to_skip)
         for (rows,) in loader:
             with accelerator.accumulate(*[models[name] for name in trained]):
                 batch = batches(rows.cpu().numpy())

@@ -55,6 +55,7 @@ from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.event_encoder import EventEncoderModel
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
     resume_state,
@@ -458,9 +459,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
             break
         event_encoder.train()
         image_encoder.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        batches = epoch_batches(accelerator, train_dataloader, epoch, first_epoch, batches_to_skip)
         for (indices,) in batches:
             with accelerator.accumulate(event_encoder, image_encoder, head):
                 rows = indices.cpu()

@@ -225,8 +225,8 @@ def _seeded_split(subjects: pl.Series, validation: float, test: float, seed: int
     return pl.DataFrame({"subject_id": subjects, "split": pl.Series(names.tolist(), dtype=pl.String)})
 
 
-# An image smaller than this on a side is no chest X-ray (a placeholder or a damaged export).
-MIN_IMAGE_SIDE = 16
+# An image smaller than this on a side holds no anatomy at all (a placeholder or a damaged export).
+MIN_IMAGE_SIDE = 8
 
 
 def _unusable_images(cxr_dir: Path, paths: list[str], show_progress: bool) -> tuple[set[str], dict[str, str]]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ... import __version__
 from ...data.ehr.schema import EHRSchema
+from ...errors import ArgumentError, DataError, ModelError
 from .baselines import baseline_vectors
 from .clinical import compare_plausibility
 from .conditional import extraction_agreement, prompt_faithfulness
@@ -205,7 +206,7 @@ def _prompts(real: RealData, prompts: Sequence[str] | None,
     prompts = list(prompts)
     leaked = [prompt for prompt in prompts if prompt in real.holdout_summaries]
     if leaked:
-        raise ValueError(f"prompts: {len(leaked)} of the {len(prompts)} prompts are summaries of holdout patients "
+        raise DataError(f"prompts: {len(leaked)} of the {len(prompts)} prompts are summaries of holdout patients "
                          f"(first: {leaked[0]!r}); prompts must come from the train split, as the holdout is what the "
                          "records are scored against")
     return prompts, None, "given by the caller (checked: none is a holdout summary)"
@@ -232,10 +233,10 @@ def evaluate_pipeline(pipe: Any, real: RealData, *, model_name: str, dataset_nam
     try:
         model_schema = pipe.schema
     except ValueError as error:
-        raise ValueError(f"--model {model_name}: {error}") from None
+        raise ModelError(f"--model {model_name}: {error}") from None
     check_same_schema(real.schema, model_schema, f"--dataset {dataset_name}", f"--model {model_name}")
     if n_records < 2:
-        raise ValueError(f"--n-records must be at least 2 (fidelity compares distributions), got {n_records}")
+        raise ArgumentError(f"--n-records must be at least 2 (fidelity compares distributions), got {n_records}")
     prompts, source_records, prompt_split = _prompts(real, prompts, n_prompts)
     generation = dict(generation or {})
     if generation.get("decode_mode") is None:
