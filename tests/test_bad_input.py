@@ -231,6 +231,16 @@ def _tiny_yml(w: dict, tmp: Path) -> Path:
     return _yml(TINY_YML)(w, tmp)
 
 
+def _tiny_checkpoint(w: dict, tmp: Path) -> Path:
+    """The original layout's weights at tiny widths, as safetensors."""
+    from safetensors.torch import save_file
+
+    from test_convert_ehrxdiff import tiny_original
+
+    save_file(tiny_original(), tmp / "model.safetensors")
+    return tmp / "model.safetensors"
+
+
 def _cxr_image_corrupt(w: dict, tmp: Path) -> Path:
     cxr = _cxr_copy(w, tmp)
     _first_image(cxr).write_bytes(b"\xff\xd8\xff not really a jpeg")
@@ -275,6 +285,21 @@ def _latin1_patients(w: dict, tmp: Path) -> Path:
     text = PATIENTS.replace("2008 - 2010,2152-03-01", "2008 - 2010 \u00e9t\u00e9,2152-03-01")
     (root / "hosp" / "patients.csv").write_bytes(text.encode("latin-1"))
     return root
+
+
+def _truncated_gzip(w: dict, tmp: Path) -> Path:
+    root = _mimic(tmp)
+    (root / "hosp" / "diagnoses_icd.csv").unlink()
+    whole = gzip.compress((DIAGNOSES * 200).encode())
+    (root / "hosp" / "diagnoses_icd.csv.gz").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _knowledge_jsonl(content: bytes) -> Callable[[dict, Path], list[str]]:
+    def make(w: dict, tmp: Path) -> list[str]:
+        (tmp / "knowledge.jsonl").write_bytes(content)
+        return _prepare_cxr("--embedder", "minilm", "--retrieval", "--knowledge", str(tmp / "knowledge.jsonl"))(w, tmp)
+    return make
 
 
 def _nested(w: dict, tmp: Path) -> list[str]:
@@ -378,6 +403,7 @@ CASES = [
          _prepare(_tiny(diagnoses_icd=_diagnosis("I509", "9"), admissions=_WITH_ADMISSION), "--strict"),
          ("diagnoses_icd.csv", "'I509'", "ICD-10-CM code labelled icd_version 9")),
     Case("prepare: gzip of random bytes", _prepare(_gzip_garbage), ("patients.csv.gz", "not a gzip")),
+    Case("prepare: truncated .csv.gz", _prepare(_truncated_gzip), ("diagnoses_icd.csv.gz", "cannot be read")),
     Case("prepare: empty patients file", _prepare(_tiny(patients="")), ("patients.csv", "empty")),
     Case("prepare: non-UTF-8 patients file", _prepare(_latin1_patients), ("patients.csv", "UTF-8")),
     Case("prepare: --holdout-fraction 1.5", _prepare(_tiny(), "--holdout-fraction", "1.5"), ("--holdout-fraction",)),
@@ -422,6 +448,8 @@ CASES = [
     Case("train-ehr: --resume-from-checkpoint nonsense", _train_ehr("--resume-from-checkpoint", "checkpoint-x"),
          ("--resume-from-checkpoint", "checkpoint-x")),
     Case("train-ehr: --num-processes 2 on CPUs", _train_ehr("--num-processes", "2"), ("--num-processes",)),
+    Case("train-ehr: --judge-threshold no row passes", _train_ehr("--judge-threshold", "6"),
+         ("--judge_threshold 6", "no training row passes")),
     # ------------------------------------------------------------------ generate
     Case("generate: --model missing", _generate(model="./no/such/model"), ("--model", "no/such/model")),
     Case("generate: --model is a dataset", _generate(model="prepared"), ("--model", "prepared"), loads_model=True),
@@ -443,6 +471,11 @@ CASES = [
          ("--out", "inside the input", "--model"), out="m/tables"),
     Case("generate: --text-embedder missing", _generate("--text-embedder", "./no/such/embedder"),
          ("--text-embedder", "no such folder")),
+    Case("generate: --model of the other pipeline", _generate(model="cxr_model"),
+         ("--model", "cannot be loaded from this folder"), loads_model=True),
+    Case("generate: --out inside --model, --overwrite",
+         lambda w, t: _generate("--overwrite", out="m/records.csv", model=str(_copy(w["ehr_model"], t / "m")))(w, t),
+         ("--out", "lies inside, the input --model"), out="m/records.csv"),
     # ------------------------------------------------------------------ evaluate
     Case("evaluate: --dataset missing", lambda w, t: ["evaluate", "--model", str(w["ehr_model"]), "--dataset",
                                                       str(t / "nope"), "--out", str(t / "out")], ("--dataset", "nope")),
@@ -476,6 +509,8 @@ CASES = [
          ("knowledge.txt", "UTF-8")),
     Case("prepare-cxr: --knowledge without --retrieval", _prepare_cxr("--knowledge", "{events}"),
          ("--knowledge", "--retrieval")),
+    Case("prepare-cxr: --knowledge invalid JSONL", _knowledge_jsonl(b'{"text": "rales"}\n{oops\n'),
+         ("--knowledge", "knowledge.jsonl:2", "invalid JSON")),
     Case("prepare-cxr: --items folder missing", _prepare_cxr("--items", "{tmp}/no-items"), ("--items", "no-items")),
     Case("prepare-cxr: --out inside --cxr-dir",
          lambda w, t: ["prepare-cxr", "--cxr-dir", str(_cxr_copy(w, t)), "--mimic-dir", str(w["cxr_mimic"]), "--out",
@@ -519,6 +554,14 @@ CASES = [
     Case("predict-cxr: --guidance-scale nan", _predict("--guidance-scale", "nan"), ("--guidance-scale",),
          out="out.png"),
     Case("predict-cxr: --eta nan", _predict("--eta", "nan"), ("--eta",), out="out.png"),
+    Case("predict-cxr: --out is --prev",
+         _predict("--overwrite", out="p.png", prev=lambda w, t: shutil.copy(w["prev"], t / "p.png")),
+         ("--out", "the input --prev"), out=None),
+    Case("predict-cxr: --device banana", _predict("--device", "banana"), ("--device", "banana"), out="out.png"),
+    Case("predict-cxr: --events empty .npy", _predict(events=_file("e.npy", b"")), ("--events", "e.npy"),
+         out="out.png"),
+    Case("predict-cxr: --events truncated .npz", _predict(events=_file("e.npz", b"PK\x03\x04 truncated")),
+         ("--events", "e.npz"), out="out.png"),
     Case("predict-cxr: --model missing", lambda w, t: _predict()(w, t)[:1] + ["--model", str(t / "nope")] +
          _predict()(w, t)[3:], ("--model", "nope"), out="out.png"),
     # ------------------------------------------------------------------ evaluate-cxr
@@ -538,6 +581,14 @@ CASES = [
     Case("convert-ehrxdiff: --config missing",
          _convert(_file("model.safetensors", b""), lambda w, t: t / "nope.yml"), ("--config", "nope.yml")),
     Case("convert-ehrxdiff: --config not YAML", _convert(_file("model.ckpt", b""), _yml("model: [unclosed\n")),
+         ("EHRXDiff.yml",)),
+    Case("convert-ehrxdiff: --config not UTF-8", _convert(_file("model.ckpt", b""), _file("c.yml", b"a: \xe9\n")),
+         ("--config", "c.yml", "UTF-8")),
+    Case("convert-ehrxdiff: corrupt .safetensors", _convert(_file("model.safetensors", b"\x08" + b"\x00" * 20),
+                                                            _tiny_yml), ("--checkpoint", "model.safetensors")),
+    Case("convert-ehrxdiff: config entry missing",
+         _convert(_tiny_checkpoint, _yml("model:\n  params:\n    unet_config: {}\n"
+                                                        "    first_stage_config: {}\n    cond_stage_config: {}\n")),
          ("EHRXDiff.yml",)),
 ]
 

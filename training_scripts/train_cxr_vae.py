@@ -8,7 +8,8 @@ top-level folders are not part of the wheel, and an installed package runs the s
 `accelerate launch -m ehr_diffusers.training.train_cxr_vae ...`. Read or copy that module to change the training loop.
 """
 
+from ehr_diffusers.training.common import run_script
 from ehr_diffusers.training.train_cxr_vae import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

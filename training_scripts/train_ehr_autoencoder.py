@@ -9,7 +9,8 @@ installed package (`accelerate launch -m ehr_diffusers.training.train_ehr_autoen
 change the training loop.
 """
 
+from ehr_diffusers.training.common import run_script
 from ehr_diffusers.training.train_ehr_autoencoder import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

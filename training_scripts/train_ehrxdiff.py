@@ -10,7 +10,8 @@ package (`accelerate launch -m ehr_diffusers.training.train_ehrxdiff ...`). Read
 training loop.
 """
 
+from ehr_diffusers.training.common import run_script
 from ehr_diffusers.training.train_ehrxdiff import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

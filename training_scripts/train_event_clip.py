@@ -10,7 +10,8 @@ The code lives in the package, in `ehr_diffusers/training/train_event_clip.py`, 
 loop.
 """
 
+from ehr_diffusers.training.common import run_script
 from ehr_diffusers.training.train_event_clip import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -419,12 +419,15 @@ def _interrupted(command: str, written_before: int) -> str:
     """What an interrupted command left, truthfully: the outputs it put in place, or none."""
     from .io import completed_outputs
 
+    if command in ("train-ehr", "train-cxr"):  # the runs' own processes write checkpoints as they go
+        return (f"ehr-diffusers {command}: interrupted; the checkpoints saved so far are kept in --output-dir: run the "
+                "same command with --resume-from-checkpoint latest to continue")
     written = completed_outputs()[written_before:]
     if not written:
         return f"ehr-diffusers {command}: interrupted; no output written (an earlier output is left as it was)"
     shown = ", ".join(str(path) for path in written[-3:])
-    return (f"ehr-diffusers {command}: interrupted after writing {len(written)} output(s) ({shown}); the output being "
-            "written then was removed")
+    return (f"ehr-diffusers {command}: interrupted after writing {len(written)} output(s) ({shown}); any output "
+            "still being written was removed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,9 @@ MARKER_NAME = ".ehr-diffusers-output"
 
 
 # The outputs this process has put in place, in order: an interrupted command says truthfully what it left behind.
+# Outputs written inside a staging folder are not recorded: they stand or fall with it.
 _COMPLETED: list[Path] = []
+_STAGING: set[Path] = set()
 
 
 class OutputExistsError(OutputError):
@@ -28,6 +30,12 @@ class OutputExistsError(OutputError):
 
 class OutputArgumentError(OutputExistsError, ArgumentError):
     """The output folder a command-line argument names may not be written: bad input, hence also a ValueError."""
+
+
+def _completed(path: Path) -> None:
+    path = Path(path).absolute()
+    if not any(staging in path.parents for staging in _STAGING):
+        _COMPLETED.append(path)
 
 
 def completed_outputs() -> list[Path]:
@@ -50,10 +58,10 @@ def deferred_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for kind, handler in previous.items():
-            signal.signal(kind, handler)
-        if pending:
-            signal.raise_signal(pending[0])
+        for kind, handler in previous.items():  # None: a handler not set from Python, whose default was in force
+            signal.signal(kind, signal.SIG_DFL if handler is None else handler)
+        if pending:  # SIGTERM, the stronger request, wins over a Ctrl-C that came with it
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in pending else signal.SIGINT)
 
 
 def check_output_dir(
@@ -102,6 +110,21 @@ def check_output_dir(
     return out
 
 
+def check_output_file(out: str | Path, inputs: Mapping[str, str | Path | None], argument: str = "--out") -> Path:
+    """Fails early when the output file ``out`` is one of ``inputs`` or lies inside one of them (a model folder):
+    with ``--overwrite`` it would replace an input."""
+    out = Path(out)
+    resolved = out.resolve()
+    for name, source in inputs.items():
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if source == resolved or source in resolved.parents:
+            raise OutputArgumentError(f"{argument} {out}: is, or lies inside, the input {name} {source}; choose "
+                                      "another output file")
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -128,7 +151,7 @@ def atomic_file(path: str | Path, durable: bool = False) -> Iterator[Path]:
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private
         with deferred_signals():
             os.replace(temporary, path)
-            _COMPLETED.append(path)
+            _completed(path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -148,11 +171,14 @@ def atomic_directory(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output gets the permissions of a plain mkdir
     (staging / MARKER_NAME).write_text("written by ehr-diffusers; --overwrite may replace this folder\n")
+    _STAGING.add(staging)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _STAGING.discard(staging)
     with deferred_signals():  # the old output or the new one, never both and never neither
         trash: Path | None = None
         try:
@@ -160,14 +186,14 @@ def atomic_directory(
                 trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.replace(out, trash / out.name)
             os.replace(staging, out)
-            _COMPLETED.append(out)
+            _completed(out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             if trash is not None and (trash / out.name).exists() and not out.exists():
                 os.replace(trash / out.name, out)
             raise
         finally:
-            if trash is not None:
+            if trash is not None and out.exists():  # never delete the old output while it is the only one
                 shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -182,11 +208,14 @@ def atomic_merge(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".merge.tmp-", dir=out))
+    _STAGING.add(staging.absolute())
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _STAGING.discard(staging.absolute())
     with deferred_signals():
         trash = Path(tempfile.mkdtemp(prefix=".merge.old-", dir=out))
         try:
@@ -194,8 +223,13 @@ def atomic_merge(out: str | Path) -> Iterator[Path]:
                 target = out / item.name
                 if target.exists() or target.is_symlink():
                     os.replace(target, trash / item.name)  # a rename, not a slow delete, between old and new
-                os.replace(item, target)
-                _COMPLETED.append(target)
+                try:
+                    os.replace(item, target)
+                except BaseException:
+                    if (trash / item.name).exists() and not target.exists():
+                        os.replace(trash / item.name, target)  # the old entry back: never neither
+                    raise
+                _completed(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)

@@ -31,7 +31,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     )
     from ..data.cxr.demo import is_demo_cxr
     from ..data.cxr.triplets import TripletOptions
-    from ..io import check_output_dir, read_user_text
+    from ..io import check_output_dir
 
     # everything a user can get wrong is checked here, before the embedder loads
     triplets = TripletOptions(window_hours=args.window_hours, split=args.split, seed=args.seed,
@@ -45,7 +45,9 @@ def run_prepare(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, {"--cxr-dir": args.cxr_dir, "--mimic-dir": args.mimic_dir},
                      argument="--out")
     if args.knowledge is not None and args.retrieval:
-        read_user_text(args.knowledge, "--knowledge")
+        from ..text.retrieval import load_knowledge
+
+        load_knowledge(args.knowledge)
     embedding = EventEmbeddingOptions(embedder=None if args.embedder == "none" else args.embedder,
                                       batch_size=args.batch_size, retrieval=args.retrieval,
                                       retrieval_k=args.retrieval_k, retrieval_weight=args.retrieval_weight,

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ArgumentError, DataError, ModelError
 from ..training import AUTOENCODER_METRICS_NAME
-from .common import load_pipeline
+from .common import load_pipeline, torch_device
 
 
 def _baseline_names(text: str) -> tuple[str, ...]:
@@ -65,6 +65,10 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     local_model = Path(model) if Path(model).exists() else None
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     check_model_path(model, "--model")
+    torch_device(device)
+    if options.get("n_records", 2) < 2:
+        raise ArgumentError(f"--n-records must be at least 2 (fidelity compares distributions), got "
+                            f"{options['n_records']}")
     dataset_schema = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")[1]
     model_schema = _saved_schema(local_model)
     if model_schema is not None:

@@ -60,7 +60,7 @@ def write_records(records: list[dict], prompts: list[str | None], out: Path, fil
 
 def run(args: argparse.Namespace) -> None:
     from ..hub.errors import check_model_path
-    from ..io import check_output_dir
+    from ..io import check_output_dir, check_output_file
     from ..sampling import generate_records
 
     # everything a user can get wrong is checked here, before the model loads
@@ -74,8 +74,10 @@ def run(args: argparse.Namespace) -> None:
     local_model = Path(args.model) if Path(args.model).exists() else None
     if file_format == "mimic":
         check_output_dir(args.out, args.overwrite, {"--model": local_model}, argument="--out")
-    elif args.out.exists() and (args.out.is_dir() or not args.overwrite):
-        raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace the file")
+    else:
+        if args.out.exists() and (args.out.is_dir() or not args.overwrite):
+            raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace the file")
+        check_output_file(args.out, {"--model": local_model, "--prompts-file": args.prompts_file})
     check_model_path(args.model, "--model")
     if args.text_embedder not in (None, "minilm"):
         check_model_path(args.text_embedder, "--text-embedder")

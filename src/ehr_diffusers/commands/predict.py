@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ def read_events(path: Path) -> dict[str, Any]:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
-        except (ValueError, OSError) as error:
-            raise DataError(f"--events {path}: not a numeric .npz archive ({error})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise DataError(f"--events {path}: not a numeric .npz archive ({error or type(error).__name__})") from None
         if "event_embeddings" not in arrays:
             raise DataError(f"--events {path}: no event_embeddings array (found {sorted(arrays)})")
         embeddings = arrays["event_embeddings"]
@@ -56,8 +57,8 @@ def read_events(path: Path) -> dict[str, Any]:
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
-        except ValueError as error:
-            raise DataError(f"--events {path}: not a numeric .npy array ({error})") from None
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"--events {path}: not a numeric .npy array ({error or type(error).__name__})") from None
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
             raise DataError(f"--events {path}: expected a numeric (n_events, dim) array, got {array.dtype} "
                              f"{array.shape}")
@@ -107,23 +108,26 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from ..hub.errors import check_model_path, explain_missing_model
-    from ..io import atomic_file
+    from ..io import atomic_file, check_output_file
     from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
+    from .common import torch_device
 
     # everything a user can get wrong is checked here, before the model loads
     if args.out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ArgumentError(f"--out {args.out}: name a .png or .jpg file")
     if args.out.exists() and not args.overwrite:
         raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    check_output_file(args.out, {"--prev": args.prev, "--events": args.events,
+                                 "--model": Path(args.model) if Path(args.model).exists() else None})
     check_model_path(str(args.model), "--model")
+    device = torch_device(args.device or "cpu")
     previous = read_image(args.prev)
     events = read_events(args.events)
     _check_event_width(events, args)
 
     with explain_missing_model(str(args.model), "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(str(args.model))
-    if args.device:
-        pipe.to(args.device)
+    pipe.to(device)
     dim = pipe.event_encoder.config.event_dim
     if "event_embeddings" in events and events["event_embeddings"].shape[1] != dim:
         raise ModelError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "

@@ -75,6 +75,7 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
                        quiet: bool = False, cpu_threads: int | None = None) -> None:
     """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
     script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
+    import signal
     import subprocess
 
     import torch
@@ -86,14 +87,24 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
         if cpu_threads is not None:
             launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
-    completed = subprocess.run([*launch, "-m", module, *arguments], **output)
+    process = subprocess.Popen([*launch, "-m", module, *arguments], **output)
+    try:
+        stdout, _ = process.communicate()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cli.Terminated): stop the run as it would stop
+        process.send_signal(signal.SIGTERM if type(interrupt) is not KeyboardInterrupt else signal.SIGINT)
+        try:
+            process.wait(timeout=60)  # accelerate launch passes the signal on and waits for the script
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
     if quiet:  # warnings always, the rest only when the script failed
-        lines = completed.stdout.splitlines()
-        shown = lines[-40:] if completed.returncode != 0 else [line for line in lines if "WARNING" in line]
+        lines = stdout.splitlines()
+        shown = lines[-40:] if process.returncode != 0 else [line for line in lines if "WARNING" in line]
         if shown:
             print("\n".join(shown), file=sys.stderr)
-    if completed.returncode != 0:
-        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {completed.returncode}); see its "
+    if process.returncode != 0:
+        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {process.returncode}); see its "
                                   "messages above")
 
 
@@ -132,10 +143,11 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
     ``resume`` continues each from its latest one (a finished run is not redone), bit-identical to a run that was never
     stopped. The inputs are checked here first, so that a wrong folder fails in a second rather than after a model
     loads."""
-    from ..training.data import condition_dim, load_training_dataset
+    from ..training.data import condition_dim, load_training_dataset, screen_split
 
     data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
     condition_dim(data["train"], "embedding", dataset)
+    screen_split(data["train"], judge_threshold)  # a threshold no row passes fails now, not after the autoencoder
     _check_run_folder(output_dir, dataset, num_processes, judge_threshold)
     autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
     common = ["--train_data_dir", str(dataset), "--seed", str(seed), *_checkpoint_arguments(checkpointing_steps,

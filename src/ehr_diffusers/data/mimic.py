@@ -183,6 +183,11 @@ class MimicIVReader:
         expected = self.root / spec.module / f"{spec.name}.csv.gz"
         raise MimicFormatError(f"{expected}: required MIMIC-IV table '{table}' not found (.csv.gz, .csv or .parquet)")
 
+    def has(self, table: str) -> bool:
+        """Whether the release holds ``table`` (in any of the accepted formats)."""
+        spec = TABLES[table]
+        return find_table((self.root / spec.module, self.root), spec.name) is not None
+
     def scan(self, table: str) -> pl.LazyFrame:
         """A lazy frame with the required columns of ``table`` in their MIMIC-IV types (header checked now)."""
         spec = TABLES[table]
@@ -211,6 +216,8 @@ class MimicIVReader:
         path = self.path(table)
         try:
             return (self.scan(table) if frame is None else frame).collect()
+        except OSError as error:  # a truncated or damaged compressed file
+            raise _unreadable(path, error) from error
         except pl.exceptions.PolarsError as error:
             if "utf" in str(error).lower():
                 raise _unreadable(path, error) from error
@@ -242,30 +249,43 @@ UNIQUE: dict[str, tuple[str, ...]] = {"patients": ("subject_id",), "admissions":
 RANGES: dict[str, dict[str, tuple[int, int]]] = {"patients": {"anchor_age": (0, 120)}}
 
 
+def _first_row(data: pl.DataFrame, condition: pl.Expr) -> int:
+    """The 1-based data row (the header not counted) of the first row where ``condition`` holds."""
+    return int(data.select(condition.arg_true().first()).item()) + 1
+
+
 def validate_values(table: str, data: pl.DataFrame, path: Path | str) -> None:
     """Checks vocabularies, ranges, empty values and unique keys of the columns present in ``data``; a message names
-    the file, the column and the first row at fault (data rows counted from 1, the header not counted)."""
+    the file, the column and the first row at fault (data rows counted from 1, the header not counted). The checks
+    are vectorised and look for the row only when one fails."""
     for column, allowed in VOCABULARIES.get(table, {}).items():
         if column not in data.columns:
             continue
-        bad = data.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(list(allowed)))[column].unique()
+        unknown = pl.col(column).is_not_null() & ~pl.col(column).is_in(list(allowed))
+        bad = data.filter(unknown)[column].unique()
         if len(bad):
             shown = ", ".join(repr(value) for value in bad.sort().head(5).to_list())
             raise MimicFormatError(
-                f"{path}: column {column} has unknown value(s) {shown}; expected one of {', '.join(map(str, allowed))}"
+                f"{path}: row {_first_row(data, unknown)}: column {column} has unknown value(s) {shown}; expected one "
+                f"of {', '.join(map(str, allowed))}"
             )
     for column, (low, high) in RANGES.get(table, {}).items():
         if column not in data.columns:
             continue
-        outside = data.with_row_index("row", offset=1).filter(~pl.col(column).is_between(low, high))
-        if outside.height:
-            row, value = outside.select("row", column).row(0)
-            raise MimicFormatError(f"{path}: row {row}: column {column} is {value}, outside {low} to {high} "
-                                   f"({outside.height} row(s) in all)")
+        outside = ~pl.col(column).is_between(low, high)
+        count = data.select(outside.sum()).item()
+        if count:
+            row = _first_row(data, outside)
+            raise MimicFormatError(f"{path}: row {row}: column {column} is {data[column][row - 1]}, outside {low} to "
+                                   f"{high} ({count} row(s) in all)")
     for column in NOT_NULL.get(table, ()):
         if column in data.columns and data[column].null_count():
-            raise MimicFormatError(f"{path}: column {column} has {data[column].null_count()} empty value(s)")
+            row = _first_row(data, pl.col(column).is_null())
+            raise MimicFormatError(f"{path}: row {row}: column {column} is empty ({data[column].null_count()} empty "
+                                   "value(s) in all)")
     for column in UNIQUE.get(table, ()):
         if column in data.columns and data[column].n_unique() != data.height:
-            repeated = data.filter(pl.col(column).is_duplicated())[column].unique().sort().head(3).to_list()
-            raise MimicFormatError(f"{path}: column {column} must be unique, repeated value(s) {repeated}")
+            repeated = ~pl.col(column).is_first_distinct()
+            values = data.filter(repeated)[column].unique().sort().head(3).to_list()
+            raise MimicFormatError(f"{path}: row {_first_row(data, repeated)}: column {column} must be unique, "
+                                   f"repeated value(s) {values}")

@@ -41,6 +41,11 @@ def explain_missing_model(name_or_path: str, what: str) -> Iterator[None]:
         yield
     except ModelNotFoundError:
         raise
+    except ValueError as error:  # diffusers: a folder of another pipeline, or with components missing
+        if not Path(name_or_path).expanduser().exists():
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"{what} {name_or_path}: cannot be loaded from this folder ({detail})") from error
     except OSError as error:
         if Path(name_or_path).expanduser().exists():
             detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

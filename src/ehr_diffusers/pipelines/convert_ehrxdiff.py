@@ -108,14 +108,19 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"--checkpoint {path}: not a readable safetensors file ({error})") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line),
-                      "it holds objects other than tensors and plain containers")
+        reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line), None)
+        if reason is None:  # not a pickle at all: random bytes, a truncated download
+            raise ConversionError(f"--checkpoint {path}: not a torch checkpoint ({error})") from None
         raise ConversionError(
             f"--checkpoint {path}: torch.load(weights_only=True) refused it, since unpickling it would run code "
             f"({reason}). If you trust the file, extract its weights once in a separate "
@@ -199,7 +204,10 @@ def load_original_config(path: str | Path) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"--config {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix in (".yml", ".yaml"):
         import yaml
 
@@ -722,7 +730,11 @@ def convert_ehrxdiff_checkpoint(checkpoint: str | Path, config: str | Path, out:
     check_output_dir(out, overwrite, inputs=inputs)
     original_config = load_original_config(config)
     state_dict = load_original_state_dict(checkpoint)
-    converted = convert_ehrxdiff_state_dict(state_dict, original_config, use_ema=use_ema)
+    try:
+        converted = convert_ehrxdiff_state_dict(state_dict, original_config, use_ema=use_ema)
+    except (KeyError, TypeError) as error:  # a config entry missing, or of the wrong kind
+        raise ConversionError(f"--config {config}: a missing or malformed entry ({type(error).__name__}: {error}); "
+                              "compare it with the original configs/EHRXDiff.yml") from None
     del state_dict
     save_ehrxdiff_pipeline(converted, out, overwrite=overwrite, inputs=inputs)
     logger.info("EHRXDiff pipeline written to %s", out)

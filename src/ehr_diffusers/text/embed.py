@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from ..errors import ModelError
 from ..hub.errors import ModelNotFoundError, explain_missing_model
 from ..io import refuse_pickle
 
@@ -293,11 +294,11 @@ class SentenceEmbedder(ModelMixin, ConfigMixin):
         sbert = _read_json(transformer_dir / "sentence_bert_config.json")
         task = sbert.get("transformer_task", "feature-extraction")
         if task != "feature-extraction":
-            raise ValueError(f"{source}: transformer_task {task!r} is not supported (only feature-extraction)")
+            raise ModelError(f"{source}: transformer_task {task!r} is not supported (only feature-extraction)")
         pooling, include_prompt = _pooling_mode(pooling_config)
         prompt = _choose_prompt(_read_json(root / "config_sentence_transformers.json"), prompt_name, source)
         if prompt and not include_prompt:
-            raise ValueError(f"{source}: pooling without the prompt tokens (include_prompt=false) is not supported")
+            raise ModelError(f"{source}: pooling without the prompt tokens (include_prompt=false) is not supported")
 
         tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), trust_remote_code=trust_remote_code)
         hf_model = AutoModel.from_pretrained(
@@ -314,7 +315,7 @@ class SentenceEmbedder(ModelMixin, ConfigMixin):
             config = _read_json(dense_dir / "config.json")
             reads_pooled = config.get("module_input_name", "sentence_embedding") == "sentence_embedding"
             if config.get("use_residual") or not reads_pooled:
-                raise ValueError(f"{dense_dir}: residual or non-sentence-embedding Dense layers are not supported")
+                raise ModelError(f"{dense_dir}: residual or non-sentence-embedding Dense layers are not supported")
             dense_layers.append(
                 {
                     "in_features": config["in_features"],
@@ -355,7 +356,7 @@ def _require_safetensors(folder: Path, what: str) -> None:
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"})
         found = f" (only {', '.join(pickles)})" if pickles else ""
-        raise ValueError(
+        raise ModelError(
             f"{what} weights in {folder}: no *.safetensors file{found}; safetensors is required (pickle files are "
             "never loaded): convert the weights with safetensors.torch.save_file"
         )
@@ -373,19 +374,19 @@ def _read_modules(root: Path) -> tuple[Path, dict[str, Any], list[Path]]:
         kind = module_type.rsplit(".", 1)[-1] if module_type.startswith("sentence_transformers.") else None
         folder = root / module.get("path", "")
         if kind not in {"Transformer", "Pooling", "Dense", "Normalize"}:
-            raise ValueError(f"{root}: unsupported sentence-transformers module type {module_type!r}")
+            raise ModelError(f"{root}: unsupported sentence-transformers module type {module_type!r}")
         if (kind == "Transformer") != (transformer_dir is None):
-            raise ValueError(f"{root}: modules.json must start with its one Transformer module, not {module_type!r}")
+            raise ModelError(f"{root}: modules.json must start with its one Transformer module, not {module_type!r}")
         if kind == "Transformer":
             transformer_dir = folder
         elif kind == "Pooling":
             pooling_config = _read_json(folder / "config.json")
         elif kind == "Dense":
             if pooling_config is None:
-                raise ValueError(f"{root}: a Dense module before Pooling is not supported")
+                raise ModelError(f"{root}: a Dense module before Pooling is not supported")
             dense_dirs.append(folder)
     if pooling_config is None:
-        raise ValueError(f"{root}: modules.json has no Pooling module")
+        raise ModelError(f"{root}: modules.json has no Pooling module")
     return transformer_dir, pooling_config, dense_dirs
 
 
@@ -396,9 +397,9 @@ def _pooling_mode(config: dict[str, Any]) -> tuple[str, bool]:
         modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1:
-        raise ValueError(f"unsupported pooling mode {'+'.join(modes)!r}: concatenated pooling modes are not supported")
+        raise ModelError(f"unsupported pooling mode {'+'.join(modes)!r}: concatenated pooling modes are not supported")
     if modes[0] not in POOLING_MODES:
-        raise ValueError(f"unsupported pooling mode {modes[0]!r}; supported: {', '.join(POOLING_MODES)}")
+        raise ModelError(f"unsupported pooling mode {modes[0]!r}; supported: {', '.join(POOLING_MODES)}")
     return modes[0], bool(config.get("include_prompt", True))
 
 
@@ -409,7 +410,7 @@ def _choose_prompt(config: dict[str, Any], prompt_name: str | None, source: str)
     if name is None:
         return ""
     if name not in prompts:
-        raise ValueError(f"{source}: prompt {name!r} not found; it has {sorted(prompts)}")
+        raise ModelError(f"{source}: prompt {name!r} not found; it has {sorted(prompts)}")
     return prompts[name] or ""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from ..data.cxr.dataset import EventEmbeddingOptions
+from ..errors import ArgumentError
 from .embed import load_embedder
 from .retrieval import RetrievalIndex, augment, build_event_index, load_knowledge
 
@@ -38,7 +39,7 @@ class EventEmbedder:
             try:
                 import faiss  # noqa: F401
             except ImportError:
-                raise ValueError("--retrieval needs faiss: pip install 'ehr-diffusers[retrieval]'") from None
+                raise ArgumentError("--retrieval needs faiss: pip install 'ehr-diffusers[retrieval]'") from None
         self.options = options
 
     def __call__(self, contents: Mapping[str, pl.Series], show_progress: bool = True

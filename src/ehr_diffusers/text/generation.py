@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ModelError
 from ..hub.errors import explain_missing_model
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class CausalLMGenerator:
         self.name = name
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
-            raise ValueError(f"tokenizer of {name} has neither a pad nor an end-of-sequence token to pad batches with")
+            raise ModelError(f"tokenizer of {name} has neither a pad nor an end-of-sequence token to pad batches with")
         self.pad_token_id = int(pad)
 
     @property

@@ -39,6 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import DataError
+from ..io import read_user_text
+
 if TYPE_CHECKING:
     from .embed import SentenceEmbedder
 
@@ -290,26 +293,23 @@ def load_knowledge(path: str | Path) -> list[str]:
     """Reads a supplied knowledge list: a ``.jsonl`` file (one object with a string ``"text"`` per line) or a text
     file (one entry per non-empty line; lines starting with ``#`` are comments). Errors name the file and line."""
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"knowledge file {source} not found")
     entries = []
-    with source.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            stripped = line.strip()
-            if source.suffix == ".jsonl":
-                if not stripped:
-                    continue
-                try:
-                    record = json.loads(stripped)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{source}:{number}: invalid JSON ({error.msg})") from error
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f'{source}:{number}: expected an object with a string "text" field')
-                entries.append(record["text"])
-            elif stripped and not stripped.startswith("#"):
-                entries.append(stripped)
+    for number, line in enumerate(read_user_text(source, "--knowledge").splitlines(), start=1):
+        stripped = line.strip()
+        if source.suffix == ".jsonl":
+            if not stripped:
+                continue
+            try:
+                record = json.loads(stripped)
+            except json.JSONDecodeError as error:
+                raise DataError(f"--knowledge {source}:{number}: invalid JSON ({error.msg})") from error
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'--knowledge {source}:{number}: expected an object with a string "text" field')
+            entries.append(record["text"])
+        elif stripped and not stripped.startswith("#"):
+            entries.append(stripped)
     if not entries:
-        raise ValueError(f"{source}: no entries")
+        raise DataError(f"--knowledge {source}: no entries")
     return entries
 
 

@@ -8,9 +8,12 @@ import importlib.util
 import json
 import logging
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ehr_diffusers.errors import EHRDiffusersError
 from ehr_diffusers.io import write_text_atomic
 
 DEFAULT_REPORT_TO = "tensorboard"
@@ -131,7 +134,7 @@ def make_accelerator(args: argparse.Namespace, logger: Any) -> Any:
         log_with=log_with,
         project_config=project_config,
         # each epoch's order comes from (seed, epoch), so that a resumed run can replay it (checkpointing.epoch_batches)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=args.seed is not None, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
@@ -198,3 +201,13 @@ def push_output(args: argparse.Namespace, output_dir: Path, repo_id: str, logger
     url = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo or None,
                           commit_message="End of training")
     logger.info(f"pushed {output_dir} to {url}")
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Runs a training script's ``main`` as a program: a user error (bad data, a missing model, a bad argument) ends
+    in one line and exit status 2, as in the ``ehr-diffusers`` commands; anything else keeps its traceback."""
+    try:
+        main()
+    except EHRDiffusersError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

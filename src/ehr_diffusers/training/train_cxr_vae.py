@@ -58,6 +58,7 @@ from ehr_diffusers.training.common import (
     plan_steps,
     push_output,
     recorded_arguments,
+    run_script,
     tracker_config,
     warmup_steps,
     write_json,
@@ -474,4 +475,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

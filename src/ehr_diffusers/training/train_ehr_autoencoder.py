@@ -42,6 +42,7 @@ from ehr_diffusers.training.common import (
     make_accelerator,
     plan_steps,
     recorded_arguments,
+    run_script,
     tracker_config,
     warmup_steps,
     write_json,
@@ -378,4 +379,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -50,6 +50,7 @@ from ehr_diffusers.training.common import (
     make_accelerator,
     plan_steps,
     push_output,
+    run_script,
     tracker_config,
     warmup_steps,
 )
@@ -493,4 +494,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -55,6 +55,7 @@ from ehr_diffusers.training.common import (
     make_accelerator,
     plan_steps,
     push_output,
+    run_script,
     tracker_config,
     warmup_steps,
     write_json,
@@ -749,4 +750,4 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -181,7 +181,8 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
         "row", "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
     )
     distinct = diagnoses.group_by("code", "icd_version").agg(pl.len().alias("rows"), pl.col("row").min())
-    unknown = unknown_codes(distinct).sort("row")
+    release = reader.read("d_icd_diagnoses") if reader.has("d_icd_diagnoses") else None
+    unknown = unknown_codes(distinct, release).sort("row")
     if unknown.height:
         row, code, version, reason = unknown.select("row", "code", "icd_version", "reason").row(0)
         where = (f"{path}: row {row}: {code!r} (icd_version {version}) is {reason}; {unknown['rows'].sum():,} row(s) "

@@ -238,11 +238,18 @@ def known_codes() -> dict[int, frozenset[str]]:
     return {9: frozenset(normalize_code(code) for code in icd9), 10: frozenset(normalize_code(code) for code in icd10)}
 
 
-def unknown_codes(codes: pl.DataFrame) -> pl.DataFrame:
+def unknown_codes(codes: pl.DataFrame, release: pl.DataFrame | None = None) -> pl.DataFrame:
     """The rows of ``codes`` (normalised ``code``, ``icd_version``) that are no code of their version, with a
     ``reason``: an empty code, a code of the other version (an ICD-9 code labelled 10 would otherwise become a bogus
-    ICD-10 category), or no code at all."""
-    known = known_codes()
+    ICD-10 category), or no code at all.
+
+    ``release`` (``icd_code``, ``icd_version``: MIMIC-IV's own ``d_icd_diagnoses``) adds the codes the release
+    defines, among them codes retired before the code files above were published."""
+    known = {version: set(codes_) for version, codes_ in known_codes().items()}
+    if release is not None:
+        for version in (9, 10):
+            defined = release.filter(pl.col("icd_version") == version).select(normalize_codes("icd_code"))
+            known[version] |= set(defined.to_series().to_list())
     reasons = []
     for code, version in codes.select("code", "icd_version").iter_rows():
         other = 9 if version == 10 else 10
