@@ -796,3 +796,36 @@ def test_train_cxr_passes_checkpointing_and_resume_to_every_run(world, tmp_path,
     for arguments in launched:
         text = " ".join(arguments)
         assert "--checkpointing_steps 7" in text and "--resume_from_checkpoint latest" in text
+
+
+@pytest.mark.parametrize("interrupt, forwarded", [("KeyboardInterrupt", "SIGINT"), ("Terminated", "SIGTERM")])
+def test_an_interrupted_training_run_is_stopped_not_orphaned(monkeypatch, interrupt, forwarded) -> None:
+    """Ctrl-C or SIGTERM while accelerate launch runs a script: the signal is passed on and the launcher waited for,
+    so that no training process is left writing checkpoints behind the command's back."""
+    import signal
+
+    from ehr_diffusers import cli
+    from ehr_diffusers.commands import train
+
+    sent = []
+
+    class Launcher:
+        returncode = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def communicate(self):
+            raise KeyboardInterrupt if interrupt == "KeyboardInterrupt" else cli.Terminated
+
+        def send_signal(self, number: int) -> None:
+            sent.append(signal.Signals(number).name)
+
+        def wait(self, timeout: float | None = None) -> int:
+            sent.append("waited")
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", Launcher)
+    with pytest.raises(KeyboardInterrupt):
+        train._accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", [], 1, "no")
+    assert sent == [forwarded, "waited"]

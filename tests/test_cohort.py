@@ -135,12 +135,13 @@ def test_wrong_type(tmp_path):
 
 
 def test_unknown_icd_version(tmp_path):
-    _fails(tmp_path, r"diagnoses_icd\.csv: column icd_version has unknown value\(s\) 11",
+    _fails(tmp_path, r"diagnoses_icd\.csv: row 6: column icd_version has unknown value\(s\) 11",
            diagnoses_icd=DIAGNOSES.replace("I10,10\n", "I10,11\n", 1))
 
 
 def test_unknown_gender(tmp_path):
-    _fails(tmp_path, r"patients\.csv: column gender has unknown value", patients=PATIENTS.replace(",M,45,", ",X,45,"))
+    _fails(tmp_path, r"patients\.csv: row 2: column gender has unknown value",
+           patients=PATIENTS.replace(",M,45,", ",X,45,"))
 
 
 def test_empty_cohort(tmp_path):
@@ -200,12 +201,13 @@ def test_a_failure_while_writing_keeps_the_earlier_output(tiny_mimic, tmp_path, 
 
 
 def test_duplicate_subject_ids(tmp_path):
-    _fails(tmp_path, r"patients\.csv: column subject_id must be unique, repeated value\(s\) \[10000002\]",
+    _fails(tmp_path, r"patients\.csv: row 11: column subject_id must be unique, repeated value\(s\) \[10000002\]",
            patients=PATIENTS + "10000002,M,45,2160,2017 - 2019,\n")
 
 
 def test_empty_required_value(tmp_path):
-    _fails(tmp_path, r"patients\.csv: column anchor_age has 1 empty value", patients=PATIENTS.replace(",M,45,", ",M,,"))
+    _fails(tmp_path, r"patients\.csv: row 2: column anchor_age is empty \(1 empty value",
+           patients=PATIENTS.replace(",M,45,", ",M,,"))
 
 
 def test_wrong_type_in_a_column_the_records_do_not_use(tmp_path):
@@ -214,7 +216,7 @@ def test_wrong_type_in_a_column_the_records_do_not_use(tmp_path):
 
 
 def test_unknown_admission_vocabulary(tmp_path):
-    _fails(tmp_path, r"admissions\.csv: column marital_status has unknown value\(s\) 'ENGAGED'",
+    _fails(tmp_path, r"admissions\.csv: row 1: column marital_status has unknown value\(s\) 'ENGAGED'",
            admissions=ADMISSIONS.replace("MARRIED,WHITE", "ENGAGED,WHITE", 1))
 
 

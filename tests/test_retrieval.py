@@ -193,7 +193,7 @@ def test_load_knowledge_names_the_bad_line(tmp_path, content: str, message: str)
 
 
 def test_load_knowledge_missing_file(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="absent.txt"):
+    with pytest.raises(ValueError, match="--knowledge .*absent.txt: no such file"):
         load_knowledge(tmp_path / "absent.txt")
 
 

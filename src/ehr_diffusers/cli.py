@@ -14,7 +14,7 @@ import argparse
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,20 +36,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -67,18 +53,20 @@ def _finite(text: str) -> float:
     return value
 
 
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _at_least(parse: Callable[[str], float], low: float, strict: bool, what: str) -> Callable[[str], float]:
+    """An argparse type: ``parse``, then a value below ``low`` (or equal to it, when ``strict``) is refused."""
+    def check(text: str) -> float:
+        value = parse(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return check
 
 
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+_positive_int = _at_least(_integer, 0, True, "a positive integer")
+_non_negative_int = _at_least(_integer, 0, False, "a non-negative integer")
+_non_negative = _at_least(_finite, 0, False, "a finite number >= 0")
+_positive = _at_least(_finite, 0, True, "a finite number > 0")
 
 
 def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
