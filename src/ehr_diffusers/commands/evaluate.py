@@ -54,10 +54,7 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     """``ehr-diffusers evaluate``: the report folder written whole (or not at all), then the model card's metrics.
     ``names`` are the model and dataset as the report states them (default: the paths given)."""
     from ..data.ehr.dataset import load_training_dataset
-    from ..evaluation.ehr.data import PROMPT_ROWS, check_same_schema, load_real_data
-    from ..evaluation.ehr.suite import evaluate_pipeline
-    from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
-    from ..hub.cards import update_model_card_metrics
+    from ..evaluation.ehr.data import check_same_schema
     from ..hub.errors import check_model_path
     from ..io import atomic_directory, check_output_dir
 
@@ -73,6 +70,13 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     model_schema = _saved_schema(local_model)
     if model_schema is not None:
         check_same_schema(dataset_schema, model_schema, f"--dataset {dataset}", f"--model {model}")
+
+    # the checks passed: now the modules that load the records, diffusers and the model
+    from ..evaluation.ehr.data import PROMPT_ROWS, load_real_data
+    from ..evaluation.ehr.suite import evaluate_pipeline
+    from ..evaluation.report import REPORT_NAME, model_card_markdown, write_report
+    from ..hub.cards import update_model_card_metrics
+
     real = load_real_data(dataset, seed=options.get("seed", 0), show_progress=not quiet,
                           prompt_rows=max(options.get("n_prompts", PROMPT_ROWS), 0))
     pipe = load_pipeline(model, text_embedder, device)
@@ -90,8 +94,6 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..evaluation.report import model_card_markdown
-
     generation = {}
     if args.decode_mode is not None:
         generation["decode_mode"] = args.decode_mode
@@ -106,6 +108,8 @@ def run(args: argparse.Namespace) -> None:
         baselines=_baseline_names(args.baselines), ehrdiff_steps=args.ehrdiff_steps, bootstrap_reps=args.bootstrap,
         fidelity_bootstrap_reps=args.fidelity_bootstrap,
         batch_size=args.batch_size, generation=generation)
+    from ..evaluation.report import model_card_markdown
+
     print(model_card_markdown(metrics))
     print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")
 
@@ -121,19 +125,10 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
     scorer."""
     import logging
 
-    import torch
-
-    from .. import __version__
-    from ..data.cxr.dataset import SUMMARY_NAME
     from ..data.cxr.split import check_subjects_unseen, load_cxr_split, load_dataset_dict
     from ..evaluation.cxr.extractors import check_extractor_name, check_scorer_unseen, load_scorer
-    from ..evaluation.cxr.report import cxr_model_card_markdown, grid_entries, select_grid_rows, write_cxr_report
-    from ..evaluation.cxr.suite import evaluate_ehrxdiff
-    from ..evaluation.report import REPORT_NAME
-    from ..hub.cards import METRICS_END, METRICS_START, update_model_card_metrics
-    from ..hub.errors import explain_missing_model
+    from ..hub.errors import check_model_path, explain_missing_model
     from ..io import atomic_directory, check_output_dir, write_text_atomic
-    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
     from .common import torch_device
 
     if steps < 1 or bootstrap < 2 or batch_size < 1:
@@ -162,7 +157,20 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
                              "cannot be scored")
     if tables[split].num_rows < 2:
         raise ArgumentError(f"--split {split}: {tables[split].num_rows} triplet(s); the shuffled control needs 2")
+    check_model_path(model, "--model")
     target_device = torch_device(device)
+
+    # the checks passed: now the modules that load diffusers and the model
+    import torch
+
+    from .. import __version__
+    from ..data.cxr.dataset import SUMMARY_NAME
+    from ..evaluation.cxr.report import cxr_model_card_markdown, grid_entries, select_grid_rows, write_cxr_report
+    from ..evaluation.cxr.suite import evaluate_ehrxdiff
+    from ..evaluation.report import REPORT_NAME
+    from ..hub.cards import METRICS_END, METRICS_START, update_model_card_metrics
+    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
+
     with explain_missing_model(model, "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(model)
     pipe.to(target_device)
@@ -210,12 +218,12 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
 
 
 def run_cxr(args: argparse.Namespace) -> None:
-    from ..evaluation.cxr.report import cxr_model_card_markdown
-
     metrics, report = run_cxr_evaluation(
         args.model, args.dataset, args.out, split=args.split, extractor=args.extractor, steps=args.steps,
         guidance_scale=args.guidance_scale, eta=args.eta, seed=args.seed, bootstrap=args.bootstrap,
         batch_size=args.batch_size, overwrite=args.overwrite, model_card=not args.no_model_card, quiet=args.quiet,
         device=args.device)
+    from ..evaluation.cxr.report import cxr_model_card_markdown
+
     print(cxr_model_card_markdown(metrics))
     print(f"report written to {report} (figures with their splits and CIs in {args.out / 'metrics.json'})")

@@ -105,11 +105,8 @@ def _check_event_width(events: dict[str, Any], args: argparse.Namespace) -> None
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from ..hub.errors import check_model_path, explain_missing_model
     from ..io import atomic_file, check_output_file
-    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
     from .common import torch_device
 
     # everything a user can get wrong is checked here, before the model loads
@@ -124,6 +121,11 @@ def run(args: argparse.Namespace) -> None:
     previous = read_image(args.prev)
     events = read_events(args.events)
     _check_event_width(events, args)
+
+    # the checks passed: now diffusers and the model
+    import torch
+
+    from ..pipelines.pipeline_ehrxdiff import EHRXDiffPipeline
 
     with explain_missing_model(str(args.model), "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(str(args.model))

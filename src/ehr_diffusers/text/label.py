@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +30,10 @@ from ..data.ehr.schema import SCHEMA_NAME, EHRSchema
 from ..errors import DataError
 from ..io import MARKER_NAME, atomic_directory, atomic_file
 from .describe import RECORD_FIELDS, DiagnosisOrder, FactDescriber, PatientFacts, fact_text
-from .embed import SentenceEmbedder
-from .judge import DEFAULT_SCREENING_THRESHOLD, JUDGE_CATEGORIES, passes_screening
+from .judge_rubric import DEFAULT_SCREENING_THRESHOLD, JUDGE_CATEGORIES
+
+if TYPE_CHECKING:  # the models load only when labelling starts: the dataset checks before them take a second
+    from .embed import SentenceEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +183,12 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
         pq.write_table(table, temporary)
 
 
+def _passes(row: dict, threshold: float) -> bool:
+    from .judge import passes_screening
+
+    return passes_screening(row, threshold)
+
+
 def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
     scores = labels.column("judge_scores").to_pylist()
     scored = [row for row in scores if all(row[c] is not None for c in JUDGE_CATEGORIES)]
@@ -190,7 +198,7 @@ def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
         "judge_unscored": len(scores) - len(scored),
         "mean_judge_scores": ({c: float(np.mean([row[c] for row in scored])) for c in JUDGE_CATEGORIES}
                               if scored else {}),
-        "rows_under_threshold": sum(not passes_screening(row, threshold) for row in scored),
+        "rows_under_threshold": sum(not _passes(row, threshold) for row in scored),
     }
 
 

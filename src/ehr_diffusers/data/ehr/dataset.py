@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from ...errors import ArgumentError, DataError
 from .schema import SCHEMA_NAME, EHRSchema
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_SPLIT = "train"
 HOLDOUT_SPLIT = "holdout"
@@ -74,6 +76,8 @@ def load_training_dataset(
 def vector_dataset(split: Any, schema: EHRSchema) -> Any:
     """``split`` as a map-style dataset of ``{"vectors": float32 tensor (schema.dim,)}`` items, encoded per batch when a
     ``DataLoader`` fetches them (``datasets`` hands the transform the whole batch), never densified in memory."""
+    import torch  # here, not at the top: checking a dataset folder should not wait for torch
+
     columns = record_columns(schema, split.column_names)
 
     def encode(batch: dict) -> dict:
@@ -85,6 +89,8 @@ def vector_dataset(split: Any, schema: EHRSchema) -> Any:
 def iter_vectors(split: Any, schema: EHRSchema, batch_size: int, desc: str | None = None,
                  show_progress: bool = True) -> Iterator[torch.Tensor]:
     """The split's record vectors in order, ``batch_size`` rows at a time, read as Arrow batches."""
+    import torch
+
     columns = record_columns(schema, split.column_names)
     batches = split.select_columns(columns).with_format("arrow").iter(batch_size=batch_size)
     total = -(-len(split) // batch_size)

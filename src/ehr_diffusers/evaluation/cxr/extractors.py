@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from ...data.cxr.split import CXRSplit, load_cxr_split, load_dataset_dict, refus
 from ...data.cxr.triplets import CHEXPERT_LABELS
 from ...errors import ArgumentError
 from ...io import atomic_directory
-from .classifier import FindingClassifierModel, binary_findings, predict, train_finding_classifier
+
+if TYPE_CHECKING:  # diffusers loads with the classifier, after the arguments are checked
+    from .classifier import FindingClassifierModel
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class ClassifierScorer:
                 f"features for FID/KID{quality})")
 
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        from .classifier import predict
+
         return predict(self.model, _resized(images, self.image_size))
 
 
@@ -117,6 +121,8 @@ def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def image_labels(split: CXRSplit) -> np.ndarray:
     """Present findings (bool, distinct images x 14) of a split's distinct images, from the triplets' labels."""
+    from .classifier import binary_findings
+
     if split.chexpert_previous is None or split.chexpert_target is None or split.images is None:
         raise ValueError("the split has no CheXpert labels (previous_chexpert / target_chexpert columns)")
     labels = np.zeros((len(split.images), len(CHEXPERT_LABELS)), dtype=bool)
@@ -141,6 +147,8 @@ def train_classifier_for(dataset_dir: str | Path, image_size: int, *, seed: int 
                          show_progress: bool = True) -> ClassifierScorer:
     """A classifier trained on the dataset's TRAIN split (findings with enough images of both classes), validated on
     its validation split when it has one. The test split is never read."""
+    from .classifier import train_finding_classifier
+
     train = load_cxr_split(dataset_dir, "train", image_size, show_progress)
     present = image_labels(train)
     counts = present.sum(axis=0)
@@ -195,6 +203,8 @@ def _fmt(value: Any) -> str:
 
 def load_classifier(folder: str | Path) -> ClassifierScorer:
     """A classifier saved by :func:`save_classifier`."""
+    from .classifier import FindingClassifierModel
+
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no finding classifier here (no config.json)")

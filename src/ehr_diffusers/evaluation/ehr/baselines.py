@@ -44,16 +44,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ...data.ehr.schema import EHRSchema
-from ...models.ehrdiff_baseline import EHRDiffMLP, edm_loss_weight
-from ...sampling import record_generator
 from .data import RealData
+
+if TYPE_CHECKING:  # the EHRDiff network loads with diffusers, only when that baseline is trained
+    from ...models.ehrdiff_baseline import EHRDiffMLP
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ def sample_ehrdiff(model: EHRDiffMLP, n: int, seed: int = 0, steps: int = 32, ba
     """``n`` records (float32, the schema layout, thresholded as the module docstring says) from ``model`` with the
     deterministic Heun sampler; record i starts from the noise of ``record_generator(seed, i)``, so the result does
     not depend on ``batch_size`` (up to float rounding). ``device`` (default: the model's) receives the model."""
+    from ...sampling import record_generator
+
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     if batch_size < 1:
@@ -212,6 +215,8 @@ def edm_loss(model: EHRDiffMLP, batch: torch.Tensor, generator: torch.Generator,
              p_std: float = 1.2) -> torch.Tensor:
     """EDM's training loss on ``batch``: ln sigma ~ N(p_mean, p_std^2) per row, lambda(sigma)-weighted squared error
     of D(x + sigma n; sigma) against x, averaged over rows and columns."""
+    from ...models.ehrdiff_baseline import edm_loss_weight
+
     rows = batch.shape[0]
     sigma = (p_mean + p_std * torch.randn(rows, generator=generator, device=batch.device, dtype=batch.dtype)).exp()
     noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
@@ -240,6 +245,8 @@ def train_ehrdiff(
     (default: :meth:`EHRDiffMLP.cpu_config`; :meth:`EHRDiffMLP.ehrdiff_config` has EHRDiff's widths). AdamW, linear
     warm-up then cosine decay of the learning rate, shuffled epochs; ``seed`` fixes the initial weights, the batches
     and the noise."""
+    from ...models.ehrdiff_baseline import EHRDiffMLP
+
     array = _check_vectors(train_vectors, schema, "train_vectors")
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
