@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         done = subprocess.run([*command, *argv_case], capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        message = next((line for line in done.stderr.splitlines() if line.startswith("ehr-diffusers")), "")
+        message = next((line[line.index("ehr-diffusers "):] for line in done.stderr.splitlines()
+                        if "ehr-diffusers " in line), "")
         message = message.replace(str(work) + "/", "")
         rows.append((case.name, done.returncode, seconds, message))
         print(f"{seconds:6.2f} s  exit {done.returncode}  {case.name}: {message}", flush=True)

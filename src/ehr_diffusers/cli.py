@@ -447,16 +447,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         _configure_logging(args)
         _handler(args.command)(args)
-    except EHRDiffusersError as error:
-        print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # the file system: a missing file, no permission, a full disk
+    except (EHRDiffusersError, OSError) as error:  # OSError: the file system (no permission, a full disk)
+        _close_progress_bars()
         print(f"ehr-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
+        _close_progress_bars()
         print(_interrupted(args.command, written_before), file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Ends the progress bars a failed step left open, so that the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -62,7 +62,8 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     local_model = Path(model) if Path(model).exists() else None
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     check_model_path(model, "--model")
-    torch_device(device)
+    if device is not None:  # the default needs no check (and no torch yet)
+        torch_device(device)
     if options.get("n_records", 2) < 2:
         raise ArgumentError(f"--n-records must be at least 2 (fidelity compares distributions), got "
                             f"{options['n_records']}")

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> None:
 
     # everything a user can get wrong is checked here, before models that may take minutes load
     check_dataset(args.dataset)
-    torch_device(args.device)
+    if args.device is not None:
+        torch_device(args.device)
     for argument, spec, builtin in (("--summarizer", args.summarizer, ("template",)),
                                     ("--judge", args.judge, ("rules", "none")),
                                     ("--embedder", args.embedder, ("minilm",))):

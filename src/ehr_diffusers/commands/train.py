@@ -115,17 +115,21 @@ def _check_run_folder(output_dir: Path, dataset: Path, num_processes: int,
     lands."""
     import math
 
-    import torch
-
     from ..io import check_output_dir
 
     check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
     if judge_threshold is not None and not math.isfinite(judge_threshold):
         raise ArgumentError(f"--judge-threshold must be a finite number, got {judge_threshold}")
-    if num_processes > 1 and not torch.cuda.is_available():
+    if num_processes > 1 and not _has_cuda():
         raise ArgumentError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
                             "ehr_diffusers.training.train_ehr_diffusion ...")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _checkpoint_arguments(checkpointing_steps: int | None, resume: bool) -> list[str]:

@@ -170,9 +170,10 @@ def _demographics(reader: MimicIVReader, options: CohortOptions) -> tuple[pl.Dat
     return frame, admissions.height
 
 
-def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
-               strict: bool = False) -> tuple[pl.DataFrame, dict]:
-    """(subject_id, category) pairs, one per patient and category, and the mapping statistics.
+def _diagnoses(reader: MimicIVReader, gem: GemOptions, subjects: pl.Series,
+               strict: bool = False) -> tuple[pl.DataFrame, dict, GemMapper]:
+    """(subject_id, category) pairs, one per patient and category, the mapping statistics and the GEM mapper (built
+    after the codes are checked, so that ``strict`` fails without waiting for it).
 
     A row whose code is no ICD-CM code of its ``icd_version`` (garbage, empty, or a code of the other version) is
     dropped and counted, or refused with ``strict``: slicing its first 3 characters would make a bogus category."""
@@ -197,6 +198,7 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
             raise DataError(f"{where}; correct them, or leave out --strict to drop them")
         logger.warning("%s; they were dropped (--strict refuses them)", where)
         diagnoses = diagnoses.join(unknown.select("code", "icd_version"), on=["code", "icd_version"], how="anti")
+    mapper = GemMapper(gem)
     unknown_subject = diagnoses.filter(~pl.col("subject_id").is_in(subjects.implode()))
     if unknown_subject.height:
         logger.warning("%s: %d rows for subject_ids absent from patients were dropped", path, unknown_subject.height)
@@ -238,7 +240,7 @@ def _diagnoses(reader: MimicIVReader, mapper: GemMapper, subjects: pl.Series,
     }
     for reason, entry in by_reason.items():
         logger.info("ICD-9 codes unmapped (%s): %d codes in %d rows", reason, entry["codes"], entry["rows"])
-    return pairs, stats
+    return pairs, stats, mapper
 
 
 def _split(subjects: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -261,8 +263,6 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     """Reads the MIMIC-IV tables under ``mimic_dir`` and returns the split dataset, its schema and summary.
 
     Diagnosis rows with unknown ICD codes are dropped and counted, or refused with ``strict``."""
-    from datasets import Dataset, DatasetDict
-
     options = options or CohortOptions()
     reader = MimicIVReader(mimic_dir)
     for table in ("patients", "admissions", "diagnoses_icd"):
@@ -273,8 +273,7 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     people, n_admissions = _demographics(reader, options)
     bar.update()
     bar.set_postfix_str(steps[1])
-    mapper = GemMapper(options.gem)
-    pairs, stats = _diagnoses(reader, mapper, people["subject_id"], strict)
+    pairs, stats, mapper = _diagnoses(reader, options.gem, people["subject_id"], strict)
     if not options.include_no_admission:
         people = people.filter(pl.col("num_admissions") > 0)
         pairs = pairs.filter(pl.col("subject_id").is_in(people["subject_id"].implode()))
@@ -327,6 +326,8 @@ def build_cohort(mimic_dir: str | Path, options: CohortOptions | None = None, sh
     )
     bar.update()
     bar.set_postfix_str(steps[3])
+    from datasets import Dataset, DatasetDict  # here: an error in the tables comes before this import
+
     features = _features()
     dataset = DatasetDict(
         {name: Dataset.from_polars(split.select(list(features)), features=features) for name, split in
