@@ -47,13 +47,14 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ...data.ehr.schema import EHRSchema
 from .data import RealData
 
-if TYPE_CHECKING:  # the EHRDiff network loads with diffusers, only when that baseline is trained
+if TYPE_CHECKING:  # torch and the EHRDiff network load only when that baseline is trained
+    import torch
+
     from ...models.ehrdiff_baseline import EHRDiffMLP
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ class BernoulliMarginals:
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """EDM's noise levels: ``steps`` values from ``sigma_max`` down to ``sigma_min``, evenly spaced in sigma^(1/rho),
     then a final 0 (float64, ``steps + 1`` values)."""
+    import torch
+
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     if not 0 < sigma_min <= sigma_max:
@@ -154,6 +157,8 @@ def heun_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Euler steps of dx/dsigma = (x - D(x; sigma)) /
     sigma with Heun's correction, except on the last step to sigma = 0. ``noise`` is standard normal; the state is
     kept in float64; ``denoiser(x, sigma)`` takes a scalar sigma tensor."""
+    import torch
+
     sigmas = sigmas.to(device=noise.device, dtype=torch.float64)
     x = noise.to(torch.float64) * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -181,6 +186,8 @@ def sample_ehrdiff(model: EHRDiffMLP, n: int, seed: int = 0, steps: int = 32, ba
     """``n`` records (float32, the schema layout, thresholded as the module docstring says) from ``model`` with the
     deterministic Heun sampler; record i starts from the noise of ``record_generator(seed, i)``, so the result does
     not depend on ``batch_size`` (up to float rounding). ``device`` (default: the model's) receives the model."""
+    import torch
+
     from ...sampling import record_generator
 
     if n < 1:
@@ -215,6 +222,8 @@ def edm_loss(model: EHRDiffMLP, batch: torch.Tensor, generator: torch.Generator,
              p_std: float = 1.2) -> torch.Tensor:
     """EDM's training loss on ``batch``: ln sigma ~ N(p_mean, p_std^2) per row, lambda(sigma)-weighted squared error
     of D(x + sigma n; sigma) against x, averaged over rows and columns."""
+    import torch
+
     from ...models.ehrdiff_baseline import edm_loss_weight
 
     rows = batch.shape[0]
@@ -245,6 +254,8 @@ def train_ehrdiff(
     (default: :meth:`EHRDiffMLP.cpu_config`; :meth:`EHRDiffMLP.ehrdiff_config` has EHRDiff's widths). AdamW, linear
     warm-up then cosine decay of the learning rate, shuffled epochs; ``seed`` fixes the initial weights, the batches
     and the noise."""
+    import torch
+
     from ...models.ehrdiff_baseline import EHRDiffMLP
 
     array = _check_vectors(train_vectors, schema, "train_vectors")
