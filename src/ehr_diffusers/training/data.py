@@ -5,14 +5,16 @@ evaluation shares), judge screening, the condition vectors, and the autoencoder 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..data.ehr.dataset import iter_vectors
 from ..data.ehr.schema import EHRSchema
 from ..errors import ArgumentError, DataError
+
+if TYPE_CHECKING:  # torch loads when tensors are made, not when train-ehr checks its dataset
+    import torch
 
 # isort: split
 from ..data.ehr.dataset import (  # noqa: F401  (re-exported: old import path)
@@ -44,6 +46,8 @@ def condition_dim(split: Any, column: str, folder: str | Path) -> int:
 
 def condition_tensor(split: Any, column: str) -> torch.Tensor:
     """The ``column`` vectors of the split as one float32 tensor (n, dim)."""
+    import torch
+
     values = split.with_format("numpy", columns=[column])[column]
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
@@ -65,7 +69,6 @@ def screen_split(split: Any, threshold: float | None, keep_unscored: bool = Fals
     return kept, len(split) - len(kept)
 
 
-@torch.no_grad()
 def encode_latents(
     autoencoder: Any,
     split: Any,
@@ -76,13 +79,17 @@ def encode_latents(
 ) -> torch.Tensor:
     """Normalised latents ``autoencoder.normalize_latent(autoencoder.encode(vectors))`` of every row of ``split``, in
     order, as one float32 tensor on the CPU (eval mode; the autoencoder's own mode is restored afterwards)."""
+    import torch
+
     was_training = autoencoder.training
     autoencoder.eval()
     parts = []
     try:
-        for vectors in iter_vectors(split, schema, batch_size, desc="encoding latents", show_progress=show_progress):
-            latent = autoencoder.encode(vectors.to(device))
-            parts.append(autoencoder.normalize_latent(latent).float().cpu())
+        with torch.no_grad():
+            for vectors in iter_vectors(split, schema, batch_size, desc="encoding latents",
+                                        show_progress=show_progress):
+                latent = autoencoder.encode(vectors.to(device))
+                parts.append(autoencoder.normalize_latent(latent).float().cpu())
     finally:
         autoencoder.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, autoencoder.config.latent_dim)

@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ...errors import DataError
 from .dataset import read_cxr_images
+
+if TYPE_CHECKING:  # torch loads when images become tensors, not when a command checks the dataset
+    import torch
 
 IMAGE_COLUMNS = ("previous_image", "target_image")
 CHEXPERT_COLUMNS = {"chexpert_previous": "previous_chexpert", "chexpert_target": "target_chexpert"}
@@ -116,6 +118,8 @@ def load_cxr_images(dataset_dir: str | Path, split: str, image_size: int, show_p
 
 
 def _read(dataset_dir: str | Path, paths: Sequence[str], image_size: int, show_progress: bool) -> torch.Tensor:
+    import torch
+
     if image_size < 1:
         raise ValueError(f"image size must be at least 1, got {image_size}")
     if not paths:
@@ -143,6 +147,8 @@ def load_cxr_split(dataset_dir: str | Path, split: str, image_size: int, show_pr
     Every distinct image path is read once. A dataset prepared without an event embedder has no
     ``event_embeddings`` column: a ValueError naming the folder, the split and the column.
     """
+    import torch
+
     dataset = load_dataset_dict(dataset_dir)
     table = _split(dataset, dataset_dir, split)
     if EMBEDDINGS_COLUMN not in table.column_names:
@@ -182,6 +188,8 @@ def load_cxr_split(dataset_dir: str | Path, split: str, image_size: int, show_pr
 def to_pixels(images_uint8: torch.Tensor, channels: int = 1) -> torch.Tensor:
     """uint8 images (B, S, S) (or (B, 1, S, S)) -> float32 (B, channels, S, S) in [-1, 1], the grayscale value
     repeated over ``channels`` (3 for an RGB-pretrained encoder)."""
+    import torch
+
     images = torch.as_tensor(images_uint8)
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
@@ -195,6 +203,8 @@ def to_pixels(images_uint8: torch.Tensor, channels: int = 1) -> torch.Tensor:
 
 def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`to_pixels`: (B, C, S, S) in [-1, 1] -> uint8 (B, S, S) (channel mean, clamped)."""
+    import torch
+
     values = (pixels.detach().float().mean(dim=1) + 1.0) * 127.5
     return values.round().clamp(0, 255).to(torch.uint8).cpu()
 
