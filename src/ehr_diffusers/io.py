@@ -86,18 +86,12 @@ def check_output_dir(
     out = Path(out)
     where = f"{argument} {out}" if argument else str(out)
     error = OutputArgumentError if argument else OutputExistsError
-    named = inputs.items() if isinstance(inputs, Mapping) else ((None, source) for source in inputs)
-    resolved = out.resolve()
-    for name, source in named:
-        if source is None:
-            continue
-        source = Path(source).resolve()
-        label = f"{name} {source}" if name else str(source)
-        if merge and (source == resolved or source in resolved.parents):
+    for label, overlap in _overlaps(out, inputs):
+        if merge and overlap in ("is", "lies inside"):
             raise error(f"{where}: is, or lies inside, the input {label}; choose another output folder")
-        if not merge and (source == resolved or resolved in source.parents):
+        if not merge and overlap in ("is", "contains"):
             raise error(f"{where}: output folder would replace the input {label}; choose another {argument or '--out'}")
-        if not merge and source in resolved.parents:
+        if not merge and overlap == "lies inside":
             raise error(f"{where}: lies inside the input {label}; choose an output folder outside it")
     if merge:
         if out.exists() and not out.is_dir():
@@ -114,15 +108,29 @@ def check_output_file(out: str | Path, inputs: Mapping[str, str | Path | None], 
     """Fails early when the output file ``out`` is one of ``inputs`` or lies inside one of them (a model folder):
     with ``--overwrite`` it would replace an input."""
     out = Path(out)
+    for label, overlap in _overlaps(out, inputs):
+        if overlap in ("is", "lies inside"):
+            raise OutputArgumentError(f"{argument} {out}: is, or lies inside, the input {label}; choose another "
+                                      "output file")
+    return out
+
+
+def _overlaps(out: Path, inputs: Iterable[str | Path] | Mapping[str, str | Path | None]) -> Iterator[tuple[str, str]]:
+    """(the input as a message names it, how ``out`` overlaps it: "is", "lies inside" or "contains") for each given
+    input that ``out`` overlaps; ``inputs`` may map argument names to paths (None: not given)."""
+    named = inputs.items() if isinstance(inputs, Mapping) else ((None, source) for source in inputs)
     resolved = out.resolve()
-    for name, source in inputs.items():
+    for name, source in named:
         if source is None:
             continue
         source = Path(source).resolve()
-        if source == resolved or source in resolved.parents:
-            raise OutputArgumentError(f"{argument} {out}: is, or lies inside, the input {name} {source}; choose "
-                                      "another output file")
-    return out
+        label = f"{name} {source}" if name else str(source)
+        if source == resolved:
+            yield label, "is"
+        elif source in resolved.parents:
+            yield label, "lies inside"
+        elif resolved in source.parents:
+            yield label, "contains"
 
 
 def _umask() -> int:

@@ -126,23 +126,29 @@ def check_table_file(path: Path) -> None:
         raise MimicFormatError(f"{path}: not a parquet file")
 
 
-def _unreadable(path: Path, error: Exception) -> MimicFormatError:
-    """A polars or OS error while reading ``path``, as one line naming the file."""
+def _unreadable(path: Path, error: Exception, problem: str = "cannot be read as a table") -> MimicFormatError:
+    """A polars or OS error while reading ``path``, as one line naming the file: not UTF-8, or ``problem``."""
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if "utf-8" in first_line.lower() or "utf8" in first_line.lower():
         return MimicFormatError(f"{path}: not UTF-8 text ({first_line}); MIMIC-IV files are UTF-8")
-    return MimicFormatError(f"{path}: cannot be read as a table ({first_line})")
+    return MimicFormatError(f"{path}: {problem} ({first_line})")
+
+
+def _open_table(path: Path) -> tuple[pl.LazyFrame, list[str]]:
+    """The file as a lazy frame of text columns (parquet: as stored) and its column names; the file is checked and
+    its header read now, so that a damaged file is named before any work."""
+    check_table_file(path)
+    try:
+        frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_csv(path, infer_schema=False)
+        return frame, frame.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise _unreadable(path, error) from error
 
 
 def scan_table(path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> pl.LazyFrame:
     """The file's ``required`` (and present ``optional``) columns as text (parquet: as stored), nothing parsed yet;
     the header is checked now so that a missing column is named before any work."""
-    check_table_file(path)
-    try:
-        frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_csv(path, infer_schema=False)
-        present = frame.collect_schema().names()
-    except (pl.exceptions.PolarsError, OSError) as error:
-        raise _unreadable(path, error) from error
+    frame, present = _open_table(path)
     required = list(dict.fromkeys(required))
     missing = [column for column in required if column not in present]
     if missing:
@@ -192,17 +198,9 @@ class MimicIVReader:
         """A lazy frame with the required columns of ``table`` in their MIMIC-IV types (header checked now)."""
         spec = TABLES[table]
         path = self.path(table)
-        check_table_file(path)
-        try:
-            if path.suffix == ".parquet":
-                frame = pl.scan_parquet(path)
-            else:
-                frame = pl.scan_csv(path, infer_schema=False)
-            present = frame.collect_schema()
-        except (pl.exceptions.PolarsError, OSError) as error:
-            raise _unreadable(path, error) from error
+        frame, present = _open_table(path)
         renames = {old: new for old, new in _ALIASES.get(table, {}).items() if old in present and new not in present}
-        names = [renames.get(name, name) for name in present.names()]
+        names = [renames.get(name, name) for name in present]
         missing = [column for column in spec.columns if column not in names]
         if missing:
             raise MimicFormatError(f"{path}: missing required column(s) {', '.join(missing)}")
@@ -219,10 +217,7 @@ class MimicIVReader:
         except OSError as error:  # a truncated or damaged compressed file
             raise _unreadable(path, error) from error
         except pl.exceptions.PolarsError as error:
-            if "utf" in str(error).lower():
-                raise _unreadable(path, error) from error
-            first_line = str(error).strip().splitlines()[0]
-            raise MimicFormatError(f"{path}: a value has the wrong type ({first_line})") from error
+            raise _unreadable(path, error, "a value has the wrong type") from error
 
     def read(self, table: str) -> pl.DataFrame:
         """Reads and validates one table, including its value vocabularies."""

@@ -184,13 +184,17 @@ def _diagnoses(reader: MimicIVReader, gem: GemOptions, subjects: pl.Series,
     distinct = diagnoses.group_by("code", "icd_version").agg(pl.len().alias("rows"))
     release = reader.read("d_icd_diagnoses") if reader.has("d_icd_diagnoses") else None
     unknown = unknown_codes(distinct, release)
-    # the rare case: only now is the first row of each unknown code looked for
-    first = (diagnoses.with_row_index("row", offset=1).join(unknown.select("code", "icd_version"),
-                                                            on=["code", "icd_version"], how="semi")
-             .group_by("code", "icd_version").agg(pl.col("row").min())) if unknown.height else \
-        unknown.select("code", "icd_version", row=pl.lit(0, dtype=pl.UInt32))
-    unknown = unknown.join(first, on=["code", "icd_version"]).sort("row")
-    if unknown.height:
+    unknown_top = []
+    if unknown.height:  # the rare case: only now is the first row of each unknown code looked for
+        first = (diagnoses.with_row_index("row", offset=1).join(unknown.select("code", "icd_version"),
+                                                                on=["code", "icd_version"], how="semi")
+                 .group_by("code", "icd_version").agg(pl.col("row").min()))
+        unknown = unknown.join(first, on=["code", "icd_version"]).sort("row")
+        unknown_top = [
+            {"icd_code": code, "icd_version": version, "rows": rows, "first_row": row, "reason": reason}
+            for code, version, rows, row, reason in unknown.sort("rows", "row", descending=[True, False]).head(10)
+            .select("code", "icd_version", "rows", "row", "reason").iter_rows()
+        ]
         row, code, version, reason = unknown.select("row", "code", "icd_version", "reason").row(0)
         where = (f"{path}: row {row}: {code!r} (icd_version {version}) is {reason}; {unknown['rows'].sum():,} row(s) "
                  f"hold {unknown.height:,} unknown code(s)")
@@ -222,11 +226,7 @@ def _diagnoses(reader: MimicIVReader, gem: GemOptions, subjects: pl.Series,
         "diagnosis_rows": diagnoses.height,
         "diagnosis_rows_unknown_code": int(unknown["rows"].sum()),
         "unknown_codes": unknown.height,
-        "unknown_codes_top": [
-            {"icd_code": code, "icd_version": version, "rows": rows, "first_row": row, "reason": reason}
-            for code, version, rows, row, reason in unknown.sort("rows", "row", descending=[True, False]).head(10)
-            .select("code", "icd_version", "rows", "row", "reason").iter_rows()
-        ],
+        "unknown_codes_top": unknown_top,
         "diagnosis_rows_unknown_subject": unknown_subject.height,
         "icd9_rows": icd9.height,
         "icd10_rows": icd10.height,
