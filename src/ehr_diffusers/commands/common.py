@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import ArgumentError
+
+
+def local_folder(name_or_path: str | Path) -> Path | None:
+    """``--model`` as a local path when it is one (an input an output must not overwrite), None for a Hub id."""
+    path = Path(name_or_path)
+    return path if path.exists() else None
 
 
 def torch_device(name: str | None):

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ArgumentError, DataError, ModelError
 from ..training import AUTOENCODER_METRICS_NAME
-from .common import load_pipeline, torch_device
+from .common import load_pipeline, local_folder, torch_device
 
 
 def _baseline_names(text: str) -> tuple[str, ...]:
@@ -59,7 +59,7 @@ def run_evaluation(model: str, dataset: Path, out: Path, *, overwrite: bool = Fa
     from ..io import atomic_directory, check_output_dir
 
     # everything a user can get wrong is checked here, before the records are read and the model loads
-    local_model = Path(model) if Path(model).exists() else None
+    local_model = local_folder(model)
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     check_model_path(model, "--model")
     if device is not None:  # the default needs no check (and no torch yet)
@@ -143,7 +143,7 @@ def run_cxr_evaluation(model: str, dataset: Path, out: Path, *, split: str = "te
         raise ArgumentError(f"--guidance-scale must be a finite number >= 0, got {guidance_scale}")
     if not (eta >= 0 and eta != float("inf")):
         raise ArgumentError(f"--eta must be a finite number >= 0, got {eta}")
-    local_model = Path(model) if Path(model).exists() else None
+    local_model = local_folder(model)
     check_output_dir(out, overwrite, {"--model": local_model, "--dataset": dataset}, argument="--out")
     tables = load_dataset_dict(dataset)
     if split not in tables:

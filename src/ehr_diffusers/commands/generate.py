@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ArgumentError, DataError, ModelError
-from .common import load_pipeline
+from .common import load_pipeline, local_folder
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         logger.warning("--num-records %s: %s records will take about %.0f hours at the demo model's %s records per "
                        "second on 2 CPU cores (a larger model or --steps takes longer)", f"{args.num_records:,}",
                        f"{records:,}", records / RECORDS_PER_SECOND / 3600, f"{RECORDS_PER_SECOND:,}")
-    local_model = Path(args.model) if Path(args.model).exists() else None
+    local_model = local_folder(args.model)
     if file_format == "mimic":
         check_output_dir(args.out, args.overwrite, {"--model": local_model}, argument="--out")
     else:

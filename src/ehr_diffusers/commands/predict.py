@@ -33,6 +33,8 @@ def read_events(path: Path) -> dict[str, Any]:
     file means no events."""
     import numpy as np
 
+    from ..io import read_user_text
+
     if not path.is_file():
         raise FileNotFoundError(f"--events {path}: no such file")
     if path.suffix == ".npz":
@@ -63,10 +65,7 @@ def read_events(path: Path) -> dict[str, Any]:
             raise DataError(f"--events {path}: expected a numeric (n_events, dim) array, got {array.dtype} "
                              f"{array.shape}")
         return {"event_embeddings": _finite(array.astype(np.float32), path)}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"--events {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    text = read_user_text(path, "--events")
     return {"events": [line.strip() for line in text.splitlines() if line.strip()]}
 
 
@@ -89,25 +88,26 @@ def read_image(path: Path) -> Any:
     return image
 
 
-def _check_event_width(events: dict[str, Any], args: argparse.Namespace) -> None:
-    """Event embeddings against the width the saved model's event encoder takes, read from its config file so that
-    a mismatch fails before the model loads."""
+def _saved_event_dim(model: str) -> int | None:
+    """The event width a local pipeline folder's event encoder takes, read from its config file (None for a Hub id),
+    so that a mismatch fails before the model loads."""
     import json
 
-    config = Path(args.model) / "event_encoder" / "config.json"
-    if "event_embeddings" not in events or not config.is_file():
-        return
-    dim = json.loads(config.read_text()).get("event_dim")
-    width = events["event_embeddings"].shape[1]
-    if dim is not None and width != dim:
-        raise ModelError(f"--events {args.events}: {width}-d event embeddings, but --model {args.model} takes "
-                         f"{dim}-d ones")
+    config = Path(model) / "event_encoder" / "config.json"
+    return json.loads(config.read_text()).get("event_dim") if config.is_file() else None
+
+
+def _check_event_width(events: dict[str, Any], dim: int | None, args: argparse.Namespace) -> None:
+    """Event embeddings against the width ``dim`` the model's event encoder takes (None: not known yet)."""
+    if "event_embeddings" in events and dim is not None and events["event_embeddings"].shape[1] != dim:
+        raise ModelError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "
+                         f"--model {args.model} takes {dim}-d ones")
 
 
 def run(args: argparse.Namespace) -> None:
     from ..hub.errors import check_model_path, explain_missing_model
     from ..io import atomic_file, check_output_file
-    from .common import torch_device
+    from .common import local_folder, torch_device
 
     # everything a user can get wrong is checked here, before the model loads
     if args.out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -115,12 +115,12 @@ def run(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.overwrite:
         raise ArgumentError(f"--out {args.out}: exists; pass --overwrite to replace it")
     check_output_file(args.out, {"--prev": args.prev, "--events": args.events,
-                                 "--model": Path(args.model) if Path(args.model).exists() else None})
+                                 "--model": local_folder(args.model)})
     check_model_path(str(args.model), "--model")
     device = torch_device(args.device or "cpu")
     previous = read_image(args.prev)
     events = read_events(args.events)
-    _check_event_width(events, args)
+    _check_event_width(events, _saved_event_dim(args.model), args)
 
     # the checks passed: now diffusers and the model
     import torch
@@ -130,10 +130,7 @@ def run(args: argparse.Namespace) -> None:
     with explain_missing_model(str(args.model), "--model"):
         pipe = EHRXDiffPipeline.from_pretrained(str(args.model))
     pipe.to(device)
-    dim = pipe.event_encoder.config.event_dim
-    if "event_embeddings" in events and events["event_embeddings"].shape[1] != dim:
-        raise ModelError(f"--events {args.events}: {events['event_embeddings'].shape[1]}-d event embeddings, but "
-                         f"--model {args.model} takes {dim}-d ones")
+    _check_event_width(events, pipe.event_encoder.config.event_dim, args)  # a Hub model: known only now
     if "events" in events and pipe.event_embedder is None:
         raise ModelError(f"--model {args.model} has no event embedder: give --events as a .npy array of event "
                          "embeddings")

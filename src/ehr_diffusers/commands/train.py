@@ -78,11 +78,9 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
     import signal
     import subprocess
 
-    import torch
-
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():  # accelerate launch --cpu starts one process (checked in _check_run_folder)
+    if not _has_cuda():  # accelerate launch --cpu starts one process (checked in _check_run_folder)
         launch.append("--cpu")
         if cpu_threads is not None:
             launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
@@ -108,18 +106,13 @@ def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mi
                                   "messages above")
 
 
-def _check_run_folder(output_dir: Path, dataset: Path, num_processes: int,
-                      judge_threshold: float | None = None) -> None:
+def _check_run_folder(output_dir: Path, dataset: Path, num_processes: int) -> None:
     """The checks of both training commands that need no data: the run folder may hold earlier runs (they are
     resumed) but may not be, or lie inside, the dataset; several processes need GPUs until CPU data parallelism
     lands."""
-    import math
-
     from ..io import check_output_dir
 
     check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
-    if judge_threshold is not None and not math.isfinite(judge_threshold):
-        raise ArgumentError(f"--judge-threshold must be a finite number, got {judge_threshold}")
     if num_processes > 1 and not _has_cuda():
         raise ArgumentError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
                             "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
@@ -152,7 +145,7 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
     data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
     condition_dim(data["train"], "embedding", dataset)
     screen_split(data["train"], judge_threshold)  # a threshold no row passes fails now, not after the autoencoder
-    _check_run_folder(output_dir, dataset, num_processes, judge_threshold)
+    _check_run_folder(output_dir, dataset, num_processes)
     autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
     common = ["--train_data_dir", str(dataset), "--seed", str(seed), *_checkpoint_arguments(checkpointing_steps,
                                                                                             resume)]

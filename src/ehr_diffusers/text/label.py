@@ -183,13 +183,9 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
         pq.write_table(table, temporary)
 
 
-def _passes(row: dict, threshold: float) -> bool:
-    from .judge import passes_screening
-
-    return passes_screening(row, threshold)
-
-
 def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
+    from .judge import passes_screening  # here: the judge module imports torch, which checking a dataset needs not
+
     scores = labels.column("judge_scores").to_pylist()
     scored = [row for row in scores if all(row[c] is not None for c in JUDGE_CATEGORIES)]
     return {
@@ -198,7 +194,7 @@ def _split_figures(labels: pa.Table, fallbacks: int, threshold: float) -> dict:
         "judge_unscored": len(scores) - len(scored),
         "mean_judge_scores": ({c: float(np.mean([row[c] for row in scored])) for c in JUDGE_CATEGORIES}
                               if scored else {}),
-        "rows_under_threshold": sum(not _passes(row, threshold) for row in scored),
+        "rows_under_threshold": sum(not passes_screening(row, threshold) for row in scored),
     }
 
 

@@ -4,6 +4,7 @@ evaluation shares), judge screening, the condition vectors, and the autoencoder 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ def screen_split(split: Any, threshold: float | None, keep_unscored: bool = Fals
     ``threshold`` is None. A ValueError naming ``--judge_threshold`` when no row is left."""
     if threshold is None:
         return split, 0
+    if not math.isfinite(threshold):  # NaN would pass no row and say so, hiding the real mistake
+        raise ArgumentError(f"--judge_threshold must be a finite number, got {threshold}")
     from ..text.judge import screen
 
     try:
