@@ -295,13 +295,6 @@ def _truncated_gzip(w: dict, tmp: Path) -> Path:
     return root
 
 
-def _knowledge_jsonl(content: bytes) -> Callable[[dict, Path], list[str]]:
-    def make(w: dict, tmp: Path) -> list[str]:
-        (tmp / "knowledge.jsonl").write_bytes(content)
-        return _prepare_cxr("--embedder", "minilm", "--retrieval", "--knowledge", str(tmp / "knowledge.jsonl"))(w, tmp)
-    return make
-
-
 def _nested(w: dict, tmp: Path) -> list[str]:
     mimic = _mimic(tmp)
     return ["prepare", "--mimic-dir", str(mimic), "--out", str(mimic / "hosp" / "dataset")]
@@ -317,18 +310,18 @@ def _existing_out(argv: Callable[[dict, Path], list[str]]) -> Callable[[dict, Pa
     return make
 
 
+def _with_file(name: str, content: bytes, command: Callable[[Path], Callable]) -> Callable[[dict, Path], list[str]]:
+    """``command(path)``'s command line, with ``content`` written to tmp/``name`` first."""
+    return lambda w, tmp: command(_file(name, content)(w, tmp))(w, tmp)
+
+
 def _prompts(content: bytes) -> Callable[[dict, Path], list[str]]:
-    def make(w: dict, tmp: Path) -> list[str]:
-        (tmp / "prompts.txt").write_bytes(content)
-        return _generate("--prompts-file", str(tmp / "prompts.txt"))(w, tmp)
-    return make
+    return _with_file("prompts.txt", content, lambda path: _generate("--prompts-file", str(path)))
 
 
-def _knowledge(content: bytes) -> Callable[[dict, Path], list[str]]:
-    def make(w: dict, tmp: Path) -> list[str]:
-        (tmp / "knowledge.txt").write_bytes(content)
-        return _prepare_cxr("--embedder", "minilm", "--retrieval", "--knowledge", str(tmp / "knowledge.txt"))(w, tmp)
-    return make
+def _knowledge(content: bytes, name: str = "knowledge.txt") -> Callable[[dict, Path], list[str]]:
+    return _with_file(name, content,
+                      lambda path: _prepare_cxr("--embedder", "minilm", "--retrieval", "--knowledge", str(path)))
 
 
 def _diagnosis(code: str, version: str) -> str:
@@ -509,7 +502,7 @@ CASES = [
          ("knowledge.txt", "UTF-8")),
     Case("prepare-cxr: --knowledge without --retrieval", _prepare_cxr("--knowledge", "{events}"),
          ("--knowledge", "--retrieval")),
-    Case("prepare-cxr: --knowledge invalid JSONL", _knowledge_jsonl(b'{"text": "rales"}\n{oops\n'),
+    Case("prepare-cxr: --knowledge invalid JSONL", _knowledge(b'{"text": "rales"}\n{oops\n', "knowledge.jsonl"),
          ("--knowledge", "knowledge.jsonl:2", "invalid JSON")),
     Case("prepare-cxr: --items folder missing", _prepare_cxr("--items", "{tmp}/no-items"), ("--items", "no-items")),
     Case("prepare-cxr: --out inside --cxr-dir",
