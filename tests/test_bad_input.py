@@ -151,6 +151,15 @@ def _train_ehr(*extra: str, dataset: str | Callable = "labelled") -> Callable[[d
     return argv
 
 
+def _checkpoint_of(folder: Path, processes: int) -> Path:
+    """A checkpoint folder as ``processes`` processes leave it (one RNG state each, and the batch layout)."""
+    folder.mkdir(parents=True)
+    for rank in range(processes):
+        (folder / f"random_states_{rank}.pkl").write_bytes(b"")
+    (folder / "training_state.json").write_text(json.dumps({"step": 2, "num_processes": processes}))
+    return folder
+
+
 def _generate(*extra: str, out: str = "out.csv", model: str = "ehr_model") -> Callable[[dict, Path], list[str]]:
     return lambda w, tmp: ["generate", "--model", str(w.get(model, model)), "--out", str(tmp / out), "-n", "4",
                            *[arg.format(tmp=tmp, **w) for arg in extra]]
@@ -440,7 +449,27 @@ CASES = [
     Case("train-ehr: --checkpointing-steps 0", _train_ehr("--checkpointing-steps", "0"), ("--checkpointing-steps",)),
     Case("train-ehr: --resume-from-checkpoint nonsense", _train_ehr("--resume-from-checkpoint", "checkpoint-x"),
          ("--resume-from-checkpoint", "checkpoint-x")),
-    Case("train-ehr: --num-processes 2 on CPUs", _train_ehr("--num-processes", "2"), ("--num-processes",)),
+    Case("train-ehr: --num-processes 0", _train_ehr("--num-processes", "0"), ("--num-processes",)),
+    Case("train-ehr: --num-machines 2 alone", _train_ehr("--num-processes", "2", "--num-machines", "2"),
+         ("--num-machines 2", "--machine-rank", "--main-process-ip")),
+    Case("train-ehr: --machine-rank on one machine", _train_ehr("--machine-rank", "1"),
+         ("--machine-rank", "--num-machines")),
+    Case("train-ehr: --machine-rank 2 of 2 machines",
+         _train_ehr("--num-processes", "2", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip",
+                    "10.0.0.1"), ("--machine-rank 2", "0 to 1")),
+    Case("train-ehr: --num-processes 3 over 2 machines",
+         _train_ehr("--num-processes", "3", "--num-machines", "2", "--machine-rank", "0", "--main-process-ip",
+                    "10.0.0.1"), ("--num-processes 3", "multiple of --num-machines 2")),
+    Case("train-ehr: --main-process-port 70000", _train_ehr("--main-process-port", "70000"),
+         ("--main-process-port", "70000")),
+    Case("train-ehr: --accelerate-config missing", _train_ehr("--accelerate-config", "no-such.yaml"),
+         ("--accelerate-config", "no-such.yaml")),
+    Case("train-ehr: --mixed-precision fp16 on CPUs", _train_ehr("--mixed-precision", "fp16"),
+         ("--mixed-precision fp16", "GPU")),
+    Case("train-ehr: resume at another process count",
+         lambda w, t: _checkpoint_of(t / "out" / "model" / "checkpoint-2", processes=2)
+         and _train_ehr("--resume")(w, t), ("--resume-from-checkpoint", "checkpoint-2", "--num-processes 2"),
+         out=None),
     Case("train-ehr: --judge-threshold no row passes", _train_ehr("--judge-threshold", "6"),
          ("--judge_threshold 6", "no training row passes")),
     # ------------------------------------------------------------------ generate
@@ -524,6 +553,13 @@ CASES = [
          ("--output-dir", "--dataset"), out=None),
     Case("train-cxr: --checkpointing-steps -5", _train_cxr("--checkpointing-steps", "-5"),
          ("--checkpointing-steps",)),
+    Case("train-cxr: --num-machines 2 without --machine-rank",
+         _train_cxr("--num-processes", "2", "--num-machines", "2", "--main-process-ip", "10.0.0.1"),
+         ("--num-machines 2", "--machine-rank")),
+    Case("train-cxr: resume at another process count",
+         lambda w, t: _checkpoint_of(t / "out" / "vae" / "checkpoint-4", processes=1)
+         and _train_cxr("--resume", "--num-processes", "2")(w, t),
+         ("--resume-from-checkpoint", "checkpoint-4", "--num-processes 1"), out=None),
     Case("train-cxr: --resume-from-checkpoint missing folder", _train_cxr("--resume-from-checkpoint", "{tmp}/ckpt"),
          ("--resume-from-checkpoint", "ckpt")),
     # ------------------------------------------------------------------ predict-cxr
@@ -769,7 +805,7 @@ def test_train_ehr_passes_checkpointing_and_resume_to_both_runs(world, tmp_path,
     from ehr_diffusers.commands import train
 
     launched = []
-    monkeypatch.setattr(train, "_accelerate_launch", lambda module, arguments, *rest: launched.append(arguments))
+    monkeypatch.setattr(train, "accelerate_launch", lambda module, arguments, *rest: launched.append(arguments))
     assert main(["train-ehr", "--dataset", str(world["labelled"]), "--output-dir", str(tmp_path / "run"),
                  "--checkpointing-steps", "7", "--resume-from-checkpoint", "latest"]) == 0
     assert len(launched) == 2  # the autoencoder, then the diffusion model
@@ -782,7 +818,7 @@ def test_train_cxr_passes_checkpointing_and_resume_to_every_run(world, tmp_path,
     from ehr_diffusers.commands import train
 
     launched = []
-    monkeypatch.setattr(train, "_accelerate_launch", lambda module, arguments, *rest: launched.append(arguments))
+    monkeypatch.setattr(train, "accelerate_launch", lambda module, arguments, *rest: launched.append(arguments))
     assert main(["train-cxr", "--dataset", str(world["triplets"]), "--output-dir", str(tmp_path / "run"),
                  "--checkpointing-steps", "7", "--resume-from-checkpoint", "latest"]) == 0
     assert len(launched) == 2  # the VAE, then the diffusion model (the demo preset skips the CLIP pretraining)
@@ -798,7 +834,7 @@ def test_an_interrupted_training_run_is_stopped_not_orphaned(monkeypatch, interr
     import signal
 
     from ehr_diffusers import cli
-    from ehr_diffusers.commands import train
+    from ehr_diffusers.commands.launch import LaunchOptions, accelerate_launch
 
     sent = []
 
@@ -820,5 +856,5 @@ def test_an_interrupted_training_run_is_stopped_not_orphaned(monkeypatch, interr
 
     monkeypatch.setattr("subprocess.Popen", Launcher)
     with pytest.raises(KeyboardInterrupt):
-        train._accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", [], 1, "no")
+        accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", [], LaunchOptions())
     assert sent == [forwarded, "waited"]

@@ -69,6 +69,13 @@ _non_negative = _at_least(_finite, 0, False, "a finite number >= 0")
 _positive = _at_least(_finite, 0, True, "a finite number > 0")
 
 
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {text}")
+    return value
+
+
 def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-fraction", type=_finite, default=0.2,
                         help="share of patients held out (default 0.2)")
@@ -106,6 +113,25 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
                         help="'latest': continue each run from its newest checkpoint in --output-dir (a finished run "
                              "is kept); the weights equal those of a run never stopped")
     parser.add_argument("--resume", action="store_true", help="the same as --resume-from-checkpoint latest")
+
+
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that runs its work under ``accelerate launch`` (commands.launch)."""
+    add = parser.add_argument
+    add("--num-processes", type=_positive_int, default=None,
+        help="processes over all machines: one per GPU, or CPU processes over gloo where there is no GPU (default 1, "
+             "or the --accelerate-config's)")
+    add("--num-machines", type=_positive_int, default=1, help="machines taking part (default 1)")
+    add("--machine-rank", type=_non_negative_int, default=None,
+        help="this machine's rank, 0 to --num-machines - 1 (multi-node)")
+    add("--main-process-ip", default=None, help="address of the machine of rank 0 (multi-node)")
+    add("--main-process-port", type=_port, default=None,
+        help="port of the machine of rank 0 (default: a free port on one machine, 29500 over several)")
+    add("--accelerate-config", type=Path, default=None, metavar="FILE",
+        help="an `accelerate config` file (FSDP, DeepSpeed, ...) passed to accelerate launch as it is; the options "
+             "above override its values")
+    add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+        help="mixed precision of every run (default no, or the --accelerate-config's)")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -226,10 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", type=Path, required=True,
                        help="run folder: autoencoder-training/ and model/ (the pipeline) are written inside")
     _add_training_options(train)
-    train.add_argument("--num-processes", type=_positive_int, default=1,
-                       help="processes for accelerate launch, one per GPU (default 1)")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                       help="mixed precision of both runs (default no)")
+    _add_launch_options(train)
     _add_checkpoint_options(train)
     train.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                        help="upload the pipeline to this private Hub repo (make it public on the Hub only when "
@@ -251,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a train_event_clip output folder instead of pretraining the encoders here")
     train_cxr.add_argument("--diffusion-steps", type=_positive_int, default=None,
                            help="diffusion optimisation steps (overrides the preset)")
-    train_cxr.add_argument("--num-processes", type=_positive_int, default=1,
-                           help="processes for accelerate launch, one per GPU (default 1)")
-    train_cxr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                           help="mixed precision of every run (default no)")
+    _add_launch_options(train_cxr)
     _add_checkpoint_options(train_cxr)
     train_cxr.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run (default 0)")
     train_cxr.add_argument("--push-to-hub", metavar="REPO_ID", default=None,

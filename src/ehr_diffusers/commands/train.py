@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..errors import ArgumentError, DataError, EHRDiffusersError
+from ..errors import ArgumentError, DataError
+from .launch import LaunchOptions, TrainingFailedError, accelerate_launch, check_launch, cuda_device_count
+
+__all__ = ["CXR_TRAINING_PRESETS", "TRAINING_PRESETS", "TrainingFailedError", "train_cxr", "train_ehr"]
 
 # Model sizes and run lengths per preset. "demo" trains in a few minutes on 2 CPU cores on the 5,000-patient demo
 # cohort; "default" is the scripts' own defaults, sized for MIMIC-IV (latent 1024, about 300k records, a GPU).
@@ -67,62 +69,26 @@ CXR_TRAINING_PRESETS = {
 }
 
 
-class TrainingFailedError(EHRDiffusersError, RuntimeError):
-    """A training script run by ``train-ehr`` exited with an error (which it has printed)."""
-
-
-def _accelerate_launch(module: str, arguments: list[str], num_processes: int, mixed_precision: str,
-                       quiet: bool = False, cpu_threads: int | None = None) -> None:
-    """Runs ``python -m accelerate.commands.launch ... -m module arguments``; a failure becomes one error line (the
-    script's own messages are above it). ``quiet`` keeps the script's output unless it fails."""
-    import signal
-    import subprocess
-
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if not _has_cuda():  # accelerate launch --cpu starts one process (checked in _check_run_folder)
-        launch.append("--cpu")
-        if cpu_threads is not None:
-            launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
-    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
-    process = subprocess.Popen([*launch, "-m", module, *arguments], **output)
-    try:
-        stdout, _ = process.communicate()
-    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cli.Terminated): stop the run as it would stop
-        process.send_signal(signal.SIGTERM if type(interrupt) is not KeyboardInterrupt else signal.SIGINT)
-        try:
-            process.wait(timeout=60)  # accelerate launch passes the signal on and waits for the script
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        raise
-    if quiet:  # warnings always, the rest only when the script failed
-        lines = stdout.splitlines()
-        shown = lines[-40:] if process.returncode != 0 else [line for line in lines if "WARNING" in line]
-        if shown:
-            print("\n".join(shown), file=sys.stderr)
-    if process.returncode != 0:
-        raise TrainingFailedError(f"{module.rsplit('.', 1)[-1]} failed (exit status {process.returncode}); see its "
-                                  "messages above")
-
-
-def _check_run_folder(output_dir: Path, dataset: Path, num_processes: int) -> None:
+def _check_run_folder(output_dir: Path, dataset: Path, launch: LaunchOptions, resume: bool,
+                      runs: tuple[str, ...]) -> None:
     """The checks of both training commands that need no data: the run folder may hold earlier runs (they are
-    resumed) but may not be, or lie inside, the dataset; several processes need GPUs until CPU data parallelism
-    lands."""
+    resumed) but may not be, or lie inside, the dataset; the launch options must fit this machine; a run resumed at
+    another process count is refused here, in one line, before its processes start (the scripts refuse it too)."""
     from ..io import check_output_dir
+    from ..training.checkpointing import checkpoint_layout, list_checkpoints
 
     check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
-    if num_processes > 1 and not _has_cuda():
-        raise ArgumentError(f"--num-processes {num_processes}: several processes need GPUs here; on CPUs run the "
-                            "scripts with ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m "
-                            "ehr_diffusers.training.train_ehr_diffusion ...")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    check_launch(launch, cuda_device_count())
+    if not resume or launch.num_processes is None and launch.config_file is not None:
+        return
+    for run in runs:
+        found = list_checkpoints(output_dir / run)
+        recorded = checkpoint_layout(found[-1]) if found else None
+        if recorded and recorded["num_processes"] != launch.processes:
+            raise ArgumentError(f"--resume-from-checkpoint: {found[-1]} was written by {recorded['num_processes']} "
+                                f"process(es), this run has {launch.processes}; the effective batch, the data order "
+                                "and the learning-rate schedule would change, so resume with --num-processes "
+                                f"{recorded['num_processes']}, or start a new --output-dir")
 
 
 def _checkpoint_arguments(checkpointing_steps: int | None, resume: bool) -> list[str]:
@@ -131,8 +97,8 @@ def _checkpoint_arguments(checkpointing_steps: int | None, resume: bool) -> list
 
 
 def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoencoder_epochs: int | None = None,
-              diffusion_steps: int | None = None, judge_threshold: float | None = None, num_processes: int = 1,
-              mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
+              diffusion_steps: int | None = None, judge_threshold: float | None = None,
+              launch: LaunchOptions | None = None, resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
               quiet: bool = False, checkpointing_steps: int | None = None) -> Path:
     """Trains the autoencoder, then the diffusion model, each under ``accelerate launch``; returns the pipeline folder.
 
@@ -145,7 +111,8 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
     data, _ = load_training_dataset(dataset, splits=("train", "holdout"), argument="--dataset")
     condition_dim(data["train"], "embedding", dataset)
     screen_split(data["train"], judge_threshold)  # a threshold no row passes fails now, not after the autoencoder
-    _check_run_folder(output_dir, dataset, num_processes)
+    launch = launch or LaunchOptions()
+    _check_run_folder(output_dir, dataset, launch, resume, ("autoencoder-training", "model"))
     autoencoder_dir, model_dir = output_dir / "autoencoder-training", output_dir / "model"
     common = ["--train_data_dir", str(dataset), "--seed", str(seed), *_checkpoint_arguments(checkpointing_steps,
                                                                                             resume)]
@@ -161,16 +128,14 @@ def train_ehr(dataset: Path, output_dir: Path, preset: str = "default", autoenco
     if push_to_hub:
         diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
     threads = TRAINING_PRESETS[preset]["cpu_threads"]
-    _accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, num_processes, mixed_precision,
-                       quiet, threads)
-    _accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, num_processes, mixed_precision, quiet,
-                       threads)
+    accelerate_launch("ehr_diffusers.training.train_ehr_autoencoder", autoencoder, launch, quiet, threads)
+    accelerate_launch("ehr_diffusers.training.train_ehr_diffusion", diffusion, launch, quiet, threads)
     return model_dir
 
 
 def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | None = None,
-              event_clip: str | None = None, diffusion_steps: int | None = None, num_processes: int = 1,
-              mixed_precision: str = "no", resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
+              event_clip: str | None = None, diffusion_steps: int | None = None,
+              launch: LaunchOptions | None = None, resume: bool = False, seed: int = 0, push_to_hub: str | None = None,
               quiet: bool = False, checkpointing_steps: int | None = None) -> Path:
     """Trains the chest X-ray VAE (unless ``vae`` names one), the event-image CLIP pretraining (unless ``event_clip``
     names its output) and the EHRXDiff diffusion model, each under ``accelerate launch``; returns the pipeline folder.
@@ -192,20 +157,20 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
     for argument, path in (("--vae", vae), ("--event-clip", event_clip)):
         if path is not None:
             check_model_path(path, argument)
-    _check_run_folder(output_dir, dataset, num_processes)
+    launch = launch or LaunchOptions()
+    _check_run_folder(output_dir, dataset, launch, resume, ("vae", "event-clip", "model"))
     steps = CXR_TRAINING_PRESETS[preset]
     common = ["--train_data_dir", str(dataset), "--seed", str(seed), "--report_to", "none",
               *_checkpoint_arguments(checkpointing_steps, resume)]
     threads = steps["cpu_threads"]
     if vae is None:
         vae = str(output_dir / "vae")
-        _accelerate_launch("ehr_diffusers.training.train_cxr_vae", [*common, *steps["vae"], "--output_dir", vae],
-                           num_processes, mixed_precision, quiet, threads)
+        accelerate_launch("ehr_diffusers.training.train_cxr_vae", [*common, *steps["vae"], "--output_dir", vae],
+                          launch, quiet, threads)
     if event_clip is None and steps["event_clip"] is not None:
         event_clip = str(output_dir / "event-clip")
-        _accelerate_launch("ehr_diffusers.training.train_event_clip",
-                           [*common, *steps["event_clip"], "--output_dir", event_clip], num_processes,
-                           mixed_precision, quiet, threads)
+        accelerate_launch("ehr_diffusers.training.train_event_clip",
+                          [*common, *steps["event_clip"], "--output_dir", event_clip], launch, quiet, threads)
     model_dir = output_dir / "model"
     diffusion = [*common, *steps["diffusion"], "--vae_path", vae, "--output_dir", str(model_dir)]
     if event_clip is not None:
@@ -214,8 +179,7 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
         diffusion += ["--max_train_steps", str(diffusion_steps)]
     if push_to_hub:
         diffusion += ["--push_to_hub", "--hub_model_id", push_to_hub, "--hub_private_repo"]
-    _accelerate_launch("ehr_diffusers.training.train_ehrxdiff", diffusion, num_processes, mixed_precision, quiet,
-                       threads)
+    accelerate_launch("ehr_diffusers.training.train_ehrxdiff", diffusion, launch, quiet, threads)
     return model_dir
 
 
@@ -225,7 +189,7 @@ def _resume(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> None:
     model_dir = train_ehr(args.dataset, args.output_dir, args.preset, args.autoencoder_epochs, args.diffusion_steps,
-                          args.judge_threshold, args.num_processes, args.mixed_precision, _resume(args),
+                          args.judge_threshold, LaunchOptions.from_args(args), _resume(args),
                           push_to_hub=args.push_to_hub, quiet=args.quiet,
                           checkpointing_steps=args.checkpointing_steps)
     print(f"pipeline written to {model_dir}; generate with: ehr-diffusers generate --model {model_dir} "
@@ -234,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
 
 def run_cxr(args: argparse.Namespace) -> None:
     model_dir = train_cxr(args.dataset, args.output_dir, args.preset, args.vae, args.event_clip, args.diffusion_steps,
-                          args.num_processes, args.mixed_precision, _resume(args), args.seed, args.push_to_hub,
+                          LaunchOptions.from_args(args), _resume(args), args.seed, args.push_to_hub,
                           args.quiet, args.checkpointing_steps)
     print(f"pipeline written to {model_dir}; predict with: ehr-diffusers predict-cxr --model {model_dir} "
           "--prev PREVIOUS.png --events EVENTS.txt --out NEXT.png")

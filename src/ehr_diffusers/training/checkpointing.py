@@ -1,9 +1,10 @@
 """Checkpoints of the training scripts: diffusers-format model folders inside accelerate's ``save_state`` folders,
 pruning old ``checkpoint-N`` folders, and resolving ``--resume_from_checkpoint``.
 
-A checkpoint folder ``OUTPUT/checkpoint-N`` holds accelerate's optimizer, LR scheduler and RNG states plus every trained
-model saved with ``save_pretrained`` in its own subfolder (``OUTPUT/checkpoint-N/denoiser``) and, with EMA, the averaged
-weights beside it (``denoiser_ema``), so that each model loads on its own with ``from_pretrained(dir, subfolder=...)``.
+A checkpoint folder ``OUTPUT/checkpoint-N`` holds accelerate's optimizer, LR scheduler and RNG states (one file per
+process), the batch layout it was written under (``training_state.json``) and every trained model saved with
+``save_pretrained`` in its own subfolder (``OUTPUT/checkpoint-N/denoiser``) and, with EMA, the averaged weights beside
+it (``denoiser_ema``), so that each model loads on its own with ``from_pretrained(dir, subfolder=...)``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 logger = logging.getLogger(__name__)
 EMA_SUFFIX = "_ema"
 MODEL_CONFIG_NAME = "config.json"
+TRAINING_STATE_NAME = "training_state.json"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -68,19 +70,59 @@ def resolve_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: st
     return path
 
 
+def batch_layout(accelerator: Accelerator, args: Any) -> dict[str, int]:
+    """How a run splits its batches: the processes, the batch per process and the accumulation steps. A checkpoint
+    records it (``training_state.json``): resuming under another layout would change the effective batch, the data
+    order and the learning-rate schedule's step count, so it is refused."""
+    return {"num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps}
+
+
+def checkpoint_layout(checkpoint: str | Path) -> dict[str, int] | None:
+    """The batch layout a checkpoint was written under; for checkpoints written before it was recorded, the process
+    count alone (one RNG state file per process), or None."""
+    folder = Path(checkpoint)
+    if (folder / TRAINING_STATE_NAME).is_file():
+        return json.loads((folder / TRAINING_STATE_NAME).read_text())
+    states = list(folder.glob("random_states_*.pkl"))
+    return {"num_processes": len(states)} if states else None
+
+
+def check_layout(checkpoint: str | Path, layout: dict[str, int]) -> None:
+    """An ArgumentError naming the checkpoint when it was written under another batch layout than ``layout``."""
+    from ehr_diffusers.errors import ArgumentError
+
+    recorded = checkpoint_layout(checkpoint)
+    if recorded is None:
+        return
+    changed = {key: (recorded[key], layout[key]) for key in layout if key in recorded and recorded[key] != layout[key]}
+    if not changed:
+        return
+    flags = {"num_processes": "processes", "train_batch_size": "batch per process",
+             "gradient_accumulation_steps": "accumulation steps"}
+    was = ", ".join(f"{flags[key]} {old}" for key, (old, _) in changed.items())
+    now = ", ".join(f"{flags[key]} {new}" for key, (_, new) in changed.items())
+    raise ArgumentError(f"checkpoint {checkpoint}: written with {was}, this run has {now}. Resuming would change the "
+                        "effective batch, the data order and the learning-rate schedule, so the result would match "
+                        "no uninterrupted run: resume with the same settings (--num-processes "
+                        f"{recorded['num_processes']}), or start a new --output-dir")
+
+
 def resume_state(accelerator: Accelerator, resume_from: Path | None, requested: str | None, steps_per_epoch: int,
-                 gradient_accumulation_steps: int, logger: Any) -> tuple[int, int, int]:
+                 layout: dict[str, int], logger: Any) -> tuple[int, int, int]:
     """Loads ``resume_from`` (when there is one) and returns (global step, first epoch, batches of that epoch to
-    skip), so that a resumed run continues where the checkpoint left off."""
+    skip), so that a resumed run continues where the checkpoint left off. A checkpoint of another batch layout
+    (:func:`batch_layout`) is refused before anything loads."""
     if resume_from is None:
         if requested:
             logger.info(f"--resume_from_checkpoint {requested}: no checkpoint yet; starting afresh")
         return 0, 0, 0
+    check_layout(resume_from, layout)
     logger.info(f"Resuming from checkpoint {resume_from}")
     accelerator.load_state(str(resume_from))
     global_step = checkpoint_step(resume_from)
     return (global_step, global_step // steps_per_epoch,
-            (global_step % steps_per_epoch) * gradient_accumulation_steps)
+            (global_step % steps_per_epoch) * layout["gradient_accumulation_steps"])
 
 
 def epoch_batches(accelerator: Accelerator, dataloader: Any, epoch: int, first_epoch: int,
@@ -233,14 +275,18 @@ def load_ema_state(ema_model: EMAModel, model: ModelMixin, folder: str | Path) -
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, global_step: int, total_limit: int | None,
-                    logger: Any = None) -> Path:
+                    layout: dict[str, int], logger: Any = None) -> Path:
     """Prunes old checkpoints (main process) and saves ``output_dir/checkpoint-<global_step>`` on every process (each
-    saves its own RNG state; only the main process writes models and optimizer)."""
+    saves its own RNG state; only the main process writes models, optimizer and the batch ``layout``)."""
+    from ehr_diffusers.io import write_text_atomic
+
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, total_limit, logger)
     accelerator.wait_for_everyone()
     path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
     accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_text_atomic(path / TRAINING_STATE_NAME, json.dumps({"step": global_step, **layout}, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if logger is not None:
         logger.info(f"saved state to {path}")

@@ -30,6 +30,7 @@ from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.ehr_autoencoder import EHRAutoencoderModel
 from ehr_diffusers.training import AUTOENCODER_METRICS_NAME, TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    batch_layout,
     epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -284,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
+    layout = batch_layout(accelerator, args)
     global_step, first_epoch, batches_to_skip = resume_state(accelerator, resume_from, args.resume_from_checkpoint,
-                                                             steps_per_epoch, args.gradient_accumulation_steps, logger)
+                                                             steps_per_epoch, layout, logger)
     first_step = global_step
 
     unwrapped = accelerator.unwrap_model(model)
@@ -332,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                 progress_bar.set_postfix(loss=f"{values[0]:.4f}", lr=f"{logs['lr']:.2e}")
                 accumulated.zero_()
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger)
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, layout, logger)
             if global_step >= max_train_steps:
                 break
     progress_bar.close()

@@ -43,6 +43,7 @@ from ehr_diffusers.models.fusion_adapter import ADAPTER_TYPES, FusionAdapterMode
 from ehr_diffusers.pipelines.pipeline_ehrxdiff import image_encoder_pixels
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
+    batch_layout,
     epoch_batches,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -606,8 +607,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
+    layout = batch_layout(accelerator, args)
     global_step, first_epoch, batches_to_skip = resume_state(accelerator, resume_from, args.resume_from_checkpoint,
-                                                             steps_per_epoch, args.gradient_accumulation_steps, logger)
+                                                             steps_per_epoch, layout, logger)
     first_step = global_step
     use_vae_tokens = args.vae_tokens
 
@@ -698,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                 progress_bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 train_loss = 0.0
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, logger)
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, layout, logger)
                 if accelerator.is_main_process and global_step % args.validation_steps == 0 \
                         and global_step < max_train_steps:
                     result = validate(global_step)
