@@ -1,7 +1,7 @@
 """The ``ehr-diffusers`` command line: demo data, preparation, text labels, training, generation, evaluation.
 
-Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, label, train-ehr, train-cxr, generate, predict-cxr,
-convert-ehrxdiff, evaluate, evaluate-cxr and demo.
+Commands: demo-data, demo-cxr-data, prepare, prepare-cxr, cache-latents, label, train-ehr, train-cxr, generate,
+predict-cxr, convert-ehrxdiff, evaluate, evaluate-cxr and demo.
 
 Every failure a user can cause (a missing file or column, a bad value, an existing output) ends in one line on
 stderr naming what is wrong, exit status 2, and no partial output. This module holds the parser and the dispatch;
@@ -115,7 +115,7 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="the same as --resume-from-checkpoint latest")
 
 
-def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+def _add_launch_options(parser: argparse.ArgumentParser, mixed_precision: bool = True) -> None:
     """The options of every command that runs its work under ``accelerate launch`` (commands.launch)."""
     add = parser.add_argument
     add("--num-processes", type=_positive_int, default=None,
@@ -130,8 +130,9 @@ def _add_launch_options(parser: argparse.ArgumentParser) -> None:
     add("--accelerate-config", type=Path, default=None, metavar="FILE",
         help="an `accelerate config` file (FSDP, DeepSpeed, ...) passed to accelerate launch as it is; the options "
              "above override its values")
-    add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-        help="mixed precision of every run (default no, or the --accelerate-config's)")
+    if mixed_precision:
+        add("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+            help="mixed precision of every run (default no, or the --accelerate-config's)")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -219,7 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--image-size", type=int, default=None,
                      help="also write an N x N grayscale PNG copy of every image of a triplet into OUT/images/ "
                           "(16 to 1024; default: no copies)")
+    cxr.add_argument("--cache-latents", action="store_true",
+                     help="then encode every image once with --vae and store the latents in the dataset, as the "
+                          "cache-latents command does")
+    cxr.add_argument("--vae", default=None, help="the AutoencoderKL (folder or Hub id) of --cache-latents")
+    _add_launch_options(cxr, mixed_precision=False)
     cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    cache = commands.add_parser("cache-latents", parents=[common],
+                                help="encode every image of a prepare-cxr dataset once with a VAE, sharded over "
+                                     "processes, and store the latents in it for train-cxr")
+    cache.add_argument("--dataset", type=Path, required=True, help="prepare-cxr dataset folder (rewritten in place)")
+    cache.add_argument("--vae", required=True,
+                       help="the AutoencoderKL (folder or Hub id) that train-cxr will be given as --vae")
+    cache.add_argument("--resolution", type=_positive_int, default=None,
+                       help="image size the VAE encodes (default: its sample_size)")
+    cache.add_argument("--batch-size", type=_positive_int, default=64, help="images per VAE call (default 64)")
+    cache.add_argument("--shard-size", type=_positive_int, default=1024,
+                       help="images per shard, the unit that is saved and resumed (default 1024)")
+    _add_launch_options(cache, mixed_precision=False)
 
     label = commands.add_parser("label", parents=[common],
                                 help="add facts_text, summary, judge_scores and embedding columns to a prepared "
@@ -430,6 +449,9 @@ def _interrupted(command: str, written_before: int) -> str:
     if command in ("train-ehr", "train-cxr"):  # the runs' own processes write checkpoints as they go
         return (f"ehr-diffusers {command}: interrupted; the checkpoints saved so far are kept in --output-dir: run the "
                 "same command with --resume-from-checkpoint latest to continue")
+    if command == "cache-latents":
+        return (f"ehr-diffusers {command}: interrupted; the dataset is as it was, and the shards encoded so far are "
+                "kept: run the same command again to encode only the rest")
     written = completed_outputs()[written_before:]
     if not written:
         return f"ehr-diffusers {command}: interrupted; no output written (an earlier output is left as it was)"
@@ -504,6 +526,7 @@ def _handler(command: str):
 
     return {"demo-data": ehr_data.run_demo_data, "demo-cxr-data": cxr_data.run_demo_data,
             "prepare": ehr_data.run_prepare, "prepare-cxr": cxr_data.run_prepare, "label": label.run,
+            "cache-latents": cxr_data.run_cache_latents,
             "train-ehr": train.run, "train-cxr": train.run_cxr, "predict-cxr": predict.run,
             "convert-ehrxdiff": convert.run_convert_ehrxdiff,
             "generate": generate.run, "evaluate": evaluate.run, "evaluate-cxr": evaluate.run_cxr,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import ArgumentError, DataError
+from .launch import LaunchOptions, accelerate_launch, check_launch, cuda_device_count
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -44,6 +45,15 @@ def run_prepare(args: argparse.Namespace) -> None:
             raise DataError(f"{argument} {folder}: no such folder")
     check_output_dir(args.out, args.overwrite, {"--cxr-dir": args.cxr_dir, "--mimic-dir": args.mimic_dir},
                      argument="--out")
+    launch = LaunchOptions.from_args(args)
+    if args.cache_latents != (args.vae is not None):
+        raise ArgumentError("--cache-latents and --vae go together: --cache-latents --vae ID_OR_DIR encodes the images "
+                            "with that VAE")
+    if args.cache_latents:
+        from ..hub.errors import check_model_path
+
+        check_model_path(args.vae, "--vae")
+        check_launch(launch, cuda_device_count())
     if args.knowledge is not None and args.retrieval:
         from ..text.retrieval import load_knowledge
 
@@ -63,3 +73,35 @@ def run_prepare(args: argparse.Namespace) -> None:
                           image_size=args.image_size)
     print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))
+    if args.cache_latents:
+        cache_latents(args.out, args.vae, launch, resolution=args.image_size, quiet=args.quiet)
+        print(f"latents of {args.vae} cached in {args.out}")
+
+
+def cache_latents(dataset: Path, vae: str, launch: LaunchOptions | None = None, batch_size: int = 64,
+                  shard_size: int = 1024, resolution: int | None = None, quiet: bool = False) -> None:
+    """Encodes every image of a ``prepare-cxr`` dataset with ``vae`` once, sharded over the launch's processes, and
+    stores the latents in the dataset (``training/cache_cxr_latents.py``); run again after a stop, it encodes only
+    the shards that were not saved."""
+    from ..data.cxr.split import load_dataset_dict
+    from ..hub.errors import check_model_path
+
+    launch = launch or LaunchOptions()
+    try:
+        load_dataset_dict(dataset)
+    except (DataError, FileNotFoundError) as error:
+        raise DataError(f"--dataset {error}") from None
+    check_model_path(vae, "--vae")
+    check_launch(launch, cuda_device_count())
+    arguments = ["--train_data_dir", str(dataset), "--vae_path", vae, "--batch_size",
+                 str(batch_size), "--shard_size", str(shard_size)]
+    if resolution is not None:
+        arguments += ["--resolution", str(resolution)]
+    accelerate_launch("ehr_diffusers.training.cache_cxr_latents", arguments, launch, quiet)
+
+
+def run_cache_latents(args: argparse.Namespace) -> None:
+    cache_latents(args.dataset, args.vae, LaunchOptions.from_args(args), args.batch_size, args.shard_size,
+                  args.resolution, args.quiet)
+    print(f"latents of {args.vae} cached in {args.dataset}; train-cxr --vae {args.vae} reads them instead of "
+          "encoding the images")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..errors import ArgumentError, EHRDiffusersError
 
 # the line of every training script's start that gives the batch over all processes (diffusers' examples word it so)
 EFFECTIVE_BATCH = "Total train batch size"
+_SCRIPT_ERROR = re.compile(r"^[\w.-]+: error: ")  # training.common.run_script's line
 
 
 class TrainingFailedError(EHRDiffusersError, RuntimeError):
@@ -40,7 +42,7 @@ class LaunchOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LaunchOptions:
         return cls(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
-                   args.main_process_port, args.accelerate_config, args.mixed_precision)
+                   args.main_process_port, args.accelerate_config, getattr(args, "mixed_precision", None))
 
     @property
     def processes(self) -> int:
@@ -96,10 +98,13 @@ def launch_command(module: str, arguments: list[str], options: LaunchOptions, cu
     elif options.processes > 1:  # 0: a free port, so that two runs on one machine do not meet
         launch += ["--main_process_port", str(options.main_process_port or 0)]
     if not cuda_devices:
+        several = options.processes > 1 or options.num_machines > 1
+        if cpu_threads is None and several and "OMP_NUM_THREADS" not in environment:  # torchrun would make it 1
+            cpu_threads = max(1, (os.cpu_count() or 1) // (options.processes // options.num_machines))
         if cpu_threads is not None:
             launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
             environment["OMP_NUM_THREADS"] = str(cpu_threads)  # torchrun's workers read it, not the flag
-        if options.processes > 1 or options.num_machines > 1:
+        if several:
             environment["ACCELERATE_USE_CPU"] = "true"
             if options.config_file is None:
                 launch.append("--multi_gpu")  # accelerate's torchrun launch; ACCELERATE_USE_CPU makes it gloo ranks
@@ -150,7 +155,7 @@ def _worth_showing(lines: list[str], failed: bool) -> list[str]:
     (once, although every process prints its own) or, when there are none, the last 40 lines (a traceback)."""
     if not failed:
         return [line for line in lines if "WARNING" in line or EFFECTIVE_BATCH in line]
-    errors = [line for line in lines if ": error: " in line and not line.startswith(" ")]
+    errors = [line for line in lines if _SCRIPT_ERROR.match(line)]
     return list(dict.fromkeys(errors)) if errors else lines[-40:]
 
 

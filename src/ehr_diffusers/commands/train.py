@@ -142,6 +142,7 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
 
     Checkpoints and ``resume`` work as in :func:`train_ehr`. The inputs are checked here first (the dataset must hold
     event embeddings), so that a wrong folder fails at once."""
+    from ..data.cxr.latents import cache_record
     from ..data.cxr.split import EMBEDDINGS_COLUMN, load_dataset_dict
     from ..hub.errors import check_model_path
 
@@ -157,6 +158,10 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
     for argument, path in (("--vae", vae), ("--event-clip", event_clip)):
         if path is not None:
             check_model_path(path, argument)
+    cached = cache_record(dataset)
+    if cached is not None and vae is None:
+        raise DataError(f"--dataset {dataset}: holds latents cached with the VAE {cached['vae']}; a VAE trained here "
+                        f"would not match them: pass --vae {cached['vae']}")
     launch = launch or LaunchOptions()
     _check_run_folder(output_dir, dataset, launch, resume, ("vae", "event-clip", "model"))
     steps = CXR_TRAINING_PRESETS[preset]

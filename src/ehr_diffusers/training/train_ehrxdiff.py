@@ -35,11 +35,13 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ehr_diffusers.data.cxr.latents import cache_record, check_cache_matches, read_cached_latents
 from ehr_diffusers.data.cxr.split import TRAINING_DATA_NAME, CXRSplit, load_cxr_split, to_pixels, training_record
 from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.io import atomic_merge, check_output_dir
 from ehr_diffusers.models.event_encoder import EventEncoderModel
 from ehr_diffusers.models.fusion_adapter import ADAPTER_TYPES, FusionAdapterModel
+from ehr_diffusers.models.modeling_utils import weights_fingerprint
 from ehr_diffusers.pipelines.pipeline_ehrxdiff import image_encoder_pixels
 from ehr_diffusers.training import TrainingRun
 from ehr_diffusers.training.checkpointing import (
@@ -247,6 +249,17 @@ def encode_split(vae: Any, split: CXRSplit, batch_size: int, device: torch.devic
         chunks.append(vae.encode(pixels).latent_dist.mode().float().cpu())
     latents = torch.cat(chunks)
     return latents[torch.from_numpy(split.previous_index)], latents[torch.from_numpy(split.target_index)]
+
+
+def split_latents(vae: Any, split: CXRSplit, table: Any, name: str, cache: dict[str, Any] | None,
+                  args: argparse.Namespace, device: torch.device, show_progress: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(previous, target) latents of a split: read from the dataset's cached columns when it has them (checked to be
+    this VAE's), else encoded here."""
+    if cache is None:
+        return encode_split(vae, split, args.eval_batch_size, device, show_progress)
+    previous, target = read_cached_latents(table, args.train_data_dir, name)
+    return torch.from_numpy(previous), torch.from_numpy(target)
 
 
 @torch.no_grad()
@@ -490,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % scale:
         raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {scale}")
+    cache = cache_record(data_dir)
+    if cache is not None:  # encoded once by cache-latents: used only when made by this VAE at this resolution
+        check_cache_matches(data_dir, cache, args.vae_path, weights_fingerprint(vae), resolution, "--vae_path")
     if args.resolution is not None and args.resolution != vae.config.sample_size:
         vae.register_to_config(sample_size=args.resolution)
     event_encoder, image_encoder = load_event_clip(args, event_dim)
@@ -515,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     validation_split = load_cxr_split(data_dir, "validation", resolution, show_progress=show) \
         if "validation" in splits else None
     vae.to(device)
-    train_previous, train_target = encode_split(vae, train, args.eval_batch_size, device, show)
+    train_previous, train_target = split_latents(vae, train, splits["train"], "train", cache, args, device, show)
     train_tokens = None
     if image_encoder is not None:  # frozen (its CLIP pretraining trained it): its tokens are computed once
         image_encoder.to(device).eval().requires_grad_(False)
@@ -531,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                                args.max_events, residual_scale)
     validation_batches = None
     if validation_split is not None:
-        previous, target = encode_split(vae, validation_split, args.eval_batch_size, device, show)
+        previous, target = split_latents(vae, validation_split, splits["validation"], "validation",
+                                         cache, args, device, show)
         tokens = None if image_encoder is None else encode_images(
             image_encoder, validation_split.images, args.eval_batch_size, device, show
         )[torch.from_numpy(validation_split.previous_index)]
