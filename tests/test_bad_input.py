@@ -459,7 +459,7 @@ CASES = [
                     "10.0.0.1"), ("--machine-rank 2", "0 to 1")),
     Case("train-ehr: --num-processes 3 over 2 machines",
          _train_ehr("--num-processes", "3", "--num-machines", "2", "--machine-rank", "0", "--main-process-ip",
-                    "10.0.0.1"), ("--num-processes 3", "multiple of --num-machines 2")),
+                    "10.0.0.1"), ("--num-machines 2", "multiple of 2", "got 3")),
     Case("train-ehr: --main-process-port 70000", _train_ehr("--main-process-port", "70000"),
          ("--main-process-port", "70000")),
     Case("train-ehr: --accelerate-config missing", _train_ehr("--accelerate-config", "no-such.yaml"),

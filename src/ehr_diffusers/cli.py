@@ -121,7 +121,8 @@ def _add_launch_options(parser: argparse.ArgumentParser, mixed_precision: bool =
     add("--num-processes", type=_positive_int, default=None,
         help="processes over all machines: one per GPU, or CPU processes over gloo where there is no GPU (default 1, "
              "or the --accelerate-config's)")
-    add("--num-machines", type=_positive_int, default=1, help="machines taking part (default 1)")
+    add("--num-machines", type=_positive_int, default=None,
+        help="machines taking part (default 1, or the --accelerate-config's)")
     add("--machine-rank", type=_non_negative_int, default=None,
         help="this machine's rank, 0 to --num-machines - 1 (multi-node)")
     add("--main-process-ip", default=None, help="address of the machine of rank 0 (multi-node)")

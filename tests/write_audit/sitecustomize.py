@@ -1,6 +1,8 @@
-"""Loaded by every Python process of a test run whose PYTHONPATH starts with this folder: a process of rank > 0 (torchrun
-sets RANK) appends every path it opens for writing, creates, renames or removes to ``$EHR_WRITE_AUDIT.rank<N>``, so that
-a test can assert that only the main process writes the outputs (tests/test_scale_out.py)."""
+"""Loaded by every Python process of a test run whose PYTHONPATH starts with this folder: a process of rank > 0
+(torchrun sets RANK) appends every path it opens for writing, creates, renames or removes to
+``$EHR_WRITE_AUDIT.rank<N>``, so that a test can assert that only the main process writes the outputs
+(tests/test_scale_out.py). Files written outside Python (torch.save, safetensors) are not seen; a saved model's
+config.json is."""
 
 import os
 import sys

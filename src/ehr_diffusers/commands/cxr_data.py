@@ -49,6 +49,13 @@ def run_prepare(args: argparse.Namespace) -> None:
     if args.cache_latents != (args.vae is not None):
         raise ArgumentError("--cache-latents and --vae go together: --cache-latents --vae ID_OR_DIR encodes the images "
                             "with that VAE")
+    launch_flags = {"--num-processes": args.num_processes, "--num-machines": args.num_machines,
+                    "--machine-rank": args.machine_rank, "--main-process-ip": args.main_process_ip,
+                    "--main-process-port": args.main_process_port, "--accelerate-config": args.accelerate_config}
+    given = [flag for flag, value in launch_flags.items() if value is not None]
+    if given and not args.cache_latents:
+        raise ArgumentError(f"{', '.join(given)}: only --cache-latents runs processes; add --cache-latents --vae VAE, "
+                            "or leave them out")
     if args.cache_latents:
         from ..hub.errors import check_model_path
 

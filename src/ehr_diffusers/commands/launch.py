@@ -14,6 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ArgumentError, EHRDiffusersError
 
@@ -26,13 +27,17 @@ class TrainingFailedError(EHRDiffusersError, RuntimeError):
     """A script run under ``accelerate launch`` exited with an error (which it has printed)."""
 
 
+# accelerate config distributed types whose processes are not plain data parallelism, and need GPUs
+GPU_ONLY_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
 @dataclass(frozen=True)
 class LaunchOptions:
-    """The ``accelerate launch`` settings of a command. ``num_processes`` and ``mixed_precision`` left as None take
-    the accelerate config's values when ``config_file`` is given, else 1 and "no"."""
+    """The ``accelerate launch`` settings of a command. Those left as None take the accelerate config's values when
+    ``config_file`` is given, else one process on one machine without mixed precision."""
 
     num_processes: int | None = None
-    num_machines: int = 1
+    num_machines: int | None = None
     machine_rank: int | None = None
     main_process_ip: str | None = None
     main_process_port: int | None = None
@@ -44,73 +49,114 @@ class LaunchOptions:
         return cls(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                    args.main_process_port, args.accelerate_config, getattr(args, "mixed_precision", None))
 
+    def config(self) -> dict[str, Any]:
+        """The accelerate config file's values ({} without one); accelerate writes YAML or JSON, both YAML."""
+        if self.config_file is None:
+            return {}
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(self.config_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ArgumentError(f"--accelerate-config {self.config_file}: not a readable accelerate config "
+                                f"({error})") from None
+        if not isinstance(values, dict):
+            raise ArgumentError(f"--accelerate-config {self.config_file}: not an accelerate config (no settings)")
+        return values
+
     @property
     def processes(self) -> int:
-        return self.num_processes or 1
+        """Processes over all machines: the option, else the config's, else 1."""
+        return self.num_processes or int(self.config().get("num_processes") or 1)
+
+    @property
+    def machines(self) -> int:
+        return self.num_machines or int(self.config().get("num_machines") or 1)
+
+    @property
+    def several(self) -> bool:
+        return self.processes > 1 or self.machines > 1
 
 
 def check_launch(options: LaunchOptions, cuda_devices: int) -> None:
     """ArgumentErrors naming the option for settings accelerate would refuse late or obscurely: too many processes
-    for this machine's GPUs, and multi-node options without the others they need."""
+    for this machine's GPUs, multi-node options without the others they need, GPU-only set-ups on CPUs."""
     if options.config_file is not None and not Path(options.config_file).is_file():
         raise ArgumentError(f"--accelerate-config {options.config_file}: no such file")
-    machines = options.num_machines
-    node_options = {"--machine-rank": options.machine_rank, "--main-process-ip": options.main_process_ip}
+    config, machines, processes = options.config(), options.machines, options.processes
     if machines == 1:
-        given = [name for name, value in node_options.items() if value is not None]
+        given = [name for name, value in (("--machine-rank", options.machine_rank not in (None, 0)),
+                                          ("--main-process-ip", options.main_process_ip is not None)) if value]
         if given:
             raise ArgumentError(f"{' and '.join(given)} only apply to several machines; add --num-machines M (M >= 2)"
                                 " and the same options on every machine")
     else:
-        missing = [name for name, value in node_options.items() if value is None]
+        rank = options.machine_rank if options.machine_rank is not None else config.get("machine_rank")
+        missing = [name for name, value in (("--machine-rank", rank),
+                                            ("--main-process-ip", options.main_process_ip or
+                                             config.get("main_process_ip"))) if value is None]
         if missing:
             raise ArgumentError(f"--num-machines {machines} needs {' and '.join(missing)}: each machine runs the same "
                                 "command with its own --machine-rank and the address of the machine of rank 0")
-        if not 0 <= options.machine_rank < machines:
-            raise ArgumentError(f"--machine-rank {options.machine_rank}: must be 0 to {machines - 1} with "
-                                f"--num-machines {machines}")
-        if options.num_processes is None or options.num_processes % machines:
-            raise ArgumentError(f"--num-processes {options.num_processes}: counts the processes of all machines and "
-                                f"must be a multiple of --num-machines {machines}")
-    per_machine = options.processes // machines
+        if not 0 <= int(rank) < machines:
+            raise ArgumentError(f"--machine-rank {rank}: must be 0 to {machines - 1} with --num-machines {machines}")
+        if processes < machines or processes % machines:
+            raise ArgumentError(f"--num-machines {machines} needs --num-processes, the processes of all machines "
+                                f"together: a multiple of {machines}, got {options.num_processes or processes}")
+    per_machine = processes // machines
     if cuda_devices and per_machine > cuda_devices:
-        raise ArgumentError(f"--num-processes {options.num_processes}: {per_machine} process(es) per machine, but "
-                            f"this machine has {cuda_devices} GPU(s); one process per GPU")
-    if options.mixed_precision == "fp16" and not cuda_devices:
-        raise ArgumentError("--mixed-precision fp16 needs a CUDA GPU; use bf16 (which CPUs run) or no")
+        raise ArgumentError(f"--num-processes {processes}: {per_machine} process(es) per machine, but this machine "
+                            f"has {cuda_devices} GPU(s); one process per GPU")
+    if not cuda_devices:
+        if (options.mixed_precision or config.get("mixed_precision")) == "fp16":
+            raise ArgumentError("--mixed-precision fp16 needs a CUDA GPU; use bf16 (which CPUs run) or no")
+        if str(config.get("distributed_type", "")).upper() in GPU_ONLY_TYPES:
+            raise ArgumentError(f"--accelerate-config {options.config_file}: {config['distributed_type']} needs "
+                                "GPUs, and this machine has none; on CPUs, processes are plain data parallelism")
+
+
+def _cpu_count() -> int:
+    """The cores this process may run on (a container's or a scheduler's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def launch_command(module: str, arguments: list[str], options: LaunchOptions, cuda_devices: int,
                    cpu_threads: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """The ``python -m accelerate.commands.launch`` command line and the environment that run ``module``."""
+    """The ``python -m accelerate.commands.launch`` command line and the environment that run ``module``. Options
+    that were given override the accelerate config; without a config the defaults are passed explicitly, so that
+    an ``accelerate config`` default file cannot change them."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--dynamo_backend", "no"]
     environment = dict(os.environ)
-    if options.config_file is not None:
+    configured = options.config_file is not None
+    if configured:
         launch += ["--config_file", str(options.config_file)]
-    if options.num_processes is not None or options.config_file is None:
+    if options.num_processes is not None or not configured:
         launch += ["--num_processes", str(options.processes)]
-    if options.mixed_precision is not None or options.config_file is None:
+    if options.mixed_precision is not None or not configured:
         launch += ["--mixed_precision", options.mixed_precision or "no"]
-    launch += ["--num_machines", str(options.num_machines)]
-    if options.num_machines > 1:
-        launch += ["--machine_rank", str(options.machine_rank), "--main_process_ip", options.main_process_ip,
-                   "--main_process_port", str(options.main_process_port or 29500)]
-    elif options.processes > 1:  # 0: a free port, so that two runs on one machine do not meet
-        launch += ["--main_process_port", str(options.main_process_port or 0)]
+    if options.num_machines is not None or not configured:
+        launch += ["--num_machines", str(options.machines)]
+    if options.machine_rank is not None:
+        launch += ["--machine_rank", str(options.machine_rank)]
+    if options.main_process_ip is not None:
+        launch += ["--main_process_ip", options.main_process_ip]
+    port = options.main_process_port
+    if port is None and not configured and options.several:  # 0: a free port, so that two runs do not meet
+        port = 0 if options.machines == 1 else 29500
+    if port is not None:
+        launch += ["--main_process_port", str(port)]
+    several = options.several
     if not cuda_devices:
-        several = options.processes > 1 or options.num_machines > 1
         if cpu_threads is None and several and "OMP_NUM_THREADS" not in environment:  # torchrun would make it 1
-            cpu_threads = max(1, (os.cpu_count() or 1) // (options.processes // options.num_machines))
+            cpu_threads = max(1, _cpu_count() // (options.processes // options.machines))
         if cpu_threads is not None:
             launch += ["--num_cpu_threads_per_process", str(cpu_threads)]
             environment["OMP_NUM_THREADS"] = str(cpu_threads)  # torchrun's workers read it, not the flag
-        if several:
-            environment["ACCELERATE_USE_CPU"] = "true"
-            if options.config_file is None:
-                launch.append("--multi_gpu")  # accelerate's torchrun launch; ACCELERATE_USE_CPU makes it gloo ranks
-        elif options.config_file is None:
-            launch.append("--cpu")
-    elif options.processes > 1 and options.config_file is None:
+        if several or configured:
+            environment["ACCELERATE_USE_CPU"] = "true"  # torchrun's ranks then meet over gloo
+        # accelerate's torchrun launch (--multi_gpu) is the one that starts several processes; --cpu starts one
+        launch.append("--multi_gpu" if several else "--cpu")
+    elif several and not configured:
         launch.append("--multi_gpu")
     return [*launch, "-m", module, *arguments], environment
 
@@ -125,10 +171,11 @@ def accelerate_launch(module: str, arguments: list[str], options: LaunchOptions,
 
     devices = cuda_device_count()
     command, environment = launch_command(module, arguments, options, devices, cpu_threads)
-    if options.processes > 1 or options.config_file is not None:
-        where = "per the accelerate config" if options.num_processes is None else \
-            f"{options.processes} processes on {'GPUs' if devices else 'CPUs over gloo'}"
-        machines = f", machine {options.machine_rank} of {options.num_machines}" if options.num_machines > 1 else ""
+    if options.several or options.config_file is not None:
+        where = f"{options.processes} process(es) on {'GPUs' if devices else 'CPUs over gloo'}"
+        if options.config_file is not None:
+            where += f", as {options.config_file} sets up"
+        machines = f", machine {options.machine_rank} of {options.machines}" if options.machines > 1 else ""
         print(f"{module.rsplit('.', 1)[-1]}: accelerate launch, {where}{machines}", file=sys.stderr, flush=True)
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
     process = subprocess.Popen(command, env=environment, **output)

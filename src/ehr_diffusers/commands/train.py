@@ -158,13 +158,21 @@ def train_cxr(dataset: Path, output_dir: Path, preset: str = "demo", vae: str | 
     for argument, path in (("--vae", vae), ("--event-clip", event_clip)):
         if path is not None:
             check_model_path(path, argument)
-    cached = cache_record(dataset)
-    if cached is not None and vae is None:
-        raise DataError(f"--dataset {dataset}: holds latents cached with the VAE {cached['vae']}; a VAE trained here "
-                        f"would not match them: pass --vae {cached['vae']}")
-    launch = launch or LaunchOptions()
-    _check_run_folder(output_dir, dataset, launch, resume, ("vae", "event-clip", "model"))
     steps = CXR_TRAINING_PRESETS[preset]
+    cached = cache_record(dataset)
+    if cached is not None:  # the script checks the VAE's weights too; these need nothing loaded
+        resolution = int(steps["diffusion"][steps["diffusion"].index("--resolution") + 1])
+        if vae is None:
+            raise DataError(f"--dataset {dataset}: holds latents cached with the VAE {cached['vae']}; a VAE trained "
+                            f"here would not match them: pass --vae {cached['vae']}")
+        if cached["resolution"] != resolution:
+            raise DataError(f"--dataset {dataset}: its latents are of {cached['resolution']} px images, the {preset} "
+                            f"preset trains at {resolution} px: cache them again with `ehr-diffusers cache-latents "
+                            f"--dataset {dataset} --vae {vae} --resolution {resolution}`")
+    launch = launch or LaunchOptions()
+    runs = [*(["vae"] if vae is None else []), *(["event-clip"] if event_clip is None and steps["event_clip"] else []),
+            "model"]
+    _check_run_folder(output_dir, dataset, launch, resume, tuple(runs))
     common = ["--train_data_dir", str(dataset), "--seed", str(seed), "--report_to", "none",
               *_checkpoint_arguments(checkpointing_steps, resume)]
     threads = steps["cpu_threads"]

@@ -38,6 +38,7 @@ from ehr_diffusers.data.cxr.split import load_dataset_dict, to_pixels
 from ehr_diffusers.errors import DataError
 from ehr_diffusers.models.modeling_utils import weights_fingerprint
 from ehr_diffusers.training.common import run_script
+from ehr_diffusers.training.cxr_data import load_vae
 
 logger = logging.getLogger(__name__)
 LATENTS_KEY = "latents"
@@ -60,16 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
     return args
-
-
-def load_vae(args: argparse.Namespace) -> Any:
-    from diffusers import AutoencoderKL
-
-    from ehr_diffusers.hub.errors import explain_missing_model
-
-    with explain_missing_model(args.vae_path, "--vae_path"):
-        vae = AutoencoderKL.from_pretrained(args.vae_path, subfolder=args.vae_subfolder)
-    return vae.eval().requires_grad_(False)
 
 
 def shard_done(path: Path, shard: Shard) -> bool:
@@ -129,9 +120,13 @@ def write_columns(data_dir: Path, shard_dir: Path, shards: list[Shard], record: 
         written[split] = concatenate_datasets([table, added], axis=1)
         counts[split] = len(table)
     summary = json.loads((data_dir / SUMMARY_NAME).read_text())
-    summary[SUMMARY_KEY] = record
+    summary.pop(SUMMARY_KEY, None)
+    with atomic_merge(data_dir) as staging:  # the record goes last: an interrupted rewrite claims no latents
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     with atomic_merge(data_dir) as staging:
         DatasetDict(written).save_to_disk(str(staging))
+    summary[SUMMARY_KEY] = record
+    with atomic_merge(data_dir) as staging:
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return counts
 
@@ -143,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     data_dir = Path(args.train_data_dir)
     dataset = load_dataset_dict(data_dir)
-    vae = load_vae(args)
+    vae = load_vae(args.vae_path, args.vae_subfolder)
     resolution = args.resolution or vae.config.sample_size
     fingerprint = weights_fingerprint(vae)
     accelerator = Accelerator()
@@ -154,43 +149,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not shards:
         raise DataError(f"--train_data_dir {data_dir}: no images to encode")
     shard_dir = data_dir / SHARD_FOLDER / f"{fingerprint[:16]}-{resolution}px"
-    if accelerator.is_main_process:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    shard_dir.mkdir(parents=True, exist_ok=True)  # on every machine: the folder must be shared by all of them
     mine = [shard for shard in shards[accelerator.process_index::accelerator.num_processes]
             if not shard_done(shard_dir / f"{shard.name}.safetensors", shard)]
     if accelerator.is_main_process:
         logger.info(f"{sum(len(s.paths) for s in shards):,} images in {len(shards)} shard(s) over "
-                    f"{accelerator.num_processes} process(es); {len(mine)} of this process's to encode")
+                    f"{accelerator.num_processes} process(es); {len(mine)} of the main process's to encode")
     bar = tqdm(total=sum(len(shard.paths) for shard in mine), desc="encode latents", unit="image",
                disable=not accelerator.is_local_main_process)
-    shape = None
     for shard in mine:
-        latents = encode_shard(vae, data_dir, shard, resolution, args.batch_size, device)
-        save_shard(latents, shard_dir / f"{shard.name}.safetensors", shard)
-        shape = list(latents.shape[1:])
+        save_shard(encode_shard(vae, data_dir, shard, resolution, args.batch_size, device),
+                   shard_dir / f"{shard.name}.safetensors", shard)
         bar.update(len(shard.paths))
     bar.close()
     accelerator.wait_for_everyone()
-    counts = {}
-    if accelerator.is_main_process:
-        if shape is None:  # every shard was there already: the shape from one of them
-            from safetensors import safe_open
+    if not accelerator.is_main_process:  # the main process writes the columns; nobody waits for it at a barrier
+        return {"counts": {}, "vae_sha256": fingerprint, "shards": len(shards)}
+    absent = [shard.name for shard in shards if not shard_done(shard_dir / f"{shard.name}.safetensors", shard)]
+    if absent:
+        raise DataError(f"{shard_dir}: shard(s) {', '.join(absent[:3])} missing after every process finished; over "
+                        "several machines the dataset folder must be one shared by all of them")
+    from safetensors import safe_open
 
-            with safe_open(str(shard_dir / f"{shards[0].name}.safetensors"), framework="pt") as handle:
-                shape = list(handle.get_slice(LATENTS_KEY).get_shape()[1:])
-        record = {"vae": args.vae_path if args.vae_subfolder is None else f"{args.vae_path}/{args.vae_subfolder}",
-                  "vae_sha256": fingerprint, "resolution": resolution, "shape": shape, "dtype": "float16",
-                  "columns": list(LATENT_COLUMNS.values()),
-                  "what": "the VAE posterior's mode, unscaled (multiply by the VAE's scaling_factor)",
-                  "images": sum(len(shard.paths) for shard in shards), "shard_size": args.shard_size}
-        counts = write_columns(data_dir, shard_dir, shards, record)
-        shutil.rmtree(shard_dir)
-        if not any((data_dir / SHARD_FOLDER).iterdir()):
-            (data_dir / SHARD_FOLDER).rmdir()
-        logger.info(f"latents written into {data_dir}: {counts}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    with safe_open(str(shard_dir / f"{shards[0].name}.safetensors"), framework="pt") as handle:
+        shape = list(handle.get_slice(LATENTS_KEY).get_shape()[1:])
+    record = {"vae": args.vae_path if args.vae_subfolder is None else f"{args.vae_path}/{args.vae_subfolder}",
+              "vae_sha256": fingerprint, "resolution": resolution, "shape": shape, "dtype": "float16",
+              "columns": list(LATENT_COLUMNS.values()),
+              "what": "the VAE posterior's mode, unscaled (multiply by the VAE's scaling_factor)",
+              "images": sum(len(shard.paths) for shard in shards), "shard_size": args.shard_size}
+    counts = write_columns(data_dir, shard_dir, shards, record)
+    shutil.rmtree(shard_dir)
+    if not any((data_dir / SHARD_FOLDER).iterdir()):
+        (data_dir / SHARD_FOLDER).rmdir()
+    logger.info(f"latents written into {data_dir}: {counts}")
     return {"counts": counts, "vae_sha256": fingerprint, "shards": len(shards)}
 
 

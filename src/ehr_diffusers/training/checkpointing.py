@@ -102,10 +102,10 @@ def check_layout(checkpoint: str | Path, layout: dict[str, int]) -> None:
              "gradient_accumulation_steps": "accumulation steps"}
     was = ", ".join(f"{flags[key]} {old}" for key, (old, _) in changed.items())
     now = ", ".join(f"{flags[key]} {new}" for key, (_, new) in changed.items())
+    same = f" (--num-processes {recorded['num_processes']})" if "num_processes" in changed else ""
     raise ArgumentError(f"checkpoint {checkpoint}: written with {was}, this run has {now}. Resuming would change the "
                         "effective batch, the data order and the learning-rate schedule, so the result would match "
-                        "no uninterrupted run: resume with the same settings (--num-processes "
-                        f"{recorded['num_processes']}), or start a new --output-dir")
+                        f"no uninterrupted run: resume with the same settings{same}, or start a new --output-dir")
 
 
 def resume_state(accelerator: Accelerator, resume_from: Path | None, requested: str | None, steps_per_epoch: int,

@@ -63,7 +63,7 @@ from ehr_diffusers.training.common import (
     warmup_steps,
     write_json,
 )
-from ehr_diffusers.training.cxr_data import collate_events
+from ehr_diffusers.training.cxr_data import collate_events, load_vae
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -179,16 +179,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
-def load_vae(args: argparse.Namespace) -> Any:
-    from diffusers import AutoencoderKL
-
-    from ehr_diffusers.hub.errors import explain_missing_model
-
-    with explain_missing_model(args.vae_path, "--vae_path"):
-        vae = AutoencoderKL.from_pretrained(args.vae_path, subfolder=args.vae_subfolder)
-    return vae.eval().requires_grad_(False)
-
-
 def load_event_clip(args: argparse.Namespace, event_dim: int) -> tuple[EventEncoderModel, Any]:
     """The pretrained event encoder and image encoder of ``--event_clip_path``, or a fresh event encoder (no image
     encoder); its ``event_dim`` must be the dataset's."""
@@ -498,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     output_dir = check_output_dir(args.output_dir, inputs={"--train_data_dir": args.train_data_dir},
                                   argument="--output_dir", merge=True)
     resume_from = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    vae = load_vae(args)
+    vae = load_vae(args.vae_path, args.vae_subfolder)
     resolution = args.resolution or vae.config.sample_size
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % scale:

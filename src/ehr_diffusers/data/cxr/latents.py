@@ -80,10 +80,12 @@ def check_cache_matches(dataset_dir: str | Path, record: dict[str, Any], vae: st
     if record["vae_sha256"] != fingerprint:
         problem = (f"were cached with the VAE {record['vae']} (weights sha256 {record['vae_sha256'][:12]}), "
                    f"not {argument} {vae} (sha256 {fingerprint[:12]})")
+        if str(record["vae"]) == str(vae):
+            problem += ": its weights or configuration changed since"
     else:
         problem = f"are of {record['resolution']} px images, this run's are {resolution} px"
     raise DataError(f"{dataset_dir}: its latents {problem}; pass that VAE and resolution, or cache them again: "
-                    f"`ehr-diffusers cache-latents --dataset {dataset_dir} --vae {vae}`")
+                    f"`ehr-diffusers cache-latents --dataset {dataset_dir} --vae {vae} --resolution {resolution}`")
 
 
 def read_cached_latents(table: Any, dataset_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
