@@ -152,6 +152,16 @@ def make_accelerator(args: argparse.Namespace, logger: Any) -> Any:
     return accelerator
 
 
+def seed_per_process(accelerator: Any, seed: int | None) -> None:
+    """Called once the models are built (alike on every process, from the one seed) and prepared: gives each process
+    its own random stream, so that the noise, timesteps and dropout of its batches are not those of every other
+    process. Process 0 keeps the stream of a one-process run; a checkpoint restores each process's stream."""
+    if seed is not None and accelerator.process_index > 0:
+        from accelerate.utils import set_seed
+
+        set_seed(seed, device_specific=True)  # seed + process index
+
+
 def plan_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
     """(update steps per epoch, total optimisation steps, epochs) for a data loader of ``batches_per_epoch``."""
     steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)

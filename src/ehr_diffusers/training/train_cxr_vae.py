@@ -60,6 +60,7 @@ from ehr_diffusers.training.common import (
     push_output,
     recorded_arguments,
     run_script,
+    seed_per_process,
     tracker_config,
     warmup_steps,
     write_json,
@@ -330,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                                  num_training_steps=max_train_steps * accelerator.num_processes)
     vae, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(vae, optimizer, train_dataloader,
                                                                          lr_scheduler)
+    seed_per_process(accelerator, args.seed)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     steps_per_epoch, max_train_steps, num_train_epochs = plan_steps(args, len(train_dataloader))

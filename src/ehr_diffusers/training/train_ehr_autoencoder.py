@@ -44,6 +44,7 @@ from ehr_diffusers.training.common import (
     plan_steps,
     recorded_arguments,
     run_script,
+    seed_per_process,
     tracker_config,
     warmup_steps,
     write_json,
@@ -269,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
+    seed_per_process(accelerator, args.seed)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     # The data loader may be sharded across processes: recompute the steps.

@@ -52,6 +52,7 @@ from ehr_diffusers.training.common import (
     plan_steps,
     push_output,
     run_script,
+    seed_per_process,
     tracker_config,
     warmup_steps,
 )
@@ -380,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         denoiser, optimizer, train_dataloader, lr_scheduler
     )
+    seed_per_process(accelerator, args.seed)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     steps_per_epoch, max_train_steps, num_train_epochs = plan_steps(args, len(train_dataloader))

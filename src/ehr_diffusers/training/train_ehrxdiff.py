@@ -59,6 +59,7 @@ from ehr_diffusers.training.common import (
     plan_steps,
     push_output,
     run_script,
+    seed_per_process,
     tracker_config,
     warmup_steps,
     write_json,
@@ -517,7 +518,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     device = accelerator.device
     show = accelerator.is_local_main_process
 
-    train = load_cxr_split(data_dir, "train", resolution, show_progress=show)
+    # with cached latents the train images are read only when something else needs their pixels
+    train_pixels = cache is None or image_encoder is not None or args.augment_previous
+    train = load_cxr_split(data_dir, "train", resolution, show_progress=show, images=train_pixels)
     validation_split = load_cxr_split(data_dir, "validation", resolution, show_progress=show) \
         if "validation" in splits else None
     vae.to(device)
@@ -592,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
     extra = [] if change_head is None else [change_head]  # checkpointed by accelerate itself, never saved
     prepared = accelerator.prepare(*[models[name] for name in trained], *extra, optimizer, train_dataloader,
                                    lr_scheduler)
+    seed_per_process(accelerator, args.seed)
     for name, model in zip(trained, prepared):
         models[name] = model
     if change_head is not None:

@@ -70,6 +70,7 @@ from ehr_diffusers.training.common import (
     push_output,
     recorded_arguments,
     run_script,
+    seed_per_process,
     tracker_config,
     warmup_steps,
     write_json,
@@ -406,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                                  num_training_steps=max_train_steps * accelerator.num_processes)
     event_encoder, image_encoder, head, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         event_encoder, image_encoder, head, optimizer, train_dataloader, lr_scheduler)
+    seed_per_process(accelerator, args.seed)
     for ema in (event_ema, image_ema):
         if ema is not None:
             ema.to(accelerator.device)
