@@ -8,10 +8,10 @@ Set-ups, each run in turn within a repeat so that a change of load touches all a
 * ``1 x 1``: one process, one thread; ``1 x 2``: one process, two threads; ``2 x 1``: two processes of one thread
   (what ``--num-processes 2`` gives on 2 cores with the demo presets' one thread per process).
 
-Throughput is measured without start-up: each training run is launched twice, for ``--short`` and ``--long``
-optimisation steps, and the rate is the extra records (or triplets) of the long run over its extra seconds. The
-batch is per process, so 2 processes see twice the records per step. The latent cache is timed whole (start-up
-included: it is one pass) on a copy of the dataset per run.
+Throughput is measured without start-up: each training run is launched twice, for a short and a long number of
+optimisation steps (``--ehr-steps``, ``--cxr-steps``), and the rate is the extra records (or triplets) of the long
+run over its extra seconds. The batch is per process, so 2 processes see twice the records per step. The latent
+cache is timed whole (start-up included: it is one pass) on a copy of the dataset per run.
 
 Data: the EHR demo cohort (``--patients``, labelled as the demo does, autoencoder trained once) and the synthetic X-ray
 demo cohort (``--subjects``, 64 px copies, MiniLM events) with a random 64 px VAE of the demo preset's sizes (speed
@@ -78,7 +78,7 @@ def build(work: Path, patients: int, subjects: int) -> dict[str, Path]:
         torch.manual_seed(0)
         AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
                       up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
-                      latent_channels=4, sample_size=64).save_pretrained(paths["vae"])
+                      latent_channels=4, norm_num_groups=16, sample_size=64).save_pretrained(paths["vae"])
     return paths
 
 
@@ -99,8 +99,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=5000)
     parser.add_argument("--subjects", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--short", type=int, default=10)
-    parser.add_argument("--long", type=int, default=40)
+    parser.add_argument("--ehr-steps", type=int, nargs=2, default=(50, 1050), metavar=("SHORT", "LONG"),
+                        help="optimisation steps of the two EHR runs (the demo model's step takes milliseconds)")
+    parser.add_argument("--cxr-steps", type=int, nargs=2, default=(10, 70), metavar=("SHORT", "LONG"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
@@ -111,16 +112,17 @@ def main() -> None:
            "--report_to", "none", "--checkpointing_steps", "100000", *TRAINING_PRESETS["demo"]["diffusion"]]
     cxr = ["--train_data_dir", str(paths["cxr"]), "--vae_path", str(paths["vae"]), "--seed", "0", "--report_to",
            "none", "--checkpointing_steps", "100000", *CXR_TRAINING_PRESETS["demo"]["diffusion"],
-           "--validation_steps", "100000", "--validation_images", "0", "--validation_triplets", "16"]
+           "--validation_steps", "100000", "--validation_images", "0", "--validation_triplets", "256",
+           "--validation_draws", "1"]
     rows: dict[str, dict[str, list[float]]] = {name: {"ehr": [], "cxr": [], "cache": []} for name in SETUPS}
     loads = []
     for _ in range(args.repeats):
         for name, (processes, threads) in SETUPS.items():
             loads.append(os.getloadavg()[0])
             rows[name]["ehr"].append(training_rate("ehr_diffusers.training.train_ehr_diffusion", ehr, 256, processes,
-                                                   threads, args.work / "run-ehr", args.short, args.long))
+                                                   threads, args.work / "run-ehr", *args.ehr_steps))
             rows[name]["cxr"].append(training_rate("ehr_diffusers.training.train_ehrxdiff", cxr, 32, processes,
-                                                   threads, args.work / "run-cxr", args.short, args.long))
+                                                   threads, args.work / "run-cxr", *args.cxr_steps))
             copy = args.work / "cache-copy"
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(paths["cxr"], copy)

@@ -62,6 +62,20 @@ D_ICD = """icd_code,icd_version,long_title
 """
 
 
+def prepare_demo_cxr(root: Path, subjects: int, image_size: int | None = None) -> Path:
+    """``root/data``: a synthetic X-ray cohort of ``subjects`` patients prepared with MiniLM event embeddings (and
+    ``image_size`` px copies)."""
+    from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, prepare_cxr
+    from ehr_diffusers.data.cxr.demo import write_demo_cxr
+    from ehr_diffusers.text.event_embeddings import EventEmbedder
+
+    write_demo_cxr(root / "cohort", n_subjects=subjects, seed=0, show_progress=False)
+    prepare_cxr(root / "cohort" / "mimic-cxr-jpg", root / "cohort" / "mimic-iv", root / "data", CXRDatasetOptions(),
+                show_progress=False, synthetic=True,
+                embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")), image_size=image_size)
+    return root / "data"
+
+
 def write_tiny_mimic(root: Path, **overrides: str) -> Path:
     """Writes the tiny cohort as PhysioNet lays it out; ``overrides`` replace a table's CSV text."""
     hosp = root / "hosp"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reset_accelerate_state
+from conftest import prepare_demo_cxr, reset_accelerate_state
 from ehr_diffusers.data.cxr.split import CXRSplit
 from ehr_diffusers.evaluation.cxr.baselines import events_only_scores
 from ehr_diffusers.evaluation.cxr.classifier import binary_findings, train_finding_classifier
@@ -298,16 +298,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     """A 24-subject cohort prepared at 32 px with MiniLM events, and a 4-step tiny model trained on its train split."""
     from diffusers import AutoencoderKL
 
-    from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, prepare_cxr
-    from ehr_diffusers.data.cxr.demo import write_demo_cxr
-    from ehr_diffusers.text.event_embeddings import EventEmbedder
     from ehr_diffusers.training.train_ehrxdiff import main as train
 
     root = tmp_path_factory.mktemp("evaluate-cxr")
-    write_demo_cxr(root / "cohort", n_subjects=24, seed=0, show_progress=False)
-    prepare_cxr(root / "cohort" / "mimic-cxr-jpg", root / "cohort" / "mimic-iv", root / "data", CXRDatasetOptions(),
-                show_progress=False, synthetic=True,
-                embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")), image_size=32)
+    prepare_demo_cxr(root, 24, image_size=32)
     torch.manual_seed(0)
     AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_interrupted
+from conftest import prepare_demo_cxr, run_interrupted
 from ehr_diffusers.evaluation.cxr.controls import derangement, paired_difference
 from ehr_diffusers.training import train_ehrxdiff
 from ehr_diffusers.training.train_ehrxdiff import main
@@ -24,16 +24,7 @@ from ehr_diffusers.training.train_ehrxdiff import main
 @pytest.fixture(scope="module")
 def triplets(tmp_path_factory) -> Path:
     """A 20-subject synthetic cohort prepared with MiniLM event embeddings."""
-    from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, prepare_cxr
-    from ehr_diffusers.data.cxr.demo import write_demo_cxr
-    from ehr_diffusers.text.event_embeddings import EventEmbedder
-
-    root = tmp_path_factory.mktemp("cxr")
-    write_demo_cxr(root / "cohort", n_subjects=20, seed=0, show_progress=False)
-    prepare_cxr(root / "cohort" / "mimic-cxr-jpg", root / "cohort" / "mimic-iv", root / "data", CXRDatasetOptions(),
-                show_progress=False, synthetic=True,
-                embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")))
-    return root / "data"
+    return prepare_demo_cxr(tmp_path_factory.mktemp("cxr"), 20)
 
 
 @pytest.fixture(scope="module")

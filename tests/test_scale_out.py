@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reset_accelerate_state
+from conftest import prepare_demo_cxr, reset_accelerate_state
 from ehr_diffusers.cli import main
 from ehr_diffusers.commands.launch import LaunchOptions, check_launch, launch_command
 from ehr_diffusers.errors import ArgumentError, DataError
@@ -163,16 +163,8 @@ def cxr_world(tmp_path_factory) -> dict[str, Path]:
     """A 20-subject triplet dataset with MiniLM event embeddings, and two different tiny 64 px VAEs."""
     from diffusers import AutoencoderKL
 
-    from ehr_diffusers.data.cxr.dataset import CXRDatasetOptions, EventEmbeddingOptions, prepare_cxr
-    from ehr_diffusers.data.cxr.demo import write_demo_cxr
-    from ehr_diffusers.text.event_embeddings import EventEmbedder
-
     root = tmp_path_factory.mktemp("scale-out-cxr")
-    write_demo_cxr(root / "cohort", n_subjects=20, seed=0, show_progress=False)
-    prepare_cxr(root / "cohort" / "mimic-cxr-jpg", root / "cohort" / "mimic-iv", root / "data", CXRDatasetOptions(),
-                show_progress=False, synthetic=True,
-                embed_events=EventEmbedder(EventEmbeddingOptions(embedder="minilm")))
-    world = {"data": root / "data"}
+    world = {"data": prepare_demo_cxr(root, 20)}
     for seed, name in enumerate(("vae", "other_vae")):
         torch.manual_seed(seed)
         AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
