@@ -371,7 +371,8 @@ def event_effect(models: dict[str, Any], batches: ConditionedBatch, scheduler: A
     if split.chexpert_previous is not None and split.chexpert_target is not None:
         # the "Diff" triplets: a CheXpert finding present (1) in one study and not in the other
         changed = ((split.chexpert_previous[:n] == 1) != (split.chexpert_target[:n] == 1)).any(axis=1)
-        if changed.sum() >= 2:
+        units = changed.sum() if subjects is None else len(np.unique(subjects[changed]))
+        if units >= 2:  # an interval needs two subjects: a few triplets may all be one patient's
             result["changed_findings"] = {
                 "triplets": int(changed.sum()),
                 "shuffled_minus_true": paired_difference(losses["shuffled"][changed] - losses["true"][changed],
