@@ -660,6 +660,8 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
     monkeypatch.setattr("ehr_diffusers.text.embed.load_embedder", refuse)
+    for module in ("cxr_data", "launch", "train"):  # the launch rows are about a machine without GPUs
+        monkeypatch.setattr(f"ehr_diffusers.commands.{module}.cuda_device_count", lambda: 0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

@@ -36,7 +36,7 @@ def test_several_cpu_processes_are_accelerates_torchrun_launch_with_gloo(monkeyp
     assert _flag(command, "--num_processes") == "2" and _flag(command, "--main_process_port") == "0"  # a free port
     assert env["OMP_NUM_THREADS"] == "1" and command[-4:] == ["-m", "pkg.script", "--x", "1"]
     _, env = launch_command("pkg.script", [], LaunchOptions(num_processes=2), cuda_devices=0)
-    assert int(env["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 2)  # torchrun would set 1
+    assert int(env["OMP_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) // 2)  # torchrun would set 1
 
 
 def test_one_cpu_process_and_gpu_processes(monkeypatch) -> None:
@@ -95,7 +95,12 @@ def test_a_checkpoint_of_another_batch_layout_is_refused(tmp_path) -> None:
 @pytest.fixture
 def two_processes(tmp_path, monkeypatch) -> Path:
     """Every process started from here logs the writes of ranks > 0 (tests/write_audit) to the returned file stem;
-    one thread each, so that 1 and 2 processes compute alike."""
+    one thread each, so that 1 and 2 processes compute alike; CPUs only, on a GPU machine too."""
+    from ehr_diffusers.commands import cxr_data, launch, train
+
+    for module in (cxr_data, launch, train):
+        monkeypatch.setattr(module, "cuda_device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(AUDIT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("EHR_WRITE_AUDIT", str(tmp_path / "writes"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -155,7 +160,6 @@ def test_train_ehr_on_two_cpu_processes_resumes_bit_identically(labelled_demo_da
         assert main(["train-ehr", "--output-dir", str(stopped), *arguments, "--resume-from-checkpoint", "latest"]) == 0
         for part in ("denoiser", "autoencoder"):
             _same_weights(whole / "model" / part, stopped / "model" / part)
-    assert main(["train-ehr", "--output-dir", str(in_diffusion), *arguments[:-3], "-q", "--resume"]) == 2  # 1 process
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +202,9 @@ def _latents(dataset: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_latents_cached_by_two_processes_equal_one_process_and_train_cxr_uses_them(cxr_world, tmp_path,
+def test_latents_cached_by_two_processes_equal_one_process_and_train_cxr_uses_them(cxr_world, tmp_path, capsys,
                                                                                     two_processes) -> None:
+    """... and train-cxr reads them (its card says so), and refuses them with another VAE, naming both."""
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(cxr_world["data"], one)
     shutil.copytree(cxr_world["data"], two)
@@ -231,10 +236,18 @@ def test_latents_cached_by_two_processes_equal_one_process_and_train_cxr_uses_th
 
     assert main(["train-cxr", "--dataset", str(two), "--output-dir", str(tmp_path / "run"), "--vae",
                  str(cxr_world["vae"]), "--diffusion-steps", "2", "-q"]) == 0
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert f"read from the dataset (cache-latents, VAE sha256 {record['vae_sha256'][:12]})" in card
+    capsys.readouterr()
+    assert main(["train-cxr", "--dataset", str(two), "--output-dir", str(tmp_path / "other"), "--vae",
+                 str(cxr_world["other_vae"]), "--diffusion-steps", "2", "-q"]) == 2
+    error = capsys.readouterr().err
+    assert f"cached with the VAE {cxr_world['vae']}" in error and f"not --vae_path {cxr_world['other_vae']}" in error
 
 
 def test_a_latent_cache_of_another_vae_is_refused(cxr_world, tmp_path, capsys) -> None:
-    """train-cxr without --vae would train a VAE of its own; the script, given another VAE, names both."""
+    """train-cxr without --vae (it would train a VAE of its own) is refused before launch; the rule that refuses
+    another VAE or resolution names both."""
     from ehr_diffusers.data.cxr.latents import check_cache_matches
 
     data = tmp_path / "data"

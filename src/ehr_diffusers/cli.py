@@ -147,7 +147,8 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ehr-diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ehr-diffusers {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars; only warnings, errors and a training run's launch and effective batch")
     # -q also after the command name; SUPPRESS keeps a -q given before it
     common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -222,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write an N x N grayscale PNG copy of every image of a triplet into OUT/images/ "
                           "(16 to 1024; default: no copies)")
     cxr.add_argument("--cache-latents", action="store_true",
-                     help="then encode every image once with --vae and store the latents in the dataset, as the "
-                          "cache-latents command does")
+                     help="then encode every image once with --vae, at the VAE's sample_size, and store the latents "
+                          "in the dataset, as the cache-latents command does (which takes another --resolution)")
     cxr.add_argument("--vae", default=None, help="the AutoencoderKL (folder or Hub id) of --cache-latents")
     _add_launch_options(cxr, mixed_precision=False)
     cxr.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")

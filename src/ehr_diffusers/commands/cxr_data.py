@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ArgumentError, DataError
+from ..errors import ArgumentError, DataError, EHRDiffusersError
 from .launch import LaunchOptions, accelerate_launch, check_launch, cuda_device_count
 
 
@@ -81,7 +81,11 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"triplet dataset written to {args.out}" + (" (from the synthetic demo cohort)" if synthetic else ""))
     print(format_cxr_summary(summary))
     if args.cache_latents:
-        cache_latents(args.out, args.vae, launch, resolution=args.image_size, quiet=args.quiet)
+        try:
+            cache_latents(args.out, args.vae, launch, quiet=args.quiet)
+        except EHRDiffusersError as error:
+            raise type(error)(f"{error}. The dataset in {args.out} is complete; encode its latents alone with "
+                              f"`ehr-diffusers cache-latents --dataset {args.out} --vae {args.vae}`") from None
         print(f"latents of {args.vae} cached in {args.out}")
 
 

@@ -156,8 +156,8 @@ def launch_command(module: str, arguments: list[str], options: LaunchOptions, cu
             environment["ACCELERATE_USE_CPU"] = "true"  # torchrun's ranks then meet over gloo
         # accelerate's torchrun launch (--multi_gpu) is the one that starts several processes; --cpu starts one
         launch.append("--multi_gpu" if several else "--cpu")
-    elif several and not configured:
-        launch.append("--multi_gpu")
+    elif several and str(options.config().get("distributed_type", "NO")).upper() in ("NO", "MULTI_CPU"):
+        launch.append("--multi_gpu")  # a config of one process (or none): accelerate's simple launch would start one
     return [*launch, "-m", module, *arguments], environment
 
 
@@ -175,7 +175,8 @@ def accelerate_launch(module: str, arguments: list[str], options: LaunchOptions,
         where = f"{options.processes} process(es) on {'GPUs' if devices else 'CPUs over gloo'}"
         if options.config_file is not None:
             where += f", as {options.config_file} sets up"
-        machines = f", machine {options.machine_rank} of {options.machines}" if options.machines > 1 else ""
+        rank = options.machine_rank if options.machine_rank is not None else options.config().get("machine_rank")
+        machines = f", machine {rank} of {options.machines}" if options.machines > 1 else ""
         print(f"{module.rsplit('.', 1)[-1]}: accelerate launch, {where}{machines}", file=sys.stderr, flush=True)
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}
     process = subprocess.Popen(command, env=environment, **output)

@@ -73,13 +73,14 @@ def _check_run_folder(output_dir: Path, dataset: Path, launch: LaunchOptions, re
                       runs: tuple[str, ...]) -> None:
     """The checks of both training commands that need no data: the run folder may hold earlier runs (they are
     resumed) but may not be, or lie inside, the dataset; the launch options must fit this machine; a run resumed at
-    another process count is refused here, in one line, before its processes start (the scripts refuse it too)."""
+    another process count is refused here, in one line, before its processes start (the scripts refuse that, and
+    another batch or accumulation, too)."""
     from ..io import check_output_dir
     from ..training.checkpointing import checkpoint_layout, list_checkpoints
 
     check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
     check_launch(launch, cuda_device_count())
-    if not resume or launch.num_processes is None and launch.config_file is not None:
+    if not resume:
         return
     for run in runs:
         found = list_checkpoints(output_dir / run)

@@ -740,6 +740,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingRun:
                     "timesteps": "uniform" if args.timestep_power == 1 else f"T u^{args.timestep_power:g}",
                     "VAE tokens in the context": args.vae_tokens, "resolution": resolution,
                     "VAE": args.vae_path, "event encoder": args.event_clip_path or "fresh",
+                    "latents": "encoded by the VAE here" if cache is None else
+                    f"read from the dataset (cache-latents, VAE sha256 {cache['vae_sha256'][:12]})",
+                    "processes": accelerator.num_processes,
                     "trained": ", ".join(trained), "condition dropout": args.condition_dropout,
                     "previous-image augmentation": args.augment_previous, "max events": args.max_events,
                     "training triplets": len(train), "optimisation steps": global_step,
