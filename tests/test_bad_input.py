@@ -726,7 +726,17 @@ def test_the_schema_fingerprint_is_recorded_and_an_unrecorded_one_is_read(world,
     assert EHRSchema.from_dict(older).fingerprint() == schema.fingerprint()
 
 
-def test_a_signal_during_the_output_swap_waits_for_it(tmp_path) -> None:
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt, also where the test run started with it ignored (a shell's background job)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_during_the_output_swap_waits_for_it(tmp_path, ctrl_c) -> None:
     """SIGINT arriving while the old output is swapped for the new one is delivered after the swap: the new output is
     in place, no .old- folder is left, and completed_outputs says it was written."""
     import os
