@@ -60,7 +60,11 @@ def test_multi_node_and_accelerate_config(tmp_path) -> None:
     assert _flag(command, "--config_file") == str(config)
     assert not {"--num_processes", "--mixed_precision", "--multi_gpu", "--cpu"} & set(command)  # the config's own
     command, _ = launch_command("m", [], LaunchOptions(num_processes=4, config_file=config), cuda_devices=8)
-    assert _flag(command, "--num_processes") == "4"  # the option overrides the config
+    assert _flag(command, "--num_processes") == "4" and "--multi_gpu" not in command  # overrides; FSDP launches
+    single = tmp_path / "single.yaml"
+    single.write_text("distributed_type: 'NO'\nmixed_precision: bf16\n")
+    command, _ = launch_command("m", [], LaunchOptions(num_processes=8, config_file=single), cuda_devices=8)
+    assert "--multi_gpu" in command  # accelerate's simple launch, which a one-process config picks, starts one
 
 
 @pytest.mark.parametrize("options, devices, message", [
