@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,10 @@ class LaunchOptions:
         return cls(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
                    args.main_process_port, args.accelerate_config, getattr(args, "mixed_precision", None))
 
+    @cached_property
     def config(self) -> dict[str, Any]:
-        """The accelerate config file's values ({} without one); accelerate writes YAML or JSON, both YAML."""
+        """The accelerate config file's values ({} without one), read once; accelerate writes YAML or JSON, both
+        YAML."""
         if self.config_file is None:
             return {}
         import yaml
@@ -67,11 +70,11 @@ class LaunchOptions:
     @property
     def processes(self) -> int:
         """Processes over all machines: the option, else the config's, else 1."""
-        return self.num_processes or int(self.config().get("num_processes") or 1)
+        return self.num_processes or int(self.config.get("num_processes") or 1)
 
     @property
     def machines(self) -> int:
-        return self.num_machines or int(self.config().get("num_machines") or 1)
+        return self.num_machines or int(self.config.get("num_machines") or 1)
 
     @property
     def several(self) -> bool:
@@ -83,7 +86,7 @@ def check_launch(options: LaunchOptions, cuda_devices: int) -> None:
     for this machine's GPUs, multi-node options without the others they need, GPU-only set-ups on CPUs."""
     if options.config_file is not None and not Path(options.config_file).is_file():
         raise ArgumentError(f"--accelerate-config {options.config_file}: no such file")
-    config, machines, processes = options.config(), options.machines, options.processes
+    config, machines, processes = options.config, options.machines, options.processes
     if machines == 1:
         given = [name for name, value in (("--machine-rank", options.machine_rank not in (None, 0)),
                                           ("--main-process-ip", options.main_process_ip is not None)) if value]
@@ -156,7 +159,7 @@ def launch_command(module: str, arguments: list[str], options: LaunchOptions, cu
             environment["ACCELERATE_USE_CPU"] = "true"  # torchrun's ranks then meet over gloo
         # accelerate's torchrun launch (--multi_gpu) is the one that starts several processes; --cpu starts one
         launch.append("--multi_gpu" if several else "--cpu")
-    elif several and str(options.config().get("distributed_type", "NO")).upper() in ("NO", "MULTI_CPU"):
+    elif several and str(options.config.get("distributed_type", "NO")).upper() in ("NO", "MULTI_CPU"):
         launch.append("--multi_gpu")  # a config of one process (or none): accelerate's simple launch would start one
     return [*launch, "-m", module, *arguments], environment
 
@@ -175,7 +178,7 @@ def accelerate_launch(module: str, arguments: list[str], options: LaunchOptions,
         where = f"{options.processes} process(es) on {'GPUs' if devices else 'CPUs over gloo'}"
         if options.config_file is not None:
             where += f", as {options.config_file} sets up"
-        rank = options.machine_rank if options.machine_rank is not None else options.config().get("machine_rank")
+        rank = options.machine_rank if options.machine_rank is not None else options.config.get("machine_rank")
         machines = f", machine {rank} of {options.machines}" if options.machines > 1 else ""
         print(f"{module.rsplit('.', 1)[-1]}: accelerate launch, {where}{machines}", file=sys.stderr, flush=True)
     output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if quiet else {}

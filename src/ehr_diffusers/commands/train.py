@@ -76,7 +76,7 @@ def _check_run_folder(output_dir: Path, dataset: Path, launch: LaunchOptions, re
     another process count is refused here, in one line, before its processes start (the scripts refuse that, and
     another batch or accumulation, too)."""
     from ..io import check_output_dir
-    from ..training.checkpointing import checkpoint_layout, list_checkpoints
+    from ..training.checkpointing import check_layout, list_checkpoints
 
     check_output_dir(output_dir, inputs={"--dataset": dataset}, argument="--output-dir", merge=True)
     check_launch(launch, cuda_device_count())
@@ -84,12 +84,11 @@ def _check_run_folder(output_dir: Path, dataset: Path, launch: LaunchOptions, re
         return
     for run in runs:
         found = list_checkpoints(output_dir / run)
-        recorded = checkpoint_layout(found[-1]) if found else None
-        if recorded and recorded["num_processes"] != launch.processes:
-            raise ArgumentError(f"--resume-from-checkpoint: {found[-1]} was written by {recorded['num_processes']} "
-                                f"process(es), this run has {launch.processes}; the effective batch, the data order "
-                                "and the learning-rate schedule would change, so resume with --num-processes "
-                                f"{recorded['num_processes']}, or start a new --output-dir")
+        if found:  # the scripts' own rule, on the one part of the layout known before they start
+            try:
+                check_layout(found[-1], {"num_processes": launch.processes})
+            except ArgumentError as error:
+                raise ArgumentError(f"--resume-from-checkpoint: {error}") from None
 
 
 def _checkpoint_arguments(checkpointing_steps: int | None, resume: bool) -> list[str]:

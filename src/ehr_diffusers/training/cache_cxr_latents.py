@@ -107,7 +107,7 @@ def write_columns(data_dir: Path, shard_dir: Path, shards: list[Shard], record: 
     dataset = load_dataset_dict(data_dir)
     written, counts = {}, {}
     for split, table in dataset.items():
-        parts = [load_file(str(shard_dir / f"{shard.name}.safetensors"))[LATENTS_KEY].numpy()
+        parts = [load_file(str(shard_dir / shard.filename))[LATENTS_KEY].numpy()
                  for shard in shards if shard.split == split]
         paths = distinct_images(table)
         latents = np.concatenate(parts) if parts else np.zeros((0, *record["shape"]), dtype=np.float16)
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shard_dir = data_dir / SHARD_FOLDER / f"{fingerprint[:16]}-{resolution}px"
     shard_dir.mkdir(parents=True, exist_ok=True)  # on every machine: the folder must be shared by all of them
     mine = [shard for shard in shards[accelerator.process_index::accelerator.num_processes]
-            if not shard_done(shard_dir / f"{shard.name}.safetensors", shard)]
+            if not shard_done(shard_dir / shard.filename, shard)]
     if accelerator.is_main_process:
         logger.info(f"{sum(len(s.paths) for s in shards):,} images in {len(shards)} shard(s) over "
                     f"{accelerator.num_processes} process(es); {len(mine)} of the main process's to encode")
@@ -159,19 +159,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                disable=not accelerator.is_local_main_process)
     for shard in mine:
         save_shard(encode_shard(vae, data_dir, shard, resolution, args.batch_size, device),
-                   shard_dir / f"{shard.name}.safetensors", shard)
+                   shard_dir / shard.filename, shard)
         bar.update(len(shard.paths))
     bar.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # the main process writes the columns; nobody waits for it at a barrier
         return {"counts": {}, "vae_sha256": fingerprint, "shards": len(shards)}
-    absent = [shard.name for shard in shards if not shard_done(shard_dir / f"{shard.name}.safetensors", shard)]
+    absent = [shard.name for shard in shards if not shard_done(shard_dir / shard.filename, shard)]
     if absent:
         raise DataError(f"{shard_dir}: shard(s) {', '.join(absent[:3])} missing after every process finished; over "
                         "several machines the dataset folder must be one shared by all of them")
     from safetensors import safe_open
 
-    with safe_open(str(shard_dir / f"{shards[0].name}.safetensors"), framework="pt") as handle:
+    with safe_open(str(shard_dir / shards[0].filename), framework="pt") as handle:
         shape = list(handle.get_slice(LATENTS_KEY).get_shape()[1:])
     record = {"vae": args.vae_path if args.vae_subfolder is None else f"{args.vae_path}/{args.vae_subfolder}",
               "vae_sha256": fingerprint, "resolution": resolution, "shape": shape, "dtype": "float16",

@@ -40,6 +40,11 @@ class Shard:
         return f"{self.split}-{self.index:05d}"
 
     @property
+    def filename(self) -> str:
+        """Its file in the shard folder."""
+        return f"{self.name}.safetensors"
+
+    @property
     def digest(self) -> str:
         """The image paths it holds, hashed: a shard file of another split of the dataset is not reused."""
         return hashlib.sha256("\n".join(self.paths).encode()).hexdigest()
